@@ -1,0 +1,15 @@
+//! Every map of the kernel programs, named by the constants of `speedmimi-common`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, SockHash},
+};
+use speedmimi_common::splice;
+
+/// Spliced sockets by socket cookie; the verdict program redirects into it.
+#[map(name = "SPLICE_SOCKS")]
+pub static SPLICE_SOCKS: SockHash<u64> = SockHash::with_max_entries(splice::CAPACITY, 0);
+
+/// Socket cookie -> where its bytes go and how many went.
+#[map(name = "SPLICE_PEERS")]
+pub static SPLICE_PEERS: HashMap<u64, splice::Peer> = HashMap::with_max_entries(splice::CAPACITY, 0);

@@ -1,0 +1,174 @@
+//! A backend at runtime: its settings and the live counters the balancers and the proxy
+//! share. One `Arc<Backend>` lives as long as the backend is configured, across rebuilds of
+//! the routing snapshot, so in-flight counts and health survive config changes.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use speedmimi_common::maglev;
+
+use crate::{
+    config::{BackendSection, Scheme},
+    proxy::upstream::Pool,
+};
+
+/// Milliseconds since process start: cheap, monotonic, fits an atomic.
+pub fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+pub struct Backend {
+    pub id: String,
+    pub upstream: String,
+    /// `host:port` as configured: the Maglev identity and the upstream `Host` for health checks.
+    pub authority: String,
+    pub scheme: Scheme,
+    pub maglev: maglev::Member,
+    pub weight: AtomicU32,
+    pub active: AtomicBool,
+    pub max_conn: AtomicU32,
+    max_fails: u32,
+    fail_timeout: Duration,
+    report_ttl: Duration,
+    /// Requests and upgraded connections in flight to this backend.
+    pub inflight: AtomicU32,
+    /// Consecutive connect failures (passive health).
+    fails: AtomicU32,
+    /// Until when (`now_ms`) passive health keeps the backend out; 0 = in.
+    down_until: AtomicU64,
+    /// Active health verdict (true until an active check says otherwise).
+    pub checked_up: AtomicBool,
+    /// EWMA of response-head latency in µs (0 = no sample yet).
+    latency_ewma_us: AtomicU64,
+    /// Score from the last performance report, ×1e6 (1e6 = neutral), and when it came.
+    report_score: AtomicU32,
+    report_at_ms: AtomicU64,
+    pub pool: Pool,
+}
+
+impl Backend {
+    /// `addr` is the backend's resolved socket address.
+    pub fn new(upstream: &str, conf: &BackendSection, addr: SocketAddr) -> Backend {
+        let authority = conf.authority();
+        Backend {
+            id: conf.id.clone(),
+            upstream: upstream.to_owned(),
+            maglev: maglev::Member::from_addr(authority.as_bytes(), conf.weight),
+            scheme: conf.scheme,
+            weight: AtomicU32::new(conf.weight),
+            active: AtomicBool::new(conf.active),
+            max_conn: AtomicU32::new(conf.max_conn),
+            max_fails: conf.max_fails,
+            fail_timeout: conf.fail_timeout.get(),
+            report_ttl: conf.report_ttl(),
+            inflight: AtomicU32::new(0),
+            fails: AtomicU32::new(0),
+            down_until: AtomicU64::new(0),
+            checked_up: AtomicBool::new(true),
+            latency_ewma_us: AtomicU64::new(0),
+            report_score: AtomicU32::new(NEUTRAL),
+            report_at_ms: AtomicU64::new(0),
+            pool: Pool::new(addr),
+            authority,
+        }
+    }
+
+    /// Active and healthy (active checks and passive failures): may get traffic at all.
+    pub fn is_up(&self) -> bool {
+        self.active.load(Relaxed) && self.checked_up.load(Relaxed) && self.passive_ok()
+    }
+
+    fn passive_ok(&self) -> bool {
+        let until = self.down_until.load(Relaxed);
+        until == 0 || now_ms() >= until
+    }
+
+    /// Eligible for one more request now: up and below `max_conn`.
+    pub fn accepts(&self) -> bool {
+        self.is_up() && self.inflight.load(Relaxed) < self.max_conn.load(Relaxed)
+    }
+
+    /// Connect failure: after `max_fails` in a row the backend sits out `fail_timeout`.
+    pub fn connect_failed(&self) {
+        let n = self.fails.fetch_add(1, Relaxed) + 1;
+        if n >= self.max_fails {
+            let was_in = self.passive_ok();
+            self.down_until.store(now_ms() + self.fail_timeout.as_millis() as u64, Relaxed);
+            self.fails.store(0, Relaxed);
+            if was_in {
+                tracing::warn!(upstream = %self.upstream, backend = %self.id, failures = n,
+                    cooldown = ?self.fail_timeout, "backend out after connect failures");
+            }
+        }
+    }
+
+    pub fn connect_succeeded(&self) {
+        if self.fails.load(Relaxed) != 0 {
+            self.fails.store(0, Relaxed);
+        }
+    }
+
+    /// Feeds one response-head latency into the EWMA (weight 1/8; lossy under races, by design).
+    pub fn observe_latency(&self, d: Duration) {
+        let sample = d.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.latency_ewma_us.load(Relaxed);
+        let new = if old == 0 { sample.max(1) } else { (old * 7 + sample) / 8 };
+        self.latency_ewma_us.store(new.max(1), Relaxed);
+    }
+
+    pub fn latency_ewma_us(&self) -> u64 {
+        self.latency_ewma_us.load(Relaxed)
+    }
+
+    /// Records a performance report (percentages and 1-minute load average).
+    pub fn report(&self, cpu_usage: f64, memory_usage: f64, load_avg_1: f64) {
+        let score = report_score(cpu_usage, memory_usage, load_avg_1);
+        self.report_score.store((score * NEUTRAL as f64) as u32, Relaxed);
+        self.report_at_ms.store(now_ms().max(1), Relaxed);
+    }
+
+    /// The report's score in (0, 1]; a missing or stale report counts as neutral (1).
+    pub fn report_factor(&self) -> f64 {
+        let at = self.report_at_ms.load(Relaxed);
+        if at == 0 || now_ms().saturating_sub(at) > self.report_ttl.as_millis() as u64 {
+            return 1.0;
+        }
+        self.report_score.load(Relaxed) as f64 / NEUTRAL as f64
+    }
+}
+
+const NEUTRAL: u32 = 1_000_000;
+
+/// Health score of a report: falls with CPU and memory use and with load; never below 0.05,
+/// so a loaded backend still gets a trickle and can show it recovered.
+fn report_score(cpu: f64, mem: f64, load: f64) -> f64 {
+    let cpu = (cpu / 100.0).clamp(0.0, 1.0);
+    let mem = (mem / 100.0).clamp(0.0, 1.0);
+    let load = if load.is_finite() { load.max(0.0) } else { 0.0 };
+    let s = 0.6 * (1.0 - cpu) + 0.2 * (1.0 - mem) + 0.2 / (1.0 + load);
+    s.clamp(0.05, 1.0)
+}
+
+/// The client address the balancer hashes: IPv4-mapped IPv6 counts as IPv4.
+pub fn client_hash(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => speedmimi_common::hash::client_v4(u32::from(v4)),
+        IpAddr::V6(v6) => speedmimi_common::hash::client_v6(u128::from(v6)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_score_orders_load() {
+        let idle = report_score(5.0, 20.0, 0.1);
+        let busy = report_score(95.0, 90.0, 8.0);
+        assert!(idle > 0.8 && (0.05..0.2).contains(&busy), "{idle} {busy}");
+    }
+}

@@ -1,0 +1,547 @@
+//! The YAML config: serde types that mirror the file (`FileConfig`), `validate()` that reports
+//! every bad field with its path, and the validated `Config` the daemon runs on.
+
+mod values;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+pub use values::Dur;
+
+/// Why a config was rejected. Display gives what an operator needs to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// Syntax or type error; serde_yaml's message names the field path, line and column.
+    #[error("invalid config: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("invalid config:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+}
+
+/// One bad field: where it is and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// The file as written. Every section but `backends` and `routing` may be left out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub ssl: SslSection,
+    /// Upstream name -> its backends.
+    pub backends: BTreeMap<String, Vec<BackendSection>>,
+    /// Route name -> route.
+    pub routing: BTreeMap<String, RouteSection>,
+    #[serde(default)]
+    pub grpc: GrpcSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub ebpf: EbpfSection,
+    #[serde(default)]
+    pub l4: Vec<L4Section>,
+}
+
+/// The HTTP listener and limits on client connections.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub host: String,
+    pub port: u16,
+    /// Bounds reading a whole request (head and body) and waiting on an idle keep-alive connection.
+    pub read_timeout: Dur,
+    /// Bounds a stalled write to a client.
+    pub write_timeout: Dur,
+    /// Bounds connecting to a backend. (new)
+    pub connect_timeout: Dur,
+    /// Bounds waiting for a backend's response head; past it the client gets 504. (new)
+    pub upstream_timeout: Dur,
+    /// Client connections served at once; more wait in the listen backlog.
+    pub max_conn: u32,
+    /// Largest request head accepted; larger ones get 431. (new)
+    pub max_header_bytes: u32,
+    /// Header a trusted proxy uses to tell us the client's address.
+    pub real_ip_header: String,
+    /// Peers allowed to set the real-IP and forwarded headers (CIDRs or bare addresses).
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            host: "0.0.0.0".into(),
+            port: 8080,
+            read_timeout: Dur::secs(30),
+            write_timeout: Dur::secs(30),
+            connect_timeout: Dur::secs(5),
+            upstream_timeout: Dur::secs(60),
+            max_conn: 10_000,
+            max_header_bytes: 32 * 1024,
+            real_ip_header: "X-Real-IP".into(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// TLS termination (served from the operations-plane issue on).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SslSection {
+    pub enabled: bool,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// HTTPS port; when absent and TLS is enabled, `server.port` serves TLS. (new)
+    pub port: Option<u16>,
+}
+
+impl Default for SslSection {
+    fn default() -> Self {
+        SslSection {
+            enabled: false,
+            cert_file: "certs/server.crt".into(),
+            key_file: "certs/server.key".into(),
+            port: None,
+        }
+    }
+}
+
+/// Upstream protocol spoken to a backend.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    #[default]
+    Http,
+    Https,
+}
+
+/// One backend server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    /// Unique within its upstream; how the admin API names it.
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub host: String,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub scheme: Scheme,
+    /// false keeps the backend in config without traffic.
+    #[serde(default = "default_true")]
+    pub active: bool,
+    /// In-flight requests/connections at most; a full backend is skipped.
+    #[serde(default = "default_backend_max_conn")]
+    pub max_conn: u32,
+    /// Consecutive connect failures that take the backend out for `fail_timeout`. (new)
+    #[serde(default = "default_max_fails")]
+    pub max_fails: u32,
+    /// Cool-down after `max_fails` connect failures. (new)
+    #[serde(default = "default_fail_timeout")]
+    pub fail_timeout: Dur,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckSection>,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+fn default_true() -> bool {
+    true
+}
+fn default_backend_max_conn() -> u32 {
+    1000
+}
+fn default_max_fails() -> u32 {
+    1
+}
+fn default_fail_timeout() -> Dur {
+    Dur::secs(10)
+}
+
+/// How a backend's health is probed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckSection {
+    pub path: String,
+    pub interval: Dur,
+    pub timeout: Dur,
+    /// Consecutive failures before the backend is down.
+    pub failures: u32,
+    /// Consecutive successes before a down backend is up again. (new)
+    pub successes: u32,
+    #[serde(rename = "type")]
+    pub kind: HealthCheckKind,
+}
+
+impl Default for HealthCheckSection {
+    fn default() -> Self {
+        HealthCheckSection {
+            path: "/health".into(),
+            interval: Dur::secs(30),
+            timeout: Dur::secs(5),
+            failures: 3,
+            successes: 2,
+            kind: HealthCheckKind::Http,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    #[default]
+    Http,
+    Tcp,
+    Grpc,
+}
+
+/// The balancing algorithms of SPEC §3.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    #[default]
+    RoundRobin,
+    Weight,
+    LeastConnections,
+    LeastConnectionsWeight,
+    IpHash,
+    #[serde(alias = "performance")]
+    PerformanceLeastConnectionsWeight,
+}
+
+/// One route: which requests it takes and where they go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    /// Path prefix; the longest matching prefix wins.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// Optional Host match (exact, case-insensitive, port ignored; `*.example.com` matches subdomains).
+    #[serde(default)]
+    pub host: Option<String>,
+    pub upstream: String,
+    #[serde(default)]
+    pub load_balancer: Algorithm,
+    #[serde(default)]
+    pub protocols: ProtocolsSection,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+
+/// Per-protocol balancer overrides of a route.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProtocolsSection {
+    #[serde(default)]
+    pub websocket: Option<Algorithm>,
+    #[serde(default)]
+    pub sse: Option<Algorithm>,
+    #[serde(default)]
+    pub grpc: Option<Algorithm>,
+}
+
+/// The cleartext HTTP/2 (h2c) listener for gRPC clients.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcSection {
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Default for GrpcSection {
+    fn default() -> Self {
+        GrpcSection { enabled: false, host: "127.0.0.1".into(), port: 9090 }
+    }
+}
+
+/// The admin REST API listener (served from the operations-plane issue on).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    pub host: String,
+    pub port: u16,
+    pub token_env: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection { host: "127.0.0.1".into(), port: 9091, token_env: "SPEEDMIMI_ADMIN_TOKEN".into() }
+    }
+}
+
+/// Whether to use kernel programs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EbpfMode {
+    /// Use eBPF when the process may and the kernel can; otherwise run L7 only and say so once.
+    #[default]
+    Auto,
+    /// eBPF is required: failing to load it is a startup error.
+    #[serde(alias = "true")]
+    True,
+    /// Never load kernel programs.
+    #[serde(alias = "false")]
+    False,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EbpfSection {
+    #[serde(deserialize_with = "values::ebpf_mode")]
+    pub enabled: EbpfMode,
+    /// Splice WebSocket/SSE flows in the kernel after setup.
+    pub splice: bool,
+}
+
+impl Default for EbpfSection {
+    fn default() -> Self {
+        EbpfSection { enabled: EbpfMode::Auto, splice: true }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum L4Mode {
+    #[default]
+    Nat,
+    Dsr,
+}
+
+/// A kernel-steered TCP service (XDP, served from the L4 issue on).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct L4Section {
+    pub name: String,
+    pub interface: String,
+    #[serde(default)]
+    pub backend_interface: Option<String>,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub upstream: String,
+    #[serde(default)]
+    pub mode: L4Mode,
+}
+
+/// A config that passed validation; the only kind the daemon runs on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub file: FileConfig,
+    /// `server.trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = serde_yaml::from_str(text)?;
+        file.validate()
+    }
+}
+
+impl FileConfig {
+    /// Checks everything serde cannot: references, uniqueness, ranges. Reports every problem.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let mut errs = Vec::new();
+        let mut bad = |path: String, message: String| errs.push(FieldError { path, message });
+
+        let s = &self.server;
+        if s.port == 0 {
+            bad("server.port".into(), "must be 1-65535".into());
+        }
+        if s.max_conn == 0 {
+            bad("server.max_conn".into(), "must be at least 1".into());
+        }
+        if s.max_header_bytes < 1024 {
+            bad("server.max_header_bytes".into(), "must be at least 1024".into());
+        }
+        for (field, d) in [
+            ("read_timeout", s.read_timeout),
+            ("write_timeout", s.write_timeout),
+            ("connect_timeout", s.connect_timeout),
+            ("upstream_timeout", s.upstream_timeout),
+        ] {
+            if d.get().is_zero() {
+                bad(format!("server.{field}"), "must be longer than 0".into());
+            }
+        }
+        if http::HeaderName::from_bytes(s.real_ip_header.as_bytes()).is_err() {
+            bad("server.real_ip_header".into(), format!("{:?} is not a header name", s.real_ip_header));
+        }
+        let mut trusted = Vec::new();
+        for (i, p) in s.trusted_proxies.iter().enumerate() {
+            match parse_cidr(p) {
+                Some(net) => trusted.push(net),
+                None => bad(format!("server.trusted_proxies[{i}]"), format!("{p:?} is not a CIDR or IP address")),
+            }
+        }
+        if self.ssl.port == Some(0) {
+            bad("ssl.port".into(), "must be 1-65535".into());
+        }
+        if self.grpc.enabled && self.grpc.port == 0 {
+            bad("grpc.port".into(), "must be 1-65535".into());
+        }
+        if self.admin.port == 0 {
+            bad("admin.port".into(), "must be 1-65535".into());
+        }
+
+        if self.backends.is_empty() {
+            bad("backends".into(), "at least one upstream is needed".into());
+        }
+        for (up, list) in &self.backends {
+            if list.is_empty() {
+                bad(format!("backends.{up}"), "an upstream needs at least one backend".into());
+            }
+            let mut ids = HashSet::new();
+            for (i, b) in list.iter().enumerate() {
+                let at = format!("backends.{up}[{i}]");
+                if b.id.is_empty() {
+                    bad(format!("{at}.id"), "must not be empty".into());
+                } else if !ids.insert(b.id.as_str()) {
+                    bad(format!("{at}.id"), format!("duplicate id {:?} in upstream {up:?}", b.id));
+                }
+                for msg in b.problems() {
+                    bad(format!("{at}.{}", msg.0), msg.1);
+                }
+            }
+        }
+
+        if self.routing.is_empty() {
+            bad("routing".into(), "at least one route is needed".into());
+        }
+        let mut seen_routes = HashSet::new();
+        for (name, r) in &self.routing {
+            let at = format!("routing.{name}");
+            if !self.backends.contains_key(&r.upstream) {
+                bad(format!("{at}.upstream"), format!("unknown upstream {:?}", r.upstream));
+            }
+            if !r.path.starts_with('/') {
+                bad(format!("{at}.path"), format!("{:?} must start with '/'", r.path));
+            }
+            if let Some(h) = &r.host
+                && (h.is_empty() || h.contains('/') || h.contains(' '))
+            {
+                bad(format!("{at}.host"), format!("{h:?} is not a host name"));
+            }
+            let key = (r.host.as_deref().map(str::to_ascii_lowercase), r.path.clone());
+            if !seen_routes.insert(key) {
+                bad(at.clone(), format!("another route already has host {:?} and path {:?}", r.host, r.path));
+            }
+        }
+
+        let mut l4_names = HashSet::new();
+        for (i, l) in self.l4.iter().enumerate() {
+            let at = format!("l4[{i}]");
+            if !l4_names.insert(l.name.as_str()) {
+                bad(format!("{at}.name"), format!("duplicate l4 service {:?}", l.name));
+            }
+            if l.port == 0 {
+                bad(format!("{at}.port"), "must be 1-65535".into());
+            }
+            if l.interface.is_empty() {
+                bad(format!("{at}.interface"), "must name a network interface".into());
+            }
+            if !self.backends.contains_key(&l.upstream) {
+                bad(format!("{at}.upstream"), format!("unknown upstream {:?}", l.upstream));
+            }
+        }
+
+        if errs.is_empty() {
+            Ok(Config { file: self, trusted_proxies: trusted })
+        } else {
+            Err(ConfigError::Invalid(errs))
+        }
+    }
+}
+
+impl BackendSection {
+    /// Field-local problems of one backend, as (field, message); shared by config and admin API.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.host.is_empty() {
+            out.push(("host", "must not be empty".into()));
+        }
+        if self.port == 0 {
+            out.push(("port", "must be 1-65535".into()));
+        }
+        if !(1..=1_000_000).contains(&self.weight) {
+            out.push((
+                "weight",
+                format!("{} is out of range 1-1000000 (use active: false to stop traffic)", self.weight),
+            ));
+        }
+        if self.max_conn == 0 {
+            out.push(("max_conn", "must be at least 1".into()));
+        }
+        if self.max_fails == 0 {
+            out.push(("max_fails", "must be at least 1".into()));
+        }
+        if let Some(h) = &self.health_check {
+            if h.interval.get().is_zero() {
+                out.push(("health_check.interval", "must be longer than 0".into()));
+            }
+            if h.timeout.get().is_zero() {
+                out.push(("health_check.timeout", "must be longer than 0".into()));
+            }
+            if h.failures == 0 {
+                out.push(("health_check.failures", "must be at least 1".into()));
+            }
+            if h.successes == 0 {
+                out.push(("health_check.successes", "must be at least 1".into()));
+            }
+            if !h.path.starts_with('/') {
+                out.push(("health_check.path", format!("{:?} must start with '/'", h.path)));
+            }
+        }
+        out
+    }
+
+    /// `host:port` as a URI authority (IPv6 literals bracketed).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// How long a report from this backend stays fresh for the performance balancer.
+    pub fn report_ttl(&self) -> Duration {
+        3 * self.health_check.as_ref().map_or(Duration::from_secs(10), |h| h.interval.get())
+    }
+}
+
+/// A CIDR, or a bare address meaning just that host.
+fn parse_cidr(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}

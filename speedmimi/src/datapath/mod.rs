@@ -1,0 +1,89 @@
+//! The only code that touches BPF. `Datapath` is what the rest of the daemon sees of the
+//! kernel; `kernel::Kernel` implements it with aya, `Userspace` when eBPF is off or unavailable.
+
+pub mod kernel;
+
+use std::{os::fd::BorrowedFd, sync::Arc};
+
+use crate::config::{EbpfMode, EbpfSection};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("this build has no eBPF object (build it with `cargo xtask build-ebpf`)")]
+    NoObject,
+    #[error("loading eBPF needs root (CAP_BPF and CAP_NET_ADMIN); running as uid {0}")]
+    NotRoot(u32),
+    #[error("eBPF: {0}")]
+    Ebpf(String),
+    #[error("splicing is not available in this datapath")]
+    NoSplice,
+}
+
+/// The cookies of a spliced socket pair, which name its map entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplicedPair {
+    pub a: u64,
+    pub b: u64,
+}
+
+pub trait Datapath: Send + Sync {
+    /// One line for the startup log.
+    fn describe(&self) -> &'static str;
+
+    /// Whether `splice` can work.
+    fn can_splice(&self) -> bool;
+
+    /// Makes the kernel move bytes arriving on `a` out of `b` and vice versa.
+    fn splice(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<SplicedPair, DatapathError>;
+
+    /// Stops splicing a pair (idempotent).
+    fn unsplice(&self, pair: SplicedPair) -> Result<(), DatapathError>;
+
+    /// Bytes the kernel redirected from the socket with this cookie.
+    fn redirected_bytes(&self, cookie: u64) -> Option<u64>;
+
+    /// Sockets currently in the splice map.
+    fn spliced_sockets(&self) -> usize;
+}
+
+/// No kernel programs: everything runs in userspace.
+pub struct Userspace;
+
+impl Datapath for Userspace {
+    fn describe(&self) -> &'static str {
+        "userspace only (no eBPF)"
+    }
+    fn can_splice(&self) -> bool {
+        false
+    }
+    fn splice(&self, _a: BorrowedFd<'_>, _b: BorrowedFd<'_>) -> Result<SplicedPair, DatapathError> {
+        Err(DatapathError::NoSplice)
+    }
+    fn unsplice(&self, _pair: SplicedPair) -> Result<(), DatapathError> {
+        Ok(())
+    }
+    fn redirected_bytes(&self, _cookie: u64) -> Option<u64> {
+        None
+    }
+    fn spliced_sockets(&self) -> usize {
+        0
+    }
+}
+
+/// The datapath `ebpf.enabled` asks for: `auto` falls back to userspace (logged once),
+/// `true` makes a failure to load a startup error.
+pub fn start(conf: &EbpfSection) -> Result<Arc<dyn Datapath>, DatapathError> {
+    let dp: Arc<dyn Datapath> = match conf.enabled {
+        EbpfMode::False => Arc::new(Userspace),
+        EbpfMode::True => Arc::new(kernel::Kernel::load()?),
+        EbpfMode::Auto => match kernel::Kernel::load() {
+            Ok(k) => Arc::new(k),
+            Err(e) => {
+                tracing::warn!(reason = %e, "eBPF unavailable; running the L7 path only");
+                Arc::new(Userspace)
+            }
+        },
+    };
+    tracing::info!(datapath = dp.describe(), "datapath ready");
+    Ok(dp)
+}

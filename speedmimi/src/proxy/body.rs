@@ -1,0 +1,213 @@
+//! Body types of the proxy. `RequestBody` streams the client's body upstream after the bytes
+//! read ahead for framing validation; `ResponseBody` streams a backend's response and gives
+//! the connection back to the pool, and the in-flight slot back to the backend, when it ends.
+
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::{body::Incoming, client::conn::http1};
+use tokio::time::{Instant, Sleep};
+
+use crate::backend::Backend;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The client's request body: frames already read ahead, then the rest of the stream, which
+/// must arrive before the request's read deadline.
+pub struct RequestBody {
+    ahead: VecDeque<Frame<Bytes>>,
+    ahead_len: u64,
+    rest: Option<Incoming>,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("client body not received within read_timeout")]
+pub struct BodyTimeout;
+
+impl RequestBody {
+    pub fn empty() -> Self {
+        RequestBody { ahead: VecDeque::new(), ahead_len: 0, rest: None, deadline: None }
+    }
+
+    /// Reads what the client has already sent (at least one frame, waiting up to
+    /// `read_timeout` for it, then whatever is ready at once, up to `limit` bytes), so that
+    /// malformed framing is caught before anything goes upstream. Errors are the client's.
+    pub async fn read_ahead(mut body: Incoming, read_timeout: Duration, limit: usize) -> Result<Self, BoxError> {
+        use http_body_util::BodyExt;
+        let deadline = Instant::now() + read_timeout;
+        let mut ahead = VecDeque::new();
+        let mut ahead_len = 0u64;
+        let mut first = true;
+        while !body.is_end_stream() && (ahead_len as usize) < limit {
+            let next = if first {
+                first = false;
+                match tokio::time::timeout_at(deadline, body.frame()).await {
+                    Ok(f) => f,
+                    Err(_) => return Err(BodyTimeout.into()),
+                }
+            } else {
+                match futures_util::FutureExt::now_or_never(body.frame()) {
+                    Some(f) => f,
+                    None => break,
+                }
+            };
+            match next {
+                Some(Ok(frame)) => {
+                    ahead_len += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    ahead.push_back(frame);
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => break,
+            }
+        }
+        Ok(RequestBody {
+            ahead,
+            ahead_len,
+            rest: Some(body),
+            deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
+        })
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(f) = this.ahead.pop_front() {
+            this.ahead_len -= f.data_ref().map_or(0, |d| d.len() as u64);
+            return Poll::Ready(Some(Ok(f)));
+        }
+        let Some(rest) = this.rest.as_mut() else { return Poll::Ready(None) };
+        match Pin::new(rest).poll_frame(cx) {
+            Poll::Ready(r) => Poll::Ready(r.map(|r| r.map_err(Into::into))),
+            Poll::Pending => {
+                if let Some(d) = this.deadline.as_mut() {
+                    ready!(d.as_mut().poll(cx));
+                    return Poll::Ready(Some(Err(BodyTimeout.into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ahead.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self.rest.as_ref().map_or_else(|| SizeHint::with_exact(0), |r| r.size_hint());
+        let mut h = SizeHint::new();
+        h.set_lower(rest.lower() + self.ahead_len);
+        if let Some(u) = rest.upper() {
+            h.set_upper(u + self.ahead_len);
+        }
+        h
+    }
+}
+
+/// Held while a request uses a backend: releases the in-flight slot on drop and, when the
+/// response ended cleanly, returns the HTTP/1 connection to the pool.
+pub struct InFlight {
+    backend: Arc<Backend>,
+    conn: Option<http1::SendRequest<RequestBody>>,
+    clean: bool,
+}
+
+impl InFlight {
+    pub fn new(backend: Arc<Backend>) -> Self {
+        backend.inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight { backend, conn: None, clean: false }
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    pub fn set_conn(&mut self, conn: http1::SendRequest<RequestBody>) {
+        self.conn = Some(conn);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.inflight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if self.clean
+            && let Some(conn) = self.conn.take()
+        {
+            self.backend.pool.put_h1(conn);
+        }
+    }
+}
+
+/// What the proxy answers with: a backend's streamed body or a short local one.
+pub enum ResponseBody {
+    Upstream { inner: Incoming, guard: Option<InFlight> },
+    Local(Option<Bytes>),
+}
+
+impl ResponseBody {
+    /// A backend's body; an empty one releases its guard (cleanly) at once, since hyper may
+    /// never poll a body that is already at its end.
+    pub fn upstream(inner: Incoming, guard: InFlight) -> Self {
+        let mut guard = Some(guard);
+        if inner.is_end_stream() {
+            finish(&mut guard, true);
+        }
+        ResponseBody::Upstream { inner, guard }
+    }
+
+    pub fn local(text: impl Into<Bytes>) -> Self {
+        ResponseBody::Local(Some(text.into()))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Upstream { inner, guard } => {
+                let r = ready!(Pin::new(&mut *inner).poll_frame(cx));
+                match &r {
+                    None => finish(guard, true),
+                    Some(Ok(_)) if inner.is_end_stream() => finish(guard, true),
+                    Some(Err(_)) => finish(guard, false),
+                    Some(Ok(_)) => {}
+                }
+                Poll::Ready(r.map(|r| r.map_err(Into::into)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Local(b) => b.is_none(),
+            ResponseBody::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ResponseBody::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+fn finish(guard: &mut Option<InFlight>, clean: bool) {
+    if let Some(mut g) = guard.take() {
+        g.clean = clean;
+    }
+}

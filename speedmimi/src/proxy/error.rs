@@ -1,0 +1,34 @@
+//! The proxy's own answers: short bodies with the status a client can act on.
+
+use http::{Response, StatusCode, header};
+
+use super::body::ResponseBody;
+
+pub fn response(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::local(text));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+pub fn bad_request(text: &'static str) -> Response<ResponseBody> {
+    let mut r = response(StatusCode::BAD_REQUEST, text);
+    r.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    r
+}
+
+pub fn no_route() -> Response<ResponseBody> {
+    response(StatusCode::NOT_FOUND, "no route for this request\n")
+}
+
+pub fn unavailable() -> Response<ResponseBody> {
+    response(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n")
+}
+
+pub fn bad_gateway() -> Response<ResponseBody> {
+    response(StatusCode::BAD_GATEWAY, "upstream failed\n")
+}
+
+pub fn gateway_timeout() -> Response<ResponseBody> {
+    response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
+}

@@ -1,0 +1,142 @@
+//! Header rules of a proxy hop: hop-by-hop removal (including the headers `Connection` names),
+//! the resolved client address, and the forwarded headers, trusted only from trusted peers.
+
+use std::net::IpAddr;
+
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use ipnet::IpNet;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop headers and those listed in `Connection`. With `keep_upgrade`, the
+/// `Upgrade` header and a `Connection: upgrade` survive (a WebSocket handshake being relayed).
+/// With `keep_te_trailers`, `TE: trailers` survives (gRPC needs it end to end).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers: bool) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        // Fast path: the usual `keep-alive`/`close`/`upgrade` tokens name nothing else.
+        let listed: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .filter(|t| !["keep-alive", "close", "upgrade"].iter().any(|k| t.eq_ignore_ascii_case(k)))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in listed {
+            if !(keep_upgrade && name == header::UPGRADE) {
+                headers.remove(&name);
+            }
+        }
+    }
+    let te_trailers = keep_te_trailers
+        && headers.get(header::TE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("trailers"));
+    let upgrade = if keep_upgrade { headers.remove(header::UPGRADE) } else { None };
+    // The hop-by-hop headers of RFC 9110 §7.6.1.
+    for name in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+    if let Some(u) = upgrade {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
+    let peer = canonical(peer);
+    trusted.iter().any(|n| n.contains(&peer))
+}
+
+/// IPv4-mapped IPv6 peers compare as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The client's address: the real-IP header's value when the peer is trusted and sent a valid
+/// one, the peer's own address otherwise.
+pub fn client_ip(peer: IpAddr, peer_trusted: bool, headers: &HeaderMap, real_ip_header: &HeaderName) -> IpAddr {
+    if peer_trusted
+        && let Some(ip) = headers.get(real_ip_header).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok())
+    {
+        return canonical(ip);
+    }
+    canonical(peer)
+}
+
+/// Sets `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Real-IP` (and the configured real-IP header).
+/// From a trusted peer the existing chain is extended; from anyone else it is replaced.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    peer_trusted: bool,
+    client: IpAddr,
+    proto: &'static str,
+    real_ip_header: &HeaderName,
+) {
+    let peer = canonical(peer);
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if peer_trusted && !prev.trim().is_empty() => format!("{prev}, {peer}"),
+        _ if peer_trusted && client != peer => format!("{client}, {peer}"),
+        _ => peer.to_string(),
+    };
+    if let Ok(v) = HeaderValue::try_from(xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if !(peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    }
+    let client = HeaderValue::try_from(client.to_string()).expect("an IP address is a valid header value");
+    headers.insert(X_REAL_IP.clone(), client.clone());
+    if *real_ip_header != X_REAL_IP {
+        headers.insert(real_ip_header.clone(), client);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_listed_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn upgrade_survives_when_relayed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true, false);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+}

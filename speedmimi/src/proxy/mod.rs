@@ -1,0 +1,13 @@
+//! The L7 data path: hyper servers for the HTTP and gRPC listeners, the request handler that
+//! routes and balances, the upstream connection pools, and WebSocket/SSE pass-through.
+
+pub mod body;
+mod error;
+pub mod headers;
+mod io;
+pub mod server;
+mod service;
+mod upgrade;
+pub mod upstream;
+
+pub use server::serve;

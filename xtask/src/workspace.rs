@@ -1,0 +1,97 @@
+//! Shared facts about the environment: workspace root, cargo binary, target and cargo-home dirs, privileges.
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, ExitStatus},
+};
+
+use anyhow::{Context, bail};
+
+/// The workspace root (parent of the xtask crate).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives inside the workspace").to_path_buf()
+}
+
+/// A `Command` for the cargo that invoked us (env `CARGO`, falling back to `cargo`), run in the root.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// The cargo target directory: `CARGO_TARGET_DIR` (made absolute) or `<root>/target`.
+pub fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() { dir } else { env::current_dir().map(|cwd| cwd.join(&dir)).unwrap_or(dir) }
+        }
+        None => root().join("target"),
+    }
+}
+
+/// `$CARGO_HOME`, defaulting to `~/.cargo`.
+pub fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from(".cargo"))
+}
+
+/// `PATH` with `$CARGO_HOME/bin` appended (so tools installed by `cargo install` are found).
+pub fn path_with_cargo_bin() -> anyhow::Result<OsString> {
+    let mut dirs: Vec<PathBuf> = env::var_os("PATH").map(|p| env::split_paths(&p).collect()).unwrap_or_default();
+    let bin = cargo_home().join("bin");
+    if !dirs.contains(&bin) {
+        dirs.push(bin);
+    }
+    env::join_paths(dirs).context("PATH contains an invalid entry")
+}
+
+/// Finds an executable named `name` on `PATH`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    env::split_paths(&env::var_os("PATH")?).map(|dir| dir.join(name)).find(|p| is_executable(p))
+}
+
+/// Whether `path` is an executable regular file.
+pub fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+/// Whether we run with effective uid 0 (asks `id -u`).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Runs `cmd` with inherited stdio and fails unless it exits successfully.
+pub fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("failed to start {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", describe(cmd));
+    }
+    Ok(())
+}
+
+/// A human-readable rendering of `cmd` for messages.
+pub fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Maps a child's exit status to our own exit code (128 + signal when it was killed).
+pub fn exit_code(status: ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    let code = status.code().or_else(|| status.signal().map(|sig| 128 + sig)).unwrap_or(1);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
