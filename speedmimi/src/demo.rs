@@ -56,7 +56,7 @@ impl DemoBackend {
         })
     }
 
-    /// Serves until `shutdown` fires.
+    /// Serves until `shutdown` fires, then closes every connection.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
         let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
         loop {
@@ -71,9 +71,14 @@ impl DemoBackend {
             self.connections.fetch_add(1, Relaxed);
             let me = self.clone();
             let builder = builder.clone();
+            let stop = shutdown.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| me.clone().handle(req));
-                let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
+                // A stopped origin drops its open connections too, as a crashed one would.
+                tokio::select! {
+                    _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service) => {}
+                    _ = stop.wait() => {}
+                }
             });
         }
     }

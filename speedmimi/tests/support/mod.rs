@@ -1,0 +1,168 @@
+//! Test support: in-process demo origins and a SpeedMimi instance on 127.0.0.1:0, plus small
+//! real clients (hyper, raw TCP) to talk to them.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use speedmimi::{
+    Listeners,
+    config::Config,
+    datapath::{Datapath, Userspace},
+    demo::DemoBackend,
+    shutdown::{self, Trigger},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// A demo origin serving on 127.0.0.1:<ephemeral>; stops when dropped.
+pub struct Origin {
+    pub backend: Arc<DemoBackend>,
+    pub addr: SocketAddr,
+    _stop: Trigger,
+}
+
+impl Origin {
+    pub async fn start(id: &str) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = DemoBackend::new(id);
+        let (stop, wait) = shutdown::channel();
+        tokio::spawn(backend.clone().serve(listener, wait));
+        Origin { backend, addr, _stop: stop }
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.backend.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.backend.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// YAML of this origin as a backend entry (list item, indented for `backends.<up>:`).
+    pub fn yaml(&self, weight: u32) -> String {
+        backend_yaml(&self.backend.id, self.addr, weight)
+    }
+}
+
+pub fn backend_yaml(id: &str, addr: SocketAddr, weight: u32) -> String {
+    format!("    - id: \"{id}\"\n      host: \"{}\"\n      port: {}\n      weight: {weight}\n", addr.ip(), addr.port())
+}
+
+/// An address where nothing listens (a port just released).
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A running SpeedMimi; stops when dropped.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub grpc: Option<SocketAddr>,
+    stop: Trigger,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts SpeedMimi on `yaml` (its listener ports are ignored: tests bind port 0),
+    /// with the userspace datapath.
+    pub async fn start(yaml: &str) -> Proxy {
+        Proxy::start_with(yaml, Arc::new(Userspace)).await
+    }
+
+    pub async fn start_with(yaml: &str, datapath: Arc<dyn Datapath>) -> Proxy {
+        let config = Config::parse(yaml).unwrap_or_else(|e| panic!("test config rejected: {e}\n{yaml}"));
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc =
+            if config.file.grpc.enabled { Some(TcpListener::bind("127.0.0.1:0").await.unwrap()) } else { None };
+        let addr = http.local_addr().unwrap();
+        let grpc_addr = grpc.as_ref().map(|g| g.local_addr().unwrap());
+        let (stop, wait) = shutdown::channel();
+        let task = tokio::spawn(async move {
+            speedmimi::run_with(config, Listeners { http, grpc }, datapath, wait).await.expect("speedmimi run");
+        });
+        Proxy { addr, grpc: grpc_addr, stop, task: Some(task) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Stops and waits for the graceful end.
+    pub async fn stop(mut self) {
+        self.stop.fire();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(15), t).await.expect("graceful stop").unwrap();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.fire();
+    }
+}
+
+/// A config with one route `/` over the given `backends:` entries.
+pub fn one_route(upstream_yaml: &str, balancer: &str, extra: &str) -> String {
+    format!(
+        "server:\n  host: 127.0.0.1\n  port: 8080\n{extra}\nbackends:\n  default:\n{upstream_yaml}\nrouting:\n  default:\n    path: /\n    upstream: default\n    load_balancer: {balancer}\n"
+    )
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A keep-alive HTTP/1.1 client.
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// GET with optional extra headers; returns status, response headers and body text.
+pub async fn get(c: &HttpClient, url: &str, headers: &[(&str, &str)]) -> (StatusCode, http::HeaderMap, String) {
+    let mut b = Request::get(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp: Response<_> = tokio::time::timeout(Duration::from_secs(20), c.request(b.body(Full::default()).unwrap()))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    (parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The backend id a GET of `/` reached.
+pub async fn who(c: &HttpClient, url: &str, headers: &[(&str, &str)]) -> String {
+    let (status, _, body) = get(c, url, headers).await;
+    assert_eq!(status, StatusCode::OK, "body: {body}");
+    body.trim().to_owned()
+}
+
+/// Sends raw bytes on a new connection and returns everything the proxy answers until it
+/// closes or goes quiet for a second.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An empty-bodied request type for h2 clients.
+pub type EmptyBody = Empty<Bytes>;
