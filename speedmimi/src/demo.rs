@@ -158,7 +158,8 @@ impl DemoBackend {
             let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
             while let Some(Ok(msg)) = ws.next().await {
                 if msg.is_close() {
-                    let _ = ws.close(None).await;
+                    // tungstenite queued the Close reply when it read the peer's Close; send it.
+                    let _ = ws.flush().await;
                     return;
                 }
                 if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {

@@ -202,10 +202,8 @@ async fn retry_saves_requests_when_a_backend_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_eligible_is_503_and_dead_upstream_is_502() {
     let idle = Origin::start("idle").await;
-    let inactive = format!(
-        "    - id: off\n      host: 127.0.0.1\n      port: {}\n      active: false\n",
-        idle.addr.port()
-    );
+    let inactive =
+        format!("    - id: off\n      host: 127.0.0.1\n      port: {}\n      active: false\n", idle.addr.port());
     let proxy = Proxy::start(&one_route(&inactive, "round_robin", "")).await;
     let (status, _, body) = get(&client(), &proxy.url("/"), &[]).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");

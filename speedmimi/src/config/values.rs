@@ -74,31 +74,45 @@ impl Serialize for Dur {
     }
 }
 
+// Errors are raised inside the visitor, while the deserializer still stands on the value,
+// so serde_yaml reports the field path and the value's line and column.
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
-        let s = String::deserialize(d)?;
-        Dur::parse(&s).map_err(de::Error::custom)
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as 30s or 500ms")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
+                Dur::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
 /// `ebpf.enabled`: `auto`, or a YAML/JSON bool, or the strings `true`/`false`.
 pub fn ebpf_mode<'de, D: Deserializer<'de>>(d: D) -> Result<EbpfMode, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Bool(bool),
-        Text(String),
+    struct V;
+    impl de::Visitor<'_> for V {
+        type Value = EbpfMode;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("auto, true or false")
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<EbpfMode, E> {
+            Ok(if v { EbpfMode::True } else { EbpfMode::False })
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<EbpfMode, E> {
+            match v {
+                "auto" => Ok(EbpfMode::Auto),
+                "true" => Ok(EbpfMode::True),
+                "false" => Ok(EbpfMode::False),
+                other => Err(E::custom(format!("invalid value {other:?}: expected auto, true or false"))),
+            }
+        }
     }
-    match Raw::deserialize(d)? {
-        Raw::Bool(true) => Ok(EbpfMode::True),
-        Raw::Bool(false) => Ok(EbpfMode::False),
-        Raw::Text(t) => match t.as_str() {
-            "auto" => Ok(EbpfMode::Auto),
-            "true" => Ok(EbpfMode::True),
-            "false" => Ok(EbpfMode::False),
-            other => Err(de::Error::custom(format!("invalid value {other:?}: expected auto, true or false"))),
-        },
-    }
+    d.deserialize_any(V)
 }
 
 #[cfg(test)]

@@ -37,35 +37,23 @@ impl RequestBody {
         RequestBody { ahead: VecDeque::new(), ahead_len: 0, rest: None, deadline: None }
     }
 
-    /// Reads what the client has already sent (at least one frame, waiting up to
-    /// `read_timeout` for it, then whatever is ready at once, up to `limit` bytes), so that
-    /// malformed framing is caught before anything goes upstream. Errors are the client's.
+    /// The client's body, with its first `limit` bytes (or all of it, if shorter) read before
+    /// anything goes upstream, so malformed chunked framing there is caught while the request
+    /// can still get a 400 and no backend has seen it. The wait is bounded by `read_timeout`.
     pub async fn read_ahead(mut body: Incoming, read_timeout: Duration, limit: usize) -> Result<Self, BoxError> {
         use http_body_util::BodyExt;
         let deadline = Instant::now() + read_timeout;
         let mut ahead = VecDeque::new();
         let mut ahead_len = 0u64;
-        let mut first = true;
         while !body.is_end_stream() && (ahead_len as usize) < limit {
-            let next = if first {
-                first = false;
-                match tokio::time::timeout_at(deadline, body.frame()).await {
-                    Ok(f) => f,
-                    Err(_) => return Err(BodyTimeout.into()),
-                }
-            } else {
-                match futures_util::FutureExt::now_or_never(body.frame()) {
-                    Some(f) => f,
-                    None => break,
-                }
-            };
-            match next {
-                Some(Ok(frame)) => {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return Err(BodyTimeout.into()),
+                Ok(Some(Ok(frame))) => {
                     ahead_len += frame.data_ref().map_or(0, |d| d.len() as u64);
                     ahead.push_back(frame);
                 }
-                Some(Err(e)) => return Err(e.into()),
-                None => break,
+                Ok(Some(Err(e))) => return Err(e.into()),
+                Ok(None) => break,
             }
         }
         Ok(RequestBody {
@@ -74,6 +62,17 @@ impl RequestBody {
             rest: Some(body),
             deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
         })
+    }
+
+    /// The client's body streamed as it comes (its framing is a length or HTTP/2's own),
+    /// bounded by `read_timeout` when given (gRPC streams may rightly last for hours).
+    pub fn streamed(body: Incoming, read_timeout: Option<Duration>) -> Self {
+        RequestBody {
+            ahead: VecDeque::new(),
+            ahead_len: 0,
+            rest: Some(body),
+            deadline: read_timeout.map(|t| Box::pin(tokio::time::sleep(t))),
+        }
     }
 }
 

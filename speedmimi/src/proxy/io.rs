@@ -1,5 +1,6 @@
-//! A client connection with a write deadline: a write that makes no progress for
-//! `write_timeout` fails, so a client that stops reading cannot hold a connection forever.
+//! A client connection as the proxy reads and writes it: a write that makes no progress for
+//! `write_timeout` fails (a client that stops reading cannot hold a connection forever), and
+//! HTTP/1 bytes read pass through the framing scanner before hyper parses them.
 
 use std::{
     io,
@@ -13,16 +14,19 @@ use tokio::{
     time::Sleep,
 };
 
-pub struct WriteDeadline<T> {
+use super::framing::Scanner;
+
+pub struct ClientIo<T> {
     inner: T,
     timeout: Duration,
     /// Armed while a write is stalled.
     stall: Option<Pin<Box<Sleep>>>,
+    scanner: Option<Box<Scanner>>,
 }
 
-impl<T> WriteDeadline<T> {
-    pub fn new(inner: T, timeout: Duration) -> Self {
-        WriteDeadline { inner, timeout, stall: None }
+impl<T> ClientIo<T> {
+    pub fn new(inner: T, timeout: Duration, scanner: Option<Scanner>) -> Self {
+        ClientIo { inner, timeout, stall: None, scanner: scanner.map(Box::new) }
     }
 
     fn check<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
@@ -43,13 +47,18 @@ impl<T> WriteDeadline<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(scanner)) = (&r, self.scanner.as_mut()) {
+            scanner.feed(&buf.filled()[before..]);
+        }
+        r
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.check(cx, r)

@@ -3,6 +3,7 @@
 
 pub mod body;
 mod error;
+mod framing;
 pub mod headers;
 mod io;
 pub mod server;

@@ -12,7 +12,7 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::Semaphore};
 
 pub use super::service::Listener;
-use super::{io::WriteDeadline, service::Handler};
+use super::{framing::Scanner, io::ClientIo, service::Handler};
 use crate::{shutdown::Shutdown, state::State};
 
 /// Longest a graceful stop waits for open connections to finish their requests.
@@ -56,9 +56,16 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, kind: Listener, shu
             _ = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
-        let handler = Handler { state: state.clone(), peer, listener: kind };
+        let (scanner, ambiguous) = match kind {
+            Listener::Http => {
+                let (s, flag) = Scanner::new();
+                (Some(s), Some(flag))
+            }
+            Listener::Grpc => (None, None),
+        };
+        let handler = Handler { state: state.clone(), peer, listener: kind, ambiguous };
         let service = service_fn(move |req| handler.clone().handle(req));
-        let io = TokioIo::new(WriteDeadline::new(stream, write_timeout));
+        let io = TokioIo::new(ClientIo::new(stream, write_timeout, scanner));
         let conn = builder.serve_connection_with_upgrades(io, service).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

@@ -9,7 +9,9 @@ use hyper::body::Incoming;
 
 use super::{
     body::{InFlight, RequestBody, ResponseBody},
-    error, headers, upgrade,
+    error,
+    framing::Ambiguous,
+    headers, upgrade,
     upstream::ConnectError,
 };
 use crate::{
@@ -17,7 +19,8 @@ use crate::{
     state::{Protocol, Route, Snapshot, State},
 };
 
-/// Body bytes read ahead of forwarding, to catch bad framing before a backend sees anything.
+/// Chunked body bytes read ahead of forwarding, to catch bad framing before a backend sees
+/// anything (nginx buffers whole bodies by default; we stream past this much).
 const READ_AHEAD: usize = 64 * 1024;
 
 /// Which listener a request came in on.
@@ -33,6 +36,8 @@ pub struct Handler {
     pub state: Arc<State>,
     pub peer: SocketAddr,
     pub listener: Listener,
+    /// Raised by the connection's framing scanner (HTTP/1 listener only).
+    pub ambiguous: Option<Ambiguous>,
 }
 
 impl Handler {
@@ -42,7 +47,9 @@ impl Handler {
     }
 
     async fn proxy(&self, snap: &Snapshot, mut req: Request<Incoming>) -> Response<ResponseBody> {
-        if let Some(reason) = ambiguous_framing(&req) {
+        let scanned =
+            self.ambiguous.as_ref().is_some_and(|a| a.is_set()).then_some("both Content-Length and Transfer-Encoding");
+        if let Some(reason) = scanned.or_else(|| ambiguous_framing(&req)) {
             tracing::info!(peer = %self.peer, reason, "rejected request with ambiguous framing");
             return error::bad_request("bad request: ambiguous message framing\n");
         }
@@ -74,9 +81,11 @@ impl Handler {
         }
 
         let (mut parts, body) = req.into_parts();
+        let http1 = parts.version == Version::HTTP_11 || parts.version == Version::HTTP_10;
         let body = if body.is_end_stream() {
             RequestBody::empty()
-        } else if parts.version == Version::HTTP_11 || parts.version == Version::HTTP_10 {
+        } else if http1 && body.size_hint().exact().is_none() {
+            // Chunked: its framing is ours to check before anything goes upstream.
             match RequestBody::read_ahead(body, settings.read_timeout, READ_AHEAD).await {
                 Ok(b) => b,
                 Err(e) => {
@@ -85,7 +94,7 @@ impl Handler {
                 }
             }
         } else {
-            RequestBody::read_ahead(body, settings.read_timeout, 0).await.unwrap_or_else(|_| RequestBody::empty())
+            RequestBody::streamed(body, (protocol != Protocol::Grpc).then_some(settings.read_timeout))
         };
         parts.uri = origin_form(&parts.uri);
         forward(snap, route, protocol, Request::from_parts(parts, body), hash).await

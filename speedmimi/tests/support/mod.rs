@@ -82,8 +82,7 @@ impl Proxy {
     pub async fn start_with(yaml: &str, datapath: Arc<dyn Datapath>) -> Proxy {
         let config = Config::parse(yaml).unwrap_or_else(|e| panic!("test config rejected: {e}\n{yaml}"));
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let grpc =
-            if config.file.grpc.enabled { Some(TcpListener::bind("127.0.0.1:0").await.unwrap()) } else { None };
+        let grpc = if config.file.grpc.enabled { Some(TcpListener::bind("127.0.0.1:0").await.unwrap()) } else { None };
         let addr = http.local_addr().unwrap();
         let grpc_addr = grpc.as_ref().map(|g| g.local_addr().unwrap());
         let (stop, wait) = shutdown::channel();

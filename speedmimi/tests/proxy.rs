@@ -1,0 +1,230 @@
+//! Proxy behaviour a client and a backend can see: routing, forwarded headers and who may set
+//! them, hop-by-hop removal, request-smuggling defences, limits, timeouts and graceful stop.
+
+mod support;
+
+use std::time::Duration;
+
+use http::StatusCode;
+use support::{Origin, Proxy, backend_yaml, client, dead_addr, get, one_route, raw};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+};
+
+/// Lines `name: value` of the headers the backend received (its `/headers` endpoint).
+fn header_of(dump: &str, name: &str) -> Option<String> {
+    dump.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_owned))
+}
+
+/// GET /headers on a fresh connection from `from` (a loopback address), with extra raw header lines.
+async fn headers_seen(proxy: &Proxy, from: &str, extra: &str) -> String {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(proxy.addr).await.unwrap();
+    let req = format!("GET /headers HTTP/1.1\r\nHost: test\r\n{extra}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await.unwrap().unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_ip_is_trusted_only_from_trusted_proxies() {
+    let o = Origin::start("b1").await;
+    let extra = "  trusted_proxies: [\"127.0.0.2/32\"]\n";
+    let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", extra)).await;
+    let spoof = "X-Real-IP: 203.0.113.9\r\nX-Forwarded-For: 198.51.100.7\r\nX-Forwarded-Proto: https\r\n";
+
+    // 127.0.0.1 is not trusted: everything it claims is replaced by what we saw.
+    let seen = headers_seen(&proxy, "127.0.0.1", spoof).await;
+    assert_eq!(header_of(&seen, "x-real-ip").as_deref(), Some("127.0.0.1"), "{seen}");
+    assert_eq!(header_of(&seen, "x-forwarded-for").as_deref(), Some("127.0.0.1"), "{seen}");
+    assert_eq!(header_of(&seen, "x-forwarded-proto").as_deref(), Some("http"), "{seen}");
+
+    // 127.0.0.2 is a trusted proxy: its client address is used and the chain extended.
+    let seen = headers_seen(&proxy, "127.0.0.2", spoof).await;
+    assert_eq!(header_of(&seen, "x-real-ip").as_deref(), Some("203.0.113.9"), "{seen}");
+    assert_eq!(header_of(&seen, "x-forwarded-for").as_deref(), Some("198.51.100.7, 127.0.0.2"), "{seen}");
+    assert_eq!(header_of(&seen, "x-forwarded-proto").as_deref(), Some("https"), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_not_forwarded() {
+    let o = Origin::start("b1").await;
+    let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", "")).await;
+    let extra = "X-Secret-Hop: 1\r\nConnection: X-Secret-Hop\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eDp5\r\nTE: gzip\r\nProxy-Connection: keep-alive\r\nX-End-To-End: kept\r\n";
+    let seen = headers_seen(&proxy, "127.0.0.1", extra).await;
+    for gone in ["x-secret-hop", "keep-alive", "proxy-authorization", "te", "proxy-connection", "upgrade"] {
+        assert_eq!(header_of(&seen, gone), None, "{gone} was forwarded:\n{seen}");
+    }
+    assert_eq!(header_of(&seen, "x-end-to-end").as_deref(), Some("kept"));
+    assert_eq!(header_of(&seen, "host").as_deref(), Some("test"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_gets_400_and_never_reaches_a_backend() {
+    let o = Origin::start("b1").await;
+    let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", "")).await;
+    let attacks: [(&str, &str); 6] = [
+        (
+            "CL and TE",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        ("differing CLs", "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde"),
+        ("bad chunk size", "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"),
+        ("chunk without CRLF", "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXX0\r\n\r\n"),
+        ("obs-fold", "GET / HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n  b\r\n\r\n"),
+        ("TE not ending in chunked", "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n"),
+    ];
+    for (name, attack) in attacks {
+        let answer = raw(proxy.addr, attack.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{name}: answered {answer:?}");
+        assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{name}: a second request was answered: {answer:?}");
+    }
+    assert_eq!(o.requests(), 0, "a malformed request reached the backend");
+    assert_eq!(o.connections(), 0, "the backend was even connected to");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_long_heads_get_431() {
+    let o = Origin::start("b1").await;
+    let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", "  max_header_bytes: 16384\n")).await;
+    let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let answer = raw(proxy.addr, big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "answered {answer:?}");
+    assert_eq!(o.requests(), 0);
+    // A normal request still works.
+    let answer = raw(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("b1\n"), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_host_then_longest_prefix() {
+    let (a, b, c) = (Origin::start("a").await, Origin::start("b").await, Origin::start("c").await);
+    let yaml = format!(
+        "backends:\n  ua:\n{}  ub:\n{}  uc:\n{}routing:\n  root:\n    path: /\n    upstream: ua\n  api:\n    path: /api\n    upstream: ub\n  admin:\n    path: /\n    host: \"*.admin.test\"\n    upstream: uc\n  only:\n    path: /only\n    host: only.test\n    upstream: uc\n",
+        a.yaml(1),
+        b.yaml(1),
+        c.yaml(1)
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let cl = client();
+    let cases = [
+        ("/", "www.test", "a"),
+        ("/api/v1", "www.test", "b"),
+        ("/apis", "www.test", "b"),
+        ("/", "x.admin.test:8080", "c"),
+        ("/api", "x.admin.test", "b"),
+        ("/only/x", "only.test", "c"),
+        ("/only/x", "other.test", "a"),
+    ];
+    for (path, host, want) in cases {
+        let (status, h, body) = get(&cl, &proxy.url(path), &[("host", host)]).await;
+        assert_eq!(status, StatusCode::OK, "{host}{path}: {body}");
+        assert_eq!(h["x-backend-id"], want, "{host}{path}");
+    }
+
+    // A host-only table sends other hosts away with 404.
+    let yaml = format!(
+        "backends:\n  ua:\n{}routing:\n  only:\n    path: /\n    host: example.com\n    upstream: ua\n",
+        a.yaml(1)
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let (status, _, _) = get(&cl, &proxy.url("/"), &[("host", "other.com")]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = get(&cl, &proxy.url("/"), &[("host", "EXAMPLE.com")]).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upstream_gets_504_and_refused_upstream_502() {
+    let o = Origin::start("b1").await;
+    let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", "  upstream_timeout: 300ms\n")).await;
+    let (status, _, body) = get(&client(), &proxy.url("/slow?ms=3000"), &[]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    let (status, _, _) = get(&client(), &proxy.url("/slow?ms=10"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let proxy = Proxy::start(&one_route(&backend_yaml("x", dead_addr().await, 1), "round_robin", "")).await;
+    let (status, _, _) = get(&client(), &proxy.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_max_conn_is_respected() {
+    let o = Origin::start("b1").await;
+    o.backend.delay_ms.store(800, std::sync::atomic::Ordering::SeqCst);
+    let ups = format!("    - id: b1\n      host: 127.0.0.1\n      port: {}\n      max_conn: 1\n", o.addr.port());
+    let proxy = Proxy::start(&one_route(&ups, "round_robin", "")).await;
+    let url = proxy.url("/");
+    let first = tokio::spawn(async move { get(&client(), &url, &[]).await.0 });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (second, _, _) = get(&client(), &proxy.url("/"), &[]).await;
+    assert_eq!(second, StatusCode::SERVICE_UNAVAILABLE, "a full backend must be skipped");
+    assert_eq!(first.await.unwrap(), StatusCode::OK);
+    assert_eq!(o.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_max_conn_queues_extra_clients() {
+    let o = Origin::start("b1").await;
+    let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", "  max_conn: 1\n")).await;
+    let mut first = TcpStream::connect(proxy.addr).await.unwrap();
+    first.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+
+    // The second client waits in the backlog while the first holds the only slot...
+    let addr = proxy.addr;
+    let second =
+        tokio::spawn(async move { raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!second.is_finished(), "second client was served while max_conn was reached");
+    // ...and is served once the first leaves.
+    drop(first);
+    let answer = tokio::time::timeout(Duration::from_secs(10), second).await.unwrap().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_head_is_dropped() {
+    let o = Origin::start("b1").await;
+    let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", "  read_timeout: 500ms\n")).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(closed.is_ok(), "connection still open long after read_timeout");
+    assert_eq!(o.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_finishes_in_flight_requests() {
+    let o = Origin::start("b1").await;
+    let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", "")).await;
+    let url = proxy.url("/slow?ms=600");
+    let inflight = tokio::spawn(async move { get(&client(), &url, &[]).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let addr = proxy.addr;
+    proxy.stop().await;
+    let (status, _, body) = inflight.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "b1\n");
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting after stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_reuses_upstream_connections() {
+    let o = Origin::start("b1").await;
+    let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", "")).await;
+    let c = client();
+    for _ in 0..50 {
+        let (status, _, _) = get(&c, &proxy.url("/"), &[]).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(o.requests(), 50);
+    assert_eq!(o.connections(), 1, "sequential requests should share one pooled upstream connection");
+}
