@@ -94,6 +94,9 @@ async fn over_long_heads_get_431() {
     let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
     let answer = raw(proxy.addr, big.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "answered {answer:?}");
+    let many: String = (0..120).map(|i| format!("X-H{i}: 1\r\n")).collect();
+    let answer = raw(proxy.addr, format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "120 headers answered {answer:?}");
     assert_eq!(o.requests(), 0);
     // A normal request still works.
     let answer = raw(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
