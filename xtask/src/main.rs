@@ -1,5 +1,6 @@
 //! Command-line entry point of `cargo xtask`: parses the subcommand and dispatches to its module.
 
+mod bench;
 mod build_ebpf;
 mod run;
 mod test;
@@ -37,11 +38,32 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Benchmarks, side by side with the peers (needs root: installs nginx, haproxy, wrk).
+    Bench {
+        #[command(subcommand)]
+        which: BenchKind,
+    },
     /// Build the eBPF object, then run the workspace test suite.
     Test {
         /// Extra arguments passed to `cargo test` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchKind {
+    /// HTTP/1.1 keep-alive small responses: SpeedMimi, HAProxy, nginx and direct.
+    Http {
+        /// Interleaved rounds (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Concurrent client connections.
+        #[arg(long, default_value_t = 50)]
+        connections: u32,
     },
 }
 
@@ -53,5 +75,9 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Run { release: _, debug, args } => run::run(!debug, &args),
         Command::Test { args } => test::test(&args),
+        Command::Bench { which: BenchKind::Http { rounds, seconds, connections } } => {
+            bench::http(&bench::Options { rounds, seconds, connections })?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
