@@ -78,6 +78,9 @@ pub struct ServerSection {
     pub upstream_timeout: Dur,
     /// Client connections served at once; more wait in the listen backlog.
     pub max_conn: u32,
+    /// Event-loop threads serving the HTTP listener, each with its own upstream connection
+    /// pools; 0 = one per CPU the process may run on. (new)
+    pub workers: u32,
     /// Largest request head accepted; larger ones get 431. (new)
     pub max_header_bytes: u32,
     /// Header a trusted proxy uses to tell us the client's address.
@@ -96,6 +99,7 @@ impl Default for ServerSection {
             connect_timeout: Dur::secs(5),
             upstream_timeout: Dur::secs(60),
             max_conn: 10_000,
+            workers: 0,
             max_header_bytes: 32 * 1024,
             real_ip_header: "X-Real-IP".into(),
             trusted_proxies: Vec::new(),
@@ -381,6 +385,9 @@ impl FileConfig {
         }
         if s.max_conn == 0 {
             bad("server.max_conn".into(), "must be at least 1".into());
+        }
+        if s.workers > 256 {
+            bad("server.workers".into(), format!("{} is more than 256", s.workers));
         }
         if s.max_header_bytes < 1024 {
             bad("server.max_header_bytes".into(), "must be at least 1024".into());

@@ -13,7 +13,7 @@ pub mod telemetry;
 
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
     config::Config,
@@ -52,6 +52,8 @@ pub enum RunError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
 }
 
 /// Serves until `shutdown` fires, then lets open connections finish (bounded) and returns.
@@ -73,12 +75,48 @@ pub async fn run_with(
     for l4 in &config.file.l4 {
         tracing::warn!(service = %l4.name, "l4 services are not in this build yet: {} is not served", l4.name);
     }
+    let workers = match config.file.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n as usize,
+    };
+    let max_conn = config.file.server.max_conn as usize;
     let state = Arc::new(State::new(config, datapath)?);
+    let http_limit = Arc::new(Semaphore::new(max_conn));
+    tracing::info!(addr = ?listeners.http.local_addr().ok(), workers, max_conn, "HTTP listener ready");
+
+    // Workers 1.. each run their own single-threaded event loop on a clone of the listening
+    // socket; worker 0 is the caller's runtime.
+    let http = listeners.http.into_std().map_err(RunError::Listener)?;
+    let mut threads = Vec::new();
+    for i in 1..workers {
+        let listener = http.try_clone().map_err(RunError::Listener)?;
+        let (state, limit, shutdown) = (state.clone(), http_limit.clone(), shutdown.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("speedmimi-w{i}"))
+            .spawn(move || {
+                proxy::upstream::set_worker(i);
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("worker runtime");
+                rt.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => proxy::serve(l, state, Listener::Http, limit, shutdown).await,
+                        Err(e) => tracing::error!(worker = i, error = %e, "worker cannot listen"),
+                    }
+                });
+            })
+            .map_err(RunError::Listener)?;
+        threads.push(thread);
+    }
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(proxy::serve(listeners.http, state.clone(), Listener::Http, shutdown.clone()));
+    let http = TcpListener::from_std(http).map_err(RunError::Listener)?;
+    tasks.spawn(proxy::serve(http, state.clone(), Listener::Http, http_limit, shutdown.clone()));
     if let Some(grpc) = listeners.grpc {
-        tasks.spawn(proxy::serve(grpc, state.clone(), Listener::Grpc, shutdown.clone()));
+        tracing::info!(addr = ?grpc.local_addr().ok(), "gRPC (h2c) listener ready");
+        let limit = Arc::new(Semaphore::new(max_conn));
+        tasks.spawn(proxy::serve(grpc, state.clone(), Listener::Grpc, limit, shutdown.clone()));
     }
     while tasks.join_next().await.is_some() {}
+    for t in threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     Ok(())
 }

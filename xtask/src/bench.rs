@@ -131,11 +131,11 @@ fn report(targets: &[Target], samples: &[Vec<Sample>], opts: &Options) -> String
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "HTTP/1.1 keep-alive, 13-byte responses, wrk -c{} ({} s × {} rounds, medians), proxy pinned to core {PROXY_CORE}, wrk and backend on core {LOAD_CORE}; {date}, {machine}",
+        "HTTP/1.1 keep-alive, 3-byte response bodies, wrk -c{} ({} s × {} rounds, medians), proxy pinned to core {PROXY_CORE}, wrk and backend on core {LOAD_CORE}; {date}, {machine}",
         opts.connections, opts.seconds, opts.rounds
     );
     let _ = writeln!(s);
-    let _ = writeln!(s, "| path | req/s | proxy cores busy | req per proxy core-second | vs SpeedMimi | p99 ms |");
+    let _ = writeln!(s, "| path | req/s | proxy cores busy | req per proxy core-second | SpeedMimi ÷ this | p99 ms |");
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     let per_core: Vec<f64> = samples
         .iter()

@@ -12,12 +12,29 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// The hop-by-hop headers of RFC 9110 §7.6.1 (and the non-standard ones still seen).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::TRAILER
+        || *name == header::PROXY_AUTHENTICATE
+        || *name == header::PROXY_AUTHORIZATION
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+}
+
 /// Removes hop-by-hop headers and those listed in `Connection`. With `keep_upgrade`, the
 /// `Upgrade` header and a `Connection: upgrade` survive (a WebSocket handshake being relayed).
 /// With `keep_te_trailers`, `TE: trailers` survives (gRPC needs it end to end).
+/// One pass over the names finds nothing to do in the usual case.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers: bool) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
-        // Fast path: the usual `keep-alive`/`close`/`upgrade` tokens name nothing else.
+        // The usual `keep-alive`/`close`/`upgrade` tokens name nothing else.
         let listed: Vec<HeaderName> = conn
             .to_str()
             .unwrap_or("")
@@ -36,21 +53,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, keep_te_tra
     let te_trailers = keep_te_trailers
         && headers.get(header::TE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("trailers"));
     let upgrade = if keep_upgrade { headers.remove(header::UPGRADE) } else { None };
-    // The hop-by-hop headers of RFC 9110 §7.6.1.
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        if headers.contains_key(name) {
-            headers.remove(name);
-        }
+    let present: Vec<HeaderName> = headers.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    for name in present {
+        headers.remove(name);
     }
     if let Some(u) = upgrade {
         headers.insert(header::UPGRADE, u);
@@ -67,7 +72,7 @@ pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
 }
 
 /// IPv4-mapped IPv6 peers compare as IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -85,33 +90,43 @@ pub fn client_ip(peer: IpAddr, peer_trusted: bool, headers: &HeaderMap, real_ip_
     canonical(peer)
 }
 
+/// What the forwarded headers are made of.
+pub struct Forwarded<'a> {
+    /// The peer's address as a header value (made once per connection).
+    pub peer: &'a HeaderValue,
+    pub trusted: bool,
+    /// The resolved client address.
+    pub client: IpAddr,
+    pub proto: &'static str,
+}
+
 /// Sets `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Real-IP` (and the configured real-IP header).
 /// From a trusted peer the existing chain is extended; from anyone else it is replaced.
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    peer: IpAddr,
-    peer_trusted: bool,
-    client: IpAddr,
-    proto: &'static str,
-    real_ip_header: &HeaderName,
-) {
-    let peer = canonical(peer);
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if peer_trusted && !prev.trim().is_empty() => format!("{prev}, {peer}"),
-        _ if peer_trusted && client != peer => format!("{client}, {peer}"),
-        _ => peer.to_string(),
+pub fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>, real_ip_header: &HeaderName) {
+    let client = if f.trusted {
+        let peer = f.peer.to_str().unwrap_or_default();
+        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer}"),
+            _ if f.client.to_string() != peer => format!("{}, {peer}", f.client),
+            _ => peer.to_owned(),
+        };
+        if let Ok(v) = HeaderValue::try_from(xff) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
+        }
+        HeaderValue::try_from(f.client.to_string()).expect("an IP address is a valid header value")
+    } else {
+        // The common case: everything is the peer, already formatted.
+        headers.insert(X_FORWARDED_FOR.clone(), f.peer.clone());
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
+        f.peer.clone()
     };
-    if let Ok(v) = HeaderValue::try_from(xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    if !(peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    }
-    let client = HeaderValue::try_from(client.to_string()).expect("an IP address is a valid header value");
-    headers.insert(X_REAL_IP.clone(), client.clone());
     if *real_ip_header != X_REAL_IP {
-        headers.insert(real_ip_header.clone(), client);
+        headers.insert(real_ip_header.clone(), client.clone());
     }
+    headers.insert(X_REAL_IP.clone(), client);
 }
 
 #[cfg(test)]

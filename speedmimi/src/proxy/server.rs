@@ -18,10 +18,17 @@ use crate::{shutdown::Shutdown, state::State};
 /// Longest a graceful stop waits for open connections to finish their requests.
 const DRAIN: Duration = Duration::from_secs(10);
 
-pub async fn serve(listener: TcpListener, state: Arc<State>, kind: Listener, shutdown: Shutdown) {
+/// Serves one listener (or one worker's clone of it) until shutdown. `limit` is shared by all
+/// workers of a listener: it holds one permit per `server.max_conn`.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    kind: Listener,
+    limit: Arc<Semaphore>,
+    shutdown: Shutdown,
+) {
     let config = state.config();
     let server = &config.file.server;
-    let max_conn = server.max_conn as usize;
     let read_timeout = server.read_timeout.get();
     let write_timeout = server.write_timeout.get();
     let max_head = (server.max_header_bytes as usize).max(8192);
@@ -33,10 +40,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, kind: Listener, shu
         builder = builder.http2_only();
     }
     let builder = Arc::new(builder);
-    let limit = Arc::new(Semaphore::new(max_conn));
     let graceful = GracefulShutdown::new();
-    let local = listener.local_addr().ok();
-    tracing::info!(listener = ?kind, addr = ?local, max_conn, "listening");
 
     loop {
         let permit = tokio::select! {
@@ -63,7 +67,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, kind: Listener, shu
             }
             Listener::Grpc => (None, None),
         };
-        let handler = Handler { state: state.clone(), peer, listener: kind, ambiguous };
+        let handler = Handler::new(state.clone(), peer, kind, ambiguous);
         let service = service_fn(move |req| handler.clone().handle(req));
         let io = TokioIo::new(ClientIo::new(stream, write_timeout, scanner));
         let conn = builder.serve_connection_with_upgrades(io, service).into_owned();

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     backend::{Backend, client_hash},
-    state::{Protocol, Route, Snapshot, State},
+    state::{Protocol, Route, Settings, Snapshot, State},
 };
 
 /// Chunked body bytes read ahead of forwarding, to catch bad framing before a backend sees
@@ -35,12 +35,21 @@ pub enum Listener {
 pub struct Handler {
     pub state: Arc<State>,
     pub peer: SocketAddr,
+    /// The peer address as a header value, made once per connection: it is the forwarded
+    /// address of every request from an untrusted peer.
+    pub peer_header: HeaderValue,
     pub listener: Listener,
     /// Raised by the connection's framing scanner (HTTP/1 listener only).
     pub ambiguous: Option<Ambiguous>,
 }
 
 impl Handler {
+    pub fn new(state: Arc<State>, peer: SocketAddr, listener: Listener, ambiguous: Option<Ambiguous>) -> Handler {
+        let peer_header = HeaderValue::try_from(headers::canonical(peer.ip()).to_string())
+            .expect("an IP address is a valid header value");
+        Handler { state, peer, peer_header, listener, ambiguous }
+    }
+
     pub async fn handle(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, std::convert::Infallible> {
         let snap = self.state.snapshot();
         Ok(self.proxy(&snap, req).await)
@@ -53,9 +62,8 @@ impl Handler {
             tracing::info!(peer = %self.peer, reason, "rejected request with ambiguous framing");
             return error::bad_request("bad request: ambiguous message framing\n");
         }
-        let host = request_host(&req);
-        let Some(route) = snap.route(host.as_deref(), req.uri().path()) else {
-            tracing::info!(peer = %self.peer, host = ?host, path = req.uri().path(), "no route");
+        let Some(route) = snap.route(request_host(&req), req.uri().path()) else {
+            tracing::info!(peer = %self.peer, host = ?request_host(&req), path = req.uri().path(), "no route");
             return error::no_route();
         };
         let settings = &snap.settings;
@@ -65,13 +73,18 @@ impl Handler {
         let client = headers::client_ip(peer_ip, trusted, req.headers(), &settings.real_ip_header);
         let is_upgrade = protocol == Protocol::WebSocket || wants_upgrade(&req);
 
-        let original_host = host.and_then(|h| HeaderValue::try_from(h).ok());
+        // HTTP/2 carries the host in the URI; an HTTP/1.1 backend needs it as Host.
+        let h2_host = match req.headers().contains_key(header::HOST) {
+            true => None,
+            false => req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
         {
             let h = req.headers_mut();
             headers::strip_hop_by_hop(h, is_upgrade, protocol == Protocol::Grpc);
-            headers::set_forwarded(h, peer_ip, trusted, client, "http", &settings.real_ip_header);
-            if let Some(host) = &original_host {
-                h.insert(header::HOST, host.clone());
+            let forwarded = headers::Forwarded { peer: &self.peer_header, trusted, client, proto: "http" };
+            headers::set_forwarded(h, &forwarded, &settings.real_ip_header);
+            if let Some(host) = h2_host {
+                h.insert(header::HOST, host);
             }
         }
         let hash = client_hash(client);
@@ -96,7 +109,9 @@ impl Handler {
         } else {
             RequestBody::streamed(body, (protocol != Protocol::Grpc).then_some(settings.read_timeout))
         };
-        parts.uri = origin_form(&parts.uri);
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            parts.uri = origin_form(&parts.uri);
+        }
         forward(snap, route, protocol, Request::from_parts(parts, body), hash).await
     }
 }
@@ -120,12 +135,12 @@ async fn forward(
         let mut guard = InFlight::new(backend.clone());
         let started = Instant::now();
         let sent = if protocol == Protocol::Grpc {
-            send_h2(&backend, req, settings.connect_timeout).await
+            send_h2(&backend, req, settings).await
         } else {
-            send_h1(&backend, req, &mut guard, settings.connect_timeout, settings.upstream_timeout).await
+            send_h1(&backend, req, &mut guard, settings).await
         };
-        let result = match sent {
-            Ok(fut) => fut,
+        let resp = match sent {
+            Ok(resp) => resp,
             Err(SendError::Connect(e, back)) => {
                 backend.connect_failed();
                 tracing::warn!(route = %route.name, backend = %backend.id, attempt, error = %e, "connect failed");
@@ -149,23 +164,10 @@ async fn forward(
             }
         };
         backend.connect_succeeded();
-        return match tokio::time::timeout(settings.upstream_timeout, result).await {
-            Err(_) => {
-                tracing::warn!(route = %route.name, backend = %backend.id, timeout = ?settings.upstream_timeout,
-                    "upstream timed out");
-                error::gateway_timeout()
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(route = %route.name, backend = %backend.id, error = %e, "upstream failed");
-                error::bad_gateway()
-            }
-            Ok(Ok(resp)) => {
-                backend.observe_latency(started.elapsed());
-                let (mut parts, body) = resp.into_parts();
-                headers::strip_hop_by_hop(&mut parts.headers, false, false);
-                Response::from_parts(parts, ResponseBody::upstream(body, guard))
-            }
-        };
+        backend.observe_latency(started.elapsed());
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false, false);
+        return Response::from_parts(parts, ResponseBody::upstream(body, guard));
     }
     error::bad_gateway()
 }
@@ -184,45 +186,35 @@ enum SendError {
     Timeout,
 }
 
-type ResponseFuture = std::pin::Pin<Box<dyn Future<Output = Result<Response<Incoming>, hyper::Error>> + Send>>;
-
-/// Sends on a pooled HTTP/1.1 connection; a pooled connection found closed before the
-/// request left is replaced by a fresh one.
+/// Sends on a pooled HTTP/1.1 connection and waits for the response head (bounded by
+/// `upstream_timeout`). A pooled connection found closed before the request left is
+/// replaced by a fresh one.
 async fn send_h1(
     backend: &Backend,
     mut req: Request<RequestBody>,
     guard: &mut InFlight,
-    connect_timeout: std::time::Duration,
-    upstream_timeout: std::time::Duration,
-) -> Result<ResponseFuture, SendError> {
+    settings: &Settings,
+) -> Result<Response<Incoming>, SendError> {
     *req.version_mut() = Version::HTTP_11;
+    let deadline = tokio::time::Instant::now() + settings.upstream_timeout;
     loop {
-        let mut conn = match backend.pool.h1(connect_timeout).await {
+        let mut conn = match backend.pool.h1(settings.connect_timeout).await {
             Ok(c) => c,
             Err(e) => return Err(SendError::Connect(e, Some(Box::new(req)))),
         };
-        let fut = conn.sender.try_send_request(req);
-        if conn.reused {
-            // Wait for the outcome here: a stale keep-alive connection fails before sending.
-            let Ok(outcome) = tokio::time::timeout(upstream_timeout, fut).await else {
-                return Err(SendError::Timeout);
-            };
-            match outcome {
-                Ok(resp) => {
-                    guard.set_conn(conn.sender);
-                    return Ok(Box::pin(async move { Ok(resp) }));
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(back) => {
-                        req = back;
-                        continue;
-                    }
-                    None => return Err(SendError::Upstream(e.into_error())),
-                },
+        let outcome = tokio::time::timeout_at(deadline, conn.sender.try_send_request(req)).await;
+        match outcome {
+            Err(_) => return Err(SendError::Timeout),
+            Ok(Ok(resp)) => {
+                guard.set_conn(conn.sender);
+                return Ok(resp);
             }
+            Ok(Err(mut e)) => match e.take_message() {
+                // Never sent: the kept-alive connection had been closed by the backend.
+                Some(back) if conn.reused => req = back,
+                _ => return Err(SendError::Upstream(e.into_error())),
+            },
         }
-        guard.set_conn(conn.sender);
-        return Ok(Box::pin(async move { fut.await.map_err(|e| e.into_error()) }));
     }
 }
 
@@ -230,9 +222,9 @@ async fn send_h1(
 async fn send_h2(
     backend: &Backend,
     mut req: Request<RequestBody>,
-    connect_timeout: std::time::Duration,
-) -> Result<ResponseFuture, SendError> {
-    let mut sender = match backend.pool.h2(connect_timeout).await {
+    settings: &Settings,
+) -> Result<Response<Incoming>, SendError> {
+    let mut sender = match backend.pool.h2(settings.connect_timeout).await {
         Ok(s) => s,
         Err(e) => return Err(SendError::Connect(e, Some(Box::new(req)))),
     };
@@ -245,17 +237,20 @@ async fn send_h2(
     let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     match Uri::builder().scheme("http").authority(authority).path_and_query(pq).build() {
         Ok(uri) => *req.uri_mut() = uri,
-        Err(_) => {
+        Err(e) => {
             return Err(SendError::Connect(
                 ConnectError::Io {
                     addr: backend.pool.addr(),
-                    source: std::io::Error::other("request authority is not valid"),
+                    source: std::io::Error::other(format!("request authority is not valid: {e}")),
                 },
                 None,
             ));
         }
     }
-    Ok(Box::pin(sender.send_request(req)))
+    match tokio::time::timeout(settings.upstream_timeout, sender.send_request(req)).await {
+        Err(_) => Err(SendError::Timeout),
+        Ok(r) => r.map_err(SendError::Upstream),
+    }
 }
 
 /// Request-smuggling guards hyper does not apply itself: a message with both Content-Length
@@ -275,32 +270,29 @@ fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
 }
 
 /// The Host a request names: the URI authority (HTTP/2, absolute-form) or the Host header.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
     if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_owned());
+        return Some(a.as_str());
     }
-    req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned)
+    req.headers().get(header::HOST).and_then(|h| h.to_str().ok())
 }
 
 /// `path?query` for the upstream request line.
 fn origin_form(uri: &Uri) -> Uri {
-    if uri.scheme().is_none() && uri.authority().is_none() {
-        return uri.clone();
-    }
     let pq = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     Uri::from(pq)
 }
 
 fn protocol_of<B>(req: &Request<B>, listener: Listener) -> Protocol {
     let h = req.headers();
-    let has = |name: header::HeaderName, needle: &str| {
-        h.get(name).and_then(|v| v.to_str().ok()).is_some_and(|v| v.to_ascii_lowercase().contains(needle))
+    let has = |name: header::HeaderName, needle: &[u8]| {
+        h.get(name).is_some_and(|v| v.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle)))
     };
-    if listener == Listener::Grpc || has(header::CONTENT_TYPE, "application/grpc") {
+    if listener == Listener::Grpc || has(header::CONTENT_TYPE, b"application/grpc") {
         Protocol::Grpc
-    } else if has(header::UPGRADE, "websocket") && req.method() == Method::GET {
+    } else if has(header::UPGRADE, b"websocket") && req.method() == Method::GET {
         Protocol::WebSocket
-    } else if has(header::ACCEPT, "text/event-stream") {
+    } else if has(header::ACCEPT, b"text/event-stream") {
         Protocol::Sse
     } else {
         Protocol::Http

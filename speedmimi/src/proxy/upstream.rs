@@ -1,7 +1,7 @@
 //! Connections to one backend: a pool of idle HTTP/1.1 keep-alive connections, one shared
 //! HTTP/2 connection (gRPC multiplexes on it), and raw connections for upgrades.
 
-use std::{io, net::SocketAddr, sync::Mutex, time::Duration};
+use std::{cell::Cell, io, net::SocketAddr, sync::Mutex, time::Duration};
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -9,8 +9,25 @@ use tokio::net::TcpStream;
 
 use super::body::RequestBody;
 
-/// Idle HTTP/1.1 connections kept per backend.
+/// Idle HTTP/1.1 connections kept per backend and worker.
 const MAX_IDLE: usize = 256;
+
+/// Idle connections are kept per worker thread, so a request reuses a connection whose task
+/// runs on its own event loop (no cross-thread wakeups) and pools are not contended.
+const SHARDS: usize = 16;
+
+thread_local! {
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as worker `i` (the proxy's event-loop threads call this once).
+pub fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(i % SHARDS));
+}
+
+fn shard() -> usize {
+    WORKER.with(Cell::get)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -24,7 +41,7 @@ pub enum ConnectError {
 
 pub struct Pool {
     addr: SocketAddr,
-    idle: Mutex<Vec<http1::SendRequest<RequestBody>>>,
+    idle: [Mutex<Vec<http1::SendRequest<RequestBody>>>; SHARDS],
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
 }
 
@@ -37,7 +54,7 @@ pub struct H1Conn {
 
 impl Pool {
     pub fn new(addr: SocketAddr) -> Pool {
-        Pool { addr, idle: Mutex::new(Vec::new()), h2: Mutex::new(None) }
+        Pool { addr, idle: std::array::from_fn(|_| Mutex::new(Vec::new())), h2: Mutex::new(None) }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -47,7 +64,7 @@ impl Pool {
     /// An idle pooled connection, or a new one.
     pub async fn h1(&self, connect_timeout: Duration) -> Result<H1Conn, ConnectError> {
         loop {
-            let Some(mut sender) = self.idle.lock().expect("pool lock").pop() else { break };
+            let Some(mut sender) = self.idle[shard()].lock().expect("pool lock").pop() else { break };
             if sender.is_closed() {
                 continue;
             }
@@ -63,7 +80,7 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().expect("pool lock");
+        let mut idle = self.idle[shard()].lock().expect("pool lock");
         if idle.len() < MAX_IDLE {
             idle.push(sender);
         }
