@@ -153,9 +153,6 @@ impl Scanner {
 
     fn head_byte(&mut self, b: u8) {
         if b != b'\n' {
-            if self.line_len == 0 && self.first_line && b == b'P' {
-                // Possibly the HTTP/2 preface: checked when the line completes.
-            }
             if self.line_len < NAME_PREFIX {
                 self.line[self.line_len] = b.to_ascii_lowercase();
             }
@@ -195,11 +192,11 @@ impl Scanner {
         if self.line_len <= 15 {
             return;
         }
+        // Digits accumulate; whitespace around them is skipped. A malformed value is hyper's
+        // to reject (400), so its exact reading here does not matter.
         if b.is_ascii_digit() {
             let v = self.cl_value.unwrap_or(0);
             self.cl_value = v.checked_mul(10).and_then(|v| v.checked_add((b - b'0') as u64));
-        } else if self.cl_value.is_none() && (b == b' ' || b == b'\t') {
-            // leading whitespace
         }
     }
 
