@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
 use speedmimi_common::maglev;
 
 use crate::{
@@ -22,6 +23,8 @@ pub fn now_ms() -> u64 {
 }
 
 pub struct Backend {
+    /// The backend's current settings as configured (the admin API may change them).
+    pub conf: ArcSwap<BackendSection>,
     pub id: String,
     pub upstream: String,
     /// `host:port` as configured: the Maglev identity and the upstream `Host` for health checks.
@@ -55,6 +58,7 @@ impl Backend {
     pub fn new(upstream: &str, conf: &BackendSection, addr: SocketAddr) -> Backend {
         let authority = conf.authority();
         Backend {
+            conf: ArcSwap::from_pointee(conf.clone()),
             id: conf.id.clone(),
             upstream: upstream.to_owned(),
             maglev: maglev::Member::from_addr(authority.as_bytes(), conf.weight),
