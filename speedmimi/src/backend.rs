@@ -8,12 +8,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use speedmimi_common::maglev;
+use tokio::sync::watch;
 
 use crate::{
+    command::PerformanceReport,
     config::{BackendSection, Scheme},
     proxy::upstream::Pool,
+    stats::Traffic,
+    tls::UpstreamTls,
 };
 
 /// Milliseconds since process start: cheap, monotonic, fits an atomic.
@@ -34,9 +38,6 @@ pub struct Backend {
     pub weight: AtomicU32,
     pub active: AtomicBool,
     pub max_conn: AtomicU32,
-    max_fails: u32,
-    fail_timeout: Duration,
-    report_ttl: Duration,
     /// Requests and upgraded connections in flight to this backend.
     pub inflight: AtomicU32,
     /// Consecutive connect failures (passive health).
@@ -45,12 +46,20 @@ pub struct Backend {
     down_until: AtomicU64,
     /// Active health verdict (true until an active check says otherwise).
     pub checked_up: AtomicBool,
+    /// The active checker's record behind `checked_up` (counts, last error), for the admin API.
+    pub health: crate::health::Health,
     /// EWMA of response-head latency in µs (0 = no sample yet).
     latency_ewma_us: AtomicU64,
     /// Score from the last performance report, ×1e6 (1e6 = neutral), and when it came.
     report_score: AtomicU32,
     report_at_ms: AtomicU64,
+    /// The last performance report as received, for the admin API.
+    pub last_report: ArcSwapOption<PerformanceReport>,
     pub pool: Pool,
+    /// Requests, statuses, latency and bytes through this backend.
+    pub traffic: Traffic,
+    /// Bumped to close this backend's upgraded flows (disconnect, or the end of a drain).
+    pub closer: watch::Sender<u64>,
 }
 
 impl Backend {
@@ -66,17 +75,18 @@ impl Backend {
             weight: AtomicU32::new(conf.weight),
             active: AtomicBool::new(conf.active),
             max_conn: AtomicU32::new(conf.max_conn),
-            max_fails: conf.max_fails,
-            fail_timeout: conf.fail_timeout.get(),
-            report_ttl: conf.report_ttl(),
             inflight: AtomicU32::new(0),
             fails: AtomicU32::new(0),
             down_until: AtomicU64::new(0),
             checked_up: AtomicBool::new(true),
+            health: crate::health::Health::default(),
             latency_ewma_us: AtomicU64::new(0),
             report_score: AtomicU32::new(NEUTRAL),
             report_at_ms: AtomicU64::new(0),
-            pool: Pool::new(addr),
+            last_report: ArcSwapOption::empty(),
+            traffic: Traffic::default(),
+            closer: watch::Sender::new(0),
+            pool: Pool::new(addr, UpstreamTls::for_backend(conf, addr.ip())),
             authority,
         }
     }
@@ -96,18 +106,40 @@ impl Backend {
         self.is_up() && self.inflight.load(Relaxed) < self.max_conn.load(Relaxed)
     }
 
+    /// Takes new settings (same address): weights, limits and health settings change in place,
+    /// so in-flight counts and health state carry over.
+    pub fn apply_conf(&self, conf: &BackendSection) {
+        self.weight.store(conf.weight, Relaxed);
+        self.active.store(conf.active, Relaxed);
+        self.max_conn.store(conf.max_conn, Relaxed);
+        self.conf.store(std::sync::Arc::new(conf.clone()));
+    }
+
+    /// Closes the upgraded flows and idle pooled connections to this backend.
+    pub fn disconnect(&self) {
+        self.closer.send_modify(|g| *g += 1);
+        self.pool.clear();
+    }
+
     /// Connect failure: after `max_fails` in a row the backend sits out `fail_timeout`.
     pub fn connect_failed(&self) {
+        let conf = self.conf.load();
         let n = self.fails.fetch_add(1, Relaxed) + 1;
-        if n >= self.max_fails {
+        if n >= conf.max_fails {
             let was_in = self.passive_ok();
-            self.down_until.store(now_ms() + self.fail_timeout.as_millis() as u64, Relaxed);
+            let cooldown = conf.fail_timeout.get();
+            self.down_until.store(now_ms() + cooldown.as_millis() as u64, Relaxed);
             self.fails.store(0, Relaxed);
             if was_in {
                 tracing::warn!(upstream = %self.upstream, backend = %self.id, failures = n,
-                    cooldown = ?self.fail_timeout, "backend out after connect failures");
+                    cooldown = ?cooldown, "backend out after connect failures");
             }
         }
+    }
+
+    /// Whether passive health keeps the backend out right now.
+    pub fn cooling_down(&self) -> bool {
+        !self.passive_ok()
     }
 
     pub fn connect_succeeded(&self) {
@@ -128,17 +160,26 @@ impl Backend {
         self.latency_ewma_us.load(Relaxed)
     }
 
-    /// Records a performance report (percentages and 1-minute load average).
-    pub fn report(&self, cpu_usage: f64, memory_usage: f64, load_avg_1: f64) {
-        let score = report_score(cpu_usage, memory_usage, load_avg_1);
+    /// Records a performance report.
+    pub fn report(&self, r: PerformanceReport) {
+        let score = report_score(r.cpu_usage, r.memory_usage, r.load_avg_1);
         self.report_score.store((score * NEUTRAL as f64) as u32, Relaxed);
         self.report_at_ms.store(now_ms().max(1), Relaxed);
+        self.last_report.store(Some(std::sync::Arc::new(r)));
+    }
+
+    /// Age of the last report, if any.
+    pub fn report_age(&self) -> Option<Duration> {
+        match self.report_at_ms.load(Relaxed) {
+            0 => None,
+            at => Some(Duration::from_millis(now_ms().saturating_sub(at))),
+        }
     }
 
     /// The report's score in (0, 1]; a missing or stale report counts as neutral (1).
     pub fn report_factor(&self) -> f64 {
         let at = self.report_at_ms.load(Relaxed);
-        if at == 0 || now_ms().saturating_sub(at) > self.report_ttl.as_millis() as u64 {
+        if at == 0 || now_ms().saturating_sub(at) > self.conf.load().report_ttl().as_millis() as u64 {
             return 1.0;
         }
         self.report_score.load(Relaxed) as f64 / NEUTRAL as f64

@@ -116,6 +116,20 @@ pub struct SslSection {
     pub key_file: PathBuf,
     /// HTTPS port; when absent and TLS is enabled, `server.port` serves TLS. (new)
     pub port: Option<u16>,
+    /// Certificates chosen by the name a client asks for (SNI), for hosts the default
+    /// `cert_file` does not cover; a client naming none of them gets the default. (new)
+    #[serde(default)]
+    pub certificates: Vec<SniCertificate>,
+}
+
+/// A certificate served to clients that ask for `server_name` (exact, or `*.example.com` for
+/// any one-label subdomain).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertificate {
+    pub server_name: String,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl Default for SslSection {
@@ -125,6 +139,7 @@ impl Default for SslSection {
             cert_file: "certs/server.crt".into(),
             key_file: "certs/server.key".into(),
             port: None,
+            certificates: Vec::new(),
         }
     }
 }
@@ -152,6 +167,10 @@ pub struct BackendSection {
     pub weight: u32,
     #[serde(default)]
     pub scheme: Scheme,
+    /// For `scheme: https`: verify the backend's certificate against the public web roots and
+    /// its `host`; false accepts any certificate (self-signed backends on a trusted network). (new)
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
     /// false keeps the backend in config without traffic.
     #[serde(default = "default_true")]
     pub active: bool,
@@ -414,6 +433,24 @@ impl FileConfig {
         }
         if self.ssl.port == Some(0) {
             bad("ssl.port".into(), "must be 1-65535".into());
+        }
+        let mut sni_names = HashSet::new();
+        for (i, c) in self.ssl.certificates.iter().enumerate() {
+            let at = format!("ssl.certificates[{i}]");
+            let name = c.server_name.to_ascii_lowercase();
+            let wild = name.strip_prefix("*.").unwrap_or(&name);
+            if name.is_empty() {
+                bad(format!("{at}.server_name"), "must not be empty".into());
+            } else if wild.is_empty() || wild.contains(['*', '/', ' ', ':']) {
+                bad(format!("{at}.server_name"), format!("{:?} is not a host name or *.suffix", c.server_name));
+            } else if !sni_names.insert(name) {
+                bad(format!("{at}.server_name"), format!("duplicate server_name {:?}", c.server_name));
+            }
+            for (field, path) in [("cert_file", &c.cert_file), ("key_file", &c.key_file)] {
+                if path.as_os_str().is_empty() {
+                    bad(format!("{at}.{field}"), "must name a PEM file".into());
+                }
+            }
         }
         if self.grpc.enabled && self.grpc.port == 0 {
             bad("grpc.port".into(), "must be 1-65535".into());

@@ -1,17 +1,22 @@
 //! SpeedMimi: an eBPF-assisted L4/L7 load balancer. `run` is the entry point the binary and
 //! the integration tests share: it takes bound listeners, so tests bind port 0.
 
+pub mod admin;
 pub mod backend;
 pub mod balance;
+pub mod command;
 pub mod config;
 pub mod datapath;
 pub mod demo;
+pub mod health;
 pub mod proxy;
 pub mod shutdown;
 pub mod state;
+pub mod stats;
 pub mod telemetry;
+pub mod tls;
 
-use std::sync::Arc;
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::Semaphore};
 
@@ -28,6 +33,10 @@ pub struct Listeners {
     pub http: TcpListener,
     /// The h2c listener for gRPC clients (`grpc.enabled`).
     pub grpc: Option<TcpListener>,
+    /// The TLS listener on `ssl.port` (`ssl.enabled`; without `ssl.port`, `http` serves TLS).
+    pub https: Option<TcpListener>,
+    /// The admin API listener.
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -36,7 +45,12 @@ impl Listeners {
         let f = &config.file;
         let http = bind(&f.server.host, f.server.port).await?;
         let grpc = if f.grpc.enabled { Some(bind(&f.grpc.host, f.grpc.port).await?) } else { None };
-        Ok(Listeners { http, grpc })
+        let https = match (f.ssl.enabled, f.ssl.port) {
+            (true, Some(port)) => Some(bind(&f.server.host, port).await?),
+            _ => None,
+        };
+        let admin = Some(bind(&f.admin.host, f.admin.port).await?);
+        Ok(Listeners { http, grpc, https, admin })
     }
 }
 
@@ -57,9 +71,15 @@ pub enum RunError {
 }
 
 /// Serves until `shutdown` fires, then lets open connections finish (bounded) and returns.
-pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), RunError> {
+/// With `config_path`, SIGHUP re-reads that file and applies it (a bad file changes nothing).
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+    config_path: Option<PathBuf>,
+) -> Result<(), RunError> {
     let datapath = datapath::start(&config.file.ebpf)?;
-    run_with(config, listeners, datapath, shutdown).await
+    run_with(config, listeners, datapath, shutdown, config_path).await
 }
 
 /// `run` with a datapath chosen by the caller (tests pick one explicitly).
@@ -68,9 +88,14 @@ pub async fn run_with(
     listeners: Listeners,
     datapath: Arc<dyn Datapath>,
     shutdown: Shutdown,
+    config_path: Option<PathBuf>,
 ) -> Result<(), RunError> {
-    if config.file.ssl.enabled {
-        tracing::warn!("ssl.enabled is set, but TLS termination is not in this build yet: serving plain HTTP only");
+    let admin_token = std::env::var(&config.file.admin.token_env).ok();
+    let ssl = &config.file.ssl;
+    // Without its own port, TLS is served on the HTTP listener.
+    let http_kind = if ssl.enabled && ssl.port.is_none() { Listener::Https } else { Listener::Http };
+    if listeners.https.is_some() != (ssl.enabled && ssl.port.is_some()) {
+        tracing::warn!(enabled = ssl.enabled, port = ?ssl.port, "HTTPS listener given does not match ssl.enabled/ssl.port");
     }
     for l4 in &config.file.l4 {
         tracing::warn!(service = %l4.name, "l4 services are not in this build yet: {} is not served", l4.name);
@@ -81,8 +106,13 @@ pub async fn run_with(
     };
     let max_conn = config.file.server.max_conn as usize;
     let state = Arc::new(State::new(config, datapath)?);
+    health::spawn(state.clone(), shutdown.clone());
+    spawn_sampler(state.clone(), shutdown.clone());
+    if let Some(path) = config_path {
+        spawn_reloader(state.clone(), path, shutdown.clone());
+    }
     let http_limit = Arc::new(Semaphore::new(max_conn));
-    tracing::info!(addr = ?listeners.http.local_addr().ok(), workers, max_conn, "HTTP listener ready");
+    tracing::info!(addr = ?listeners.http.local_addr().ok(), kind = ?http_kind, workers, max_conn, "HTTP listener ready");
 
     // Workers 1.. each run their own single-threaded event loop on a clone of the listening
     // socket; worker 0 is the caller's runtime.
@@ -98,7 +128,7 @@ pub async fn run_with(
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("worker runtime");
                 rt.block_on(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(l) => proxy::serve(l, state, Listener::Http, limit, shutdown).await,
+                        Ok(l) => proxy::serve(l, state, http_kind, limit, shutdown).await,
                         Err(e) => tracing::error!(worker = i, error = %e, "worker cannot listen"),
                     }
                 });
@@ -108,15 +138,82 @@ pub async fn run_with(
     }
     let mut tasks = tokio::task::JoinSet::new();
     let http = TcpListener::from_std(http).map_err(RunError::Listener)?;
-    tasks.spawn(proxy::serve(http, state.clone(), Listener::Http, http_limit, shutdown.clone()));
+    if let Some(https) = listeners.https.filter(|_| state.tls.is_some()) {
+        tracing::info!(addr = ?https.local_addr().ok(), "HTTPS listener ready");
+        tasks.spawn(proxy::serve(https, state.clone(), Listener::Https, http_limit.clone(), shutdown.clone()));
+    }
+    tasks.spawn(proxy::serve(http, state.clone(), http_kind, http_limit, shutdown.clone()));
     if let Some(grpc) = listeners.grpc {
         tracing::info!(addr = ?grpc.local_addr().ok(), "gRPC (h2c) listener ready");
         let limit = Arc::new(Semaphore::new(max_conn));
         tasks.spawn(proxy::serve(grpc, state.clone(), Listener::Grpc, limit, shutdown.clone()));
+    }
+    if let Some(admin) = listeners.admin {
+        tracing::info!(addr = ?admin.local_addr().ok(), auth = admin_token.is_some(), "admin API listening");
+        let router = admin::router(state.clone(), admin_token);
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(admin, router).with_graceful_shutdown(async move { stop.wait().await });
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        });
     }
     while tasks.join_next().await.is_some() {}
     for t in threads {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     Ok(())
+}
+
+/// Once a second, off the request path: remembers request counts for the rate windows.
+fn spawn_sampler(state: Arc<State>, shutdown: Shutdown) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait() => return,
+            }
+            state.stats.traffic.sample();
+            for u in state.snapshot().upstreams.values() {
+                for b in u.backends.iter() {
+                    b.traffic.sample();
+                }
+            }
+        }
+    });
+}
+
+/// SIGHUP: re-read the config file and apply it through the same path as the admin API.
+fn spawn_reloader(state: Arc<State>, path: PathBuf, shutdown: Shutdown) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload through the admin API only");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {}
+                _ = shutdown.wait() => return,
+            }
+            match reload(&state, &path) {
+                Ok(applied) => tracing::info!(path = %path.display(), ?applied, "config reloaded"),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "reload rejected; the running config stays")
+                }
+            }
+        }
+    });
+}
+
+/// Re-reads `path` and applies it, and re-reads the TLS certificate files.
+pub fn reload(state: &State, path: &std::path::Path) -> Result<state::Applied, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let applied = state.apply(command::Command::ReplaceConfig(Box::new(config.file))).map_err(|e| e.to_string())?;
+    if state.tls.is_some() {
+        state.reload_tls().map_err(|e| format!("config applied, but the certificate reload failed: {e}"))?;
+    }
+    Ok(applied)
 }

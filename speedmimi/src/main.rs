@@ -83,7 +83,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
         None => {
             let config = Config::load(&cli.config).with_context(|| format!("config {}", cli.config.display()))?;
             let listeners = Listeners::bind(&config).await?;
-            speedmimi::run(config, listeners, stop).await?;
+            speedmimi::run(config, listeners, stop, Some(cli.config.clone())).await?;
             Ok(())
         }
     }

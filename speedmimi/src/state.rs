@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{SocketAddr, ToSocketAddrs},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -15,17 +15,33 @@ use ipnet::IpNet;
 use crate::{
     backend::Backend,
     balance::{self, Backends, Balancer},
-    config::{Algorithm, Config, Scheme},
+    command::Command,
+    config::{Algorithm, BackendSection, Config, ConfigError, FileConfig},
     datapath::Datapath,
+    stats::{RouteBackendStats, ServerStats},
+    tls::{TlsError, TlsState},
 };
 
-/// Why a config could not be turned into a running state.
+/// Why a change (or the startup config) could not be applied. Nothing changed.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("backends.{upstream}: cannot resolve {authority}: {reason}")]
     Resolve { upstream: String, authority: String, reason: String },
-    #[error("backends.{upstream}: backend {id:?} uses scheme https, which needs TLS support (not in this build yet)")]
-    HttpsUnsupported { upstream: String, id: String },
+    #[error("unknown upstream {0:?}")]
+    UnknownUpstream(String),
+    #[error("unknown backend {id:?} in upstream {upstream:?}")]
+    UnknownBackend { upstream: String, id: String },
+    #[error("backend {id:?} already exists in upstream {upstream:?}")]
+    Duplicate { upstream: String, id: String },
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+    #[error("{0}")]
+    BadInput(String),
+    #[error("changing {} needs a restart; nothing was changed", .0.join(", "))]
+    RestartNeeded(Vec<String>),
+    /// The certificates named in `ssl:` could not be loaded (the message names the file).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// What kind of exchange a request starts; routes may balance each kind differently.
@@ -49,6 +65,8 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// Indexed by `Protocol`.
     balancers: [Arc<dyn Balancer>; 4],
+    /// Per backend (same order as the upstream's): this route's requests to it by status.
+    pub stats: Vec<Arc<RouteBackendStats>>,
 }
 
 impl Route {
@@ -95,7 +113,7 @@ pub struct Settings {
 /// An immutable view of routes and upstreams, replaced whole on every change.
 pub struct Snapshot {
     /// Sorted so the first match wins: longest prefix first, host-specific before any-host.
-    routes: Vec<Route>,
+    pub routes: Vec<Route>,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub settings: Settings,
 }
@@ -129,12 +147,51 @@ pub struct State {
     snapshot: ArcSwap<Snapshot>,
     config: ArcSwap<Config>,
     pub datapath: Arc<dyn Datapath>,
+    pub stats: Arc<ServerStats>,
+    /// Serialises changes; the request path never takes it.
+    writer: Mutex<Registry>,
+    /// TLS termination (`ssl.enabled`): the certificates, reloadable in place.
+    pub tls: Option<Arc<TlsState>>,
+}
+
+/// What survives snapshot rebuilds besides backends: per route-backend counters.
+#[derive(Default)]
+struct Registry {
+    route_stats: HashMap<(String, String, String), Arc<RouteBackendStats>>,
+}
+
+/// What `apply` did, for the caller's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Done,
+    /// Nothing differed.
+    Unchanged,
 }
 
 impl State {
     pub fn new(config: Config, datapath: Arc<dyn Datapath>) -> Result<State, StateError> {
-        let snapshot = build_snapshot(&config, &HashMap::new())?;
-        Ok(State { snapshot: ArcSwap::from_pointee(snapshot), config: ArcSwap::from_pointee(config), datapath })
+        let mut registry = Registry::default();
+        let prepared = prepare(&config, &HashMap::new())?;
+        let snapshot = commit(&config, prepared, &mut registry);
+        let tls = match config.file.ssl.enabled {
+            true => Some(Arc::new(TlsState::new(&config.file.ssl)?)),
+            false => None,
+        };
+        Ok(State {
+            tls,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            config: ArcSwap::from_pointee(config),
+            datapath,
+            stats: Arc::default(),
+            writer: Mutex::new(registry),
+        })
+    }
+
+    /// Re-reads the certificate and key files the running config names; on error the
+    /// certificates in use stay.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        let tls = self.tls.as_ref().ok_or(TlsError::Disabled)?;
+        tls.reload(&self.config().file.ssl)
     }
 
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
@@ -149,50 +206,262 @@ impl State {
     pub fn backend(&self, upstream: &str, id: &str) -> Option<Arc<Backend>> {
         self.snapshot().upstreams.get(upstream)?.backends.iter().find(|b| b.id == id).cloned()
     }
-}
 
-/// Builds routes and upstreams, reusing `previous` backends (by upstream and id) whose address
-/// did not change so that their counters carry over.
-fn build_snapshot(config: &Config, previous: &HashMap<(String, String), Arc<Backend>>) -> Result<Snapshot, StateError> {
-    let file = &config.file;
-    let mut upstreams = BTreeMap::new();
-    for (name, list) in &file.backends {
-        let mut backends = Vec::with_capacity(list.len());
-        for conf in list {
-            if conf.scheme == Scheme::Https {
-                return Err(StateError::HttpsUnsupported { upstream: name.clone(), id: conf.id.clone() });
+    /// Carries out a command entirely, or returns why not and changes nothing.
+    pub fn apply(&self, cmd: Command) -> Result<Applied, StateError> {
+        let mut registry = self.writer.lock().expect("state writer lock");
+        let current = self.config.load_full();
+        let file = match cmd {
+            Command::Disconnect { upstream, id } => {
+                let b = self.find(&upstream, &id)?;
+                tracing::info!(%upstream, backend = %id, "disconnecting live connections");
+                b.disconnect();
+                return Ok(Applied::Done);
             }
-            let authority = conf.authority();
-            let addr = resolve(&authority).map_err(|reason| StateError::Resolve {
-                upstream: name.clone(),
-                authority: authority.clone(),
-                reason,
-            })?;
-            let backend = match previous.get(&(name.clone(), conf.id.clone())) {
-                Some(b) if b.authority == authority => b.clone(),
-                _ => Arc::new(Backend::new(name, conf, addr)),
-            };
-            backends.push(backend);
+            Command::Report { upstream, id, report } => {
+                if let Some(reason) = report.problems() {
+                    return Err(StateError::BadInput(reason));
+                }
+                self.find(&upstream, &id)?.report(report);
+                return Ok(Applied::Done);
+            }
+            Command::AddBackend { upstream, backend } => {
+                let mut file = current.file.clone();
+                let list = file.backends.get_mut(&upstream).ok_or(StateError::UnknownUpstream(upstream.clone()))?;
+                if list.iter().any(|b| b.id == backend.id) {
+                    return Err(StateError::Duplicate { upstream, id: backend.id });
+                }
+                list.push(backend);
+                file
+            }
+            Command::RemoveBackend { upstream, id } => {
+                let mut file = current.file.clone();
+                let list = file.backends.get_mut(&upstream).ok_or(StateError::UnknownUpstream(upstream.clone()))?;
+                let before = list.len();
+                list.retain(|b| b.id != id);
+                if list.len() == before {
+                    return Err(StateError::UnknownBackend { upstream, id });
+                }
+                file
+            }
+            Command::UpdateBackend { upstream, id, patch } => {
+                let mut file = current.file.clone();
+                let list = file.backends.get_mut(&upstream).ok_or(StateError::UnknownUpstream(upstream.clone()))?;
+                let slot = list
+                    .iter_mut()
+                    .find(|b| b.id == id)
+                    .ok_or_else(|| StateError::UnknownBackend { upstream: upstream.clone(), id: id.clone() })?;
+                let mut value = serde_json::to_value(&*slot).expect("backend settings serialize");
+                merge(&mut value, serde_json::Value::Object(patch));
+                let updated: BackendSection =
+                    serde_json::from_value(value).map_err(|e| StateError::BadInput(format!("backend: {e}")))?;
+                if updated.id != id {
+                    return Err(StateError::BadInput("backend.id: a backend's id cannot change".into()));
+                }
+                *slot = updated;
+                file
+            }
+            Command::ReplaceConfig(file) => {
+                let restart = restart_only_changes(&current.file, &file);
+                if !restart.is_empty() {
+                    return Err(StateError::RestartNeeded(restart));
+                }
+                *file
+            }
+        };
+        if file == current.file {
+            return Ok(Applied::Unchanged);
         }
-        upstreams.insert(name.clone(), Arc::new(Upstream { name: name.clone(), backends: backends.into() }));
+        let config = file.validate().map_err(StateError::Invalid)?;
+        let old = self.snapshot.load_full();
+        let previous: HashMap<(String, String), Arc<Backend>> = old
+            .upstreams
+            .values()
+            .flat_map(|u| u.backends.iter().map(|b| ((b.upstream.clone(), b.id.clone()), b.clone())))
+            .collect();
+        let prepared = prepare(&config, &previous)?;
+        // Nothing below can fail.
+        let snapshot = commit(&config, prepared, &mut registry);
+        let drain = config.file.server.write_timeout.get();
+        for b in previous.values() {
+            let kept =
+                snapshot.upstreams.get(&b.upstream).is_some_and(|u| u.backends.iter().any(|x| Arc::ptr_eq(x, b)));
+            if !kept {
+                drain_backend(b.clone(), drain);
+            }
+        }
+        self.snapshot.store(Arc::new(snapshot));
+        self.config.store(Arc::new(config));
+        debug_assert!(self.invariants_hold());
+        Ok(Applied::Done)
     }
 
+    fn find(&self, upstream: &str, id: &str) -> Result<Arc<Backend>, StateError> {
+        let snap = self.snapshot();
+        let up = snap.upstreams.get(upstream).ok_or_else(|| StateError::UnknownUpstream(upstream.to_owned()))?;
+        up.backends
+            .iter()
+            .find(|b| b.id == id)
+            .cloned()
+            .ok_or_else(|| StateError::UnknownBackend { upstream: upstream.to_owned(), id: id.to_owned() })
+    }
+
+    /// Snapshot and config agree: every configured backend runs once, every route has its upstream.
+    fn invariants_hold(&self) -> bool {
+        let snap = self.snapshot();
+        let config = self.config();
+        config.file.backends.iter().all(|(name, list)| {
+            snap.upstreams.get(name).is_some_and(|u| {
+                u.backends.len() == list.len() && u.backends.iter().zip(list).all(|(b, c)| b.id == c.id)
+            })
+        }) && snap.routes.iter().all(|r| r.stats.len() == r.upstream.backends.len())
+    }
+}
+
+/// Stops sending to a removed backend at once (it is no longer in the snapshot); its in-flight
+/// requests finish; its upgraded flows are closed when the drain deadline passes.
+fn drain_backend(b: Arc<Backend>, deadline: Duration) {
+    tracing::info!(upstream = %b.upstream, backend = %b.id, ?deadline, "draining removed backend");
+    b.pool.clear();
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            tokio::time::sleep(deadline).await;
+            b.disconnect();
+        });
+    } else {
+        b.disconnect();
+    }
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` deletes, anything else replaces.
+pub fn merge(target: &mut serde_json::Value, patch: serde_json::Value) {
+    use serde_json::Value;
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(&k);
+                } else {
+                    merge(t.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p,
+    }
+}
+
+/// Fields that take effect only with new sockets or threads: a running daemon refuses to
+/// change them rather than pretend it did.
+fn restart_only_changes(old: &FileConfig, new: &FileConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let (o, n) = (&old.server, &new.server);
+    let mut check = |name: &str, same: bool| {
+        if !same {
+            out.push(name.to_owned());
+        }
+    };
+    check("server.host", o.host == n.host);
+    check("server.port", o.port == n.port);
+    check("server.max_conn", o.max_conn == n.max_conn);
+    check("server.workers", o.workers == n.workers);
+    check("server.max_header_bytes", o.max_header_bytes == n.max_header_bytes);
+    check("server.read_timeout", o.read_timeout == n.read_timeout);
+    check("ssl.enabled", old.ssl.enabled == new.ssl.enabled);
+    check("ssl.port", old.ssl.port == new.ssl.port);
+    check("grpc", old.grpc == new.grpc);
+    check("admin", old.admin == new.admin);
+    check("ebpf", old.ebpf == new.ebpf);
+    check("l4", old.l4 == new.l4);
+    out
+}
+
+/// The backends of one upstream in the next snapshot, each reused (with its new settings) or new.
+type PreparedUpstream = (String, Vec<(Arc<Backend>, BackendSection)>);
+
+struct Prepared {
+    upstreams: Vec<PreparedUpstream>,
+}
+
+/// The fallible half of a rebuild: resolves addresses and creates new backends; shares nothing yet.
+fn prepare(config: &Config, previous: &HashMap<(String, String), Arc<Backend>>) -> Result<Prepared, StateError> {
+    let mut upstreams = Vec::new();
+    for (name, list) in &config.file.backends {
+        let mut backends = Vec::with_capacity(list.len());
+        for conf in list {
+            let authority = conf.authority();
+            let backend = match previous.get(&(name.clone(), conf.id.clone())) {
+                // Same address and transport: keep it, with its counters, health and pool.
+                Some(b)
+                    if b.authority == authority
+                        && b.scheme == conf.scheme
+                        && b.conf.load().tls_verify == conf.tls_verify =>
+                {
+                    b.clone()
+                }
+                _ => {
+                    let addr = resolve(&authority).map_err(|reason| StateError::Resolve {
+                        upstream: name.clone(),
+                        authority: authority.clone(),
+                        reason,
+                    })?;
+                    Arc::new(Backend::new(name, conf, addr))
+                }
+            };
+            backends.push((backend, conf.clone()));
+        }
+        upstreams.push((name.clone(), backends));
+    }
+    Ok(Prepared { upstreams })
+}
+
+/// The infallible half: applies settings to reused backends and builds routes and balancers.
+fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snapshot {
+    let file = &config.file;
+    let mut upstreams = BTreeMap::new();
+    for (name, list) in prepared.upstreams {
+        let backends: Vec<Arc<Backend>> = list
+            .into_iter()
+            .map(|(b, conf)| {
+                b.apply_conf(&conf);
+                b
+            })
+            .collect();
+        upstreams.insert(name.clone(), Arc::new(Upstream { name, backends: backends.into() }));
+    }
+
+    let mut live_stats = HashMap::new();
     let mut routes: Vec<Route> = file
         .routing
         .iter()
         .map(|(name, r)| {
             let upstream = upstreams[&r.upstream].clone();
             let make = |a: Option<Algorithm>| balance::build(a.unwrap_or(r.load_balancer), upstream.backends.clone());
+            let stats = upstream
+                .backends
+                .iter()
+                .map(|b| {
+                    let key = (name.clone(), upstream.name.clone(), b.id.clone());
+                    let s = registry
+                        .route_stats
+                        .get(&key)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(RouteBackendStats::new(name, &upstream.name, &b.id)));
+                    live_stats.insert(key, s.clone());
+                    s
+                })
+                .collect();
             Route {
                 name: name.clone(),
                 host: r.host.as_deref().map(HostMatch::parse),
                 prefix: r.path.clone(),
                 balancers: [make(None), make(r.protocols.websocket), make(r.protocols.sse), make(r.protocols.grpc)],
+                stats,
                 upstream,
             }
         })
         .collect();
     routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then(b.host.is_some().cmp(&a.host.is_some())));
+    registry.route_stats = live_stats;
 
     let s = &file.server;
     let settings = Settings {
@@ -203,7 +472,7 @@ fn build_snapshot(config: &Config, previous: &HashMap<(String, String), Arc<Back
         trusted_proxies: config.trusted_proxies.clone(),
         real_ip_header: HeaderName::from_bytes(s.real_ip_header.as_bytes()).expect("validated header name"),
     };
-    Ok(Snapshot { routes, upstreams, settings })
+    Snapshot { routes, upstreams, settings }
 }
 
 fn resolve(authority: &str) -> Result<SocketAddr, String> {

@@ -15,13 +15,17 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::{body::Incoming, client::conn::http1};
 use tokio::time::{Instant, Sleep};
 
-use crate::backend::Backend;
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::{backend::Backend, stats::ServerStats};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The client's request body: frames already read ahead, then the rest of the stream, which
 /// must arrive before the request's read deadline.
 pub struct RequestBody {
+    /// Where received bytes are counted (set once the backend is known).
+    pub meter: Option<Meter>,
     ahead: VecDeque<Frame<Bytes>>,
     ahead_len: u64,
     rest: Option<Incoming>,
@@ -34,7 +38,7 @@ pub struct BodyTimeout;
 
 impl RequestBody {
     pub fn empty() -> Self {
-        RequestBody { ahead: VecDeque::new(), ahead_len: 0, rest: None, deadline: None }
+        RequestBody { meter: None, ahead: VecDeque::new(), ahead_len: 0, rest: None, deadline: None }
     }
 
     /// The client's body, with its first `limit` bytes (or all of it, if shorter) read before
@@ -57,6 +61,7 @@ impl RequestBody {
             }
         }
         Ok(RequestBody {
+            meter: None,
             ahead,
             ahead_len,
             rest: Some(body),
@@ -68,6 +73,7 @@ impl RequestBody {
     /// bounded by `read_timeout` when given (gRPC streams may rightly last for hours).
     pub fn streamed(body: Incoming, read_timeout: Option<Duration>) -> Self {
         RequestBody {
+            meter: None,
             ahead: VecDeque::new(),
             ahead_len: 0,
             rest: Some(body),
@@ -83,12 +89,21 @@ impl Body for RequestBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(f) = this.ahead.pop_front() {
-            this.ahead_len -= f.data_ref().map_or(0, |d| d.len() as u64);
+            let n = f.data_ref().map_or(0, |d| d.len() as u64);
+            this.ahead_len -= n;
+            if let Some(m) = &this.meter {
+                m.received(n);
+            }
             return Poll::Ready(Some(Ok(f)));
         }
         let Some(rest) = this.rest.as_mut() else { return Poll::Ready(None) };
         match Pin::new(rest).poll_frame(cx) {
-            Poll::Ready(r) => Poll::Ready(r.map(|r| r.map_err(Into::into))),
+            Poll::Ready(r) => {
+                if let (Some(Ok(f)), Some(m)) = (&r, &this.meter) {
+                    m.received(f.data_ref().map_or(0, |d| d.len() as u64));
+                }
+                Poll::Ready(r.map(|r| r.map_err(Into::into)))
+            }
             Poll::Pending => {
                 if let Some(d) = this.deadline.as_mut() {
                     ready!(d.as_mut().poll(cx));
@@ -114,18 +129,37 @@ impl Body for RequestBody {
     }
 }
 
+/// Counts request body bytes for the server and one backend.
+#[derive(Clone)]
+pub struct Meter {
+    pub server: Arc<ServerStats>,
+    pub backend: Arc<Backend>,
+}
+
+impl Meter {
+    fn received(&self, n: u64) {
+        self.server.traffic.bytes_in.fetch_add(n, Relaxed);
+        self.backend.traffic.bytes_in.fetch_add(n, Relaxed);
+    }
+}
+
 /// Held while a request uses a backend: releases the in-flight slot on drop and, when the
 /// response ended cleanly, returns the HTTP/1 connection to the pool.
 pub struct InFlight {
     backend: Arc<Backend>,
+    server: Arc<ServerStats>,
     conn: Option<http1::SendRequest<RequestBody>>,
     clean: bool,
 }
 
 impl InFlight {
-    pub fn new(backend: Arc<Backend>) -> Self {
-        backend.inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        InFlight { backend, conn: None, clean: false }
+    pub fn new(backend: Arc<Backend>, server: Arc<ServerStats>) -> Self {
+        backend.inflight.fetch_add(1, Relaxed);
+        InFlight { backend, server, conn: None, clean: false }
+    }
+
+    pub fn meter(&self) -> Meter {
+        Meter { server: self.server.clone(), backend: self.backend.clone() }
     }
 
     pub fn backend(&self) -> &Arc<Backend> {
@@ -139,7 +173,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.backend.inflight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.backend.inflight.fetch_sub(1, Relaxed);
         if self.clean
             && let Some(conn) = self.conn.take()
         {
@@ -179,6 +213,11 @@ impl Body for ResponseBody {
             ResponseBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Upstream { inner, guard } => {
                 let r = ready!(Pin::new(&mut *inner).poll_frame(cx));
+                if let (Some(Ok(f)), Some(g)) = (&r, guard.as_ref()) {
+                    let n = f.data_ref().map_or(0, |d| d.len() as u64);
+                    g.server.traffic.bytes_out.fetch_add(n, Relaxed);
+                    g.backend.traffic.bytes_out.fetch_add(n, Relaxed);
+                }
                 match &r {
                     None => finish(guard, true),
                     Some(Ok(_)) if inner.is_end_stream() => finish(guard, true),

@@ -1,15 +1,24 @@
 //! The listeners: accept client connections (at most `server.max_conn` at once; the rest
 //! wait in the backlog) and serve each with hyper: HTTP/1.1 and prior-knowledge h2c on the
-//! HTTP listener, h2c only on the gRPC listener. On shutdown, connections finish gracefully.
+//! HTTP listener, HTTP/1.1 or h2 after a TLS handshake on the HTTPS listener, h2c only on the
+//! gRPC listener. On shutdown, connections finish gracefully.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::{
+        conn::auto,
+        graceful::{GracefulShutdown, Watcher},
+    },
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tokio_rustls::TlsAcceptor;
 
 pub use super::service::Listener;
 use super::{framing::Scanner, io::ClientIo, service::Handler};
@@ -41,6 +50,14 @@ pub async fn serve(
     }
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let tls: Option<TlsAcceptor> = match (kind, &state.tls) {
+        (Listener::Https, Some(tls)) => Some(tls.acceptor()),
+        (Listener::Https, None) => {
+            tracing::error!("HTTPS listener without TLS certificates: not serving it");
+            return;
+        }
+        _ => None,
+    };
 
     loop {
         let permit = tokio::select! {
@@ -60,27 +77,63 @@ pub async fn serve(
             _ = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
-        let (scanner, ambiguous) = match kind {
-            Listener::Http => {
-                let (s, flag) = Scanner::new();
-                (Some(s), Some(flag))
-            }
-            Listener::Grpc => (None, None),
+        let conn = Conn { state: state.clone(), builder: builder.clone(), peer, kind, write_timeout, permit };
+        let watcher = graceful.watcher();
+        let Some(tls) = &tls else {
+            tokio::spawn(conn.serve(stream, kind == Listener::Http, watcher));
+            continue;
         };
-        let handler = Handler::new(state.clone(), peer, kind, ambiguous);
-        let service = service_fn(move |req| handler.clone().handle(req));
-        let io = TokioIo::new(ClientIo::new(stream, write_timeout, scanner));
-        let conn = builder.serve_connection_with_upgrades(io, service).into_owned();
-        let conn = graceful.watch(conn);
+        let handshake = tls.accept(stream);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "client connection ended with error");
-            }
-            drop(permit);
+            let stream = match tokio::time::timeout(read_timeout, handshake).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, timeout = ?read_timeout, "TLS handshake timed out"),
+            };
+            // The framing scanner reads HTTP/1 only; h2 frames carry their own lengths.
+            let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2");
+            conn.serve(stream, http1, watcher).await;
         });
     }
     drop(listener);
     if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
         tracing::warn!(listener = ?kind, "connections still open after {DRAIN:?}; closing them");
+    }
+}
+
+/// An accepted client connection, ready to be served once its transport (plain or TLS) is up.
+struct Conn {
+    state: Arc<State>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    peer: SocketAddr,
+    kind: Listener,
+    write_timeout: Duration,
+    /// One of `server.max_conn`, held until the connection ends.
+    permit: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    /// Serves HTTP on `io` until the client leaves or a graceful stop ends it; `http1` feeds
+    /// the bytes read through the framing scanner.
+    async fn serve<I>(self, io: I, http1: bool, watcher: Watcher)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let _open = self.state.stats.connection();
+        let (scanner, ambiguous) = match http1 {
+            true => {
+                let (s, flag) = Scanner::new();
+                (Some(s), Some(flag))
+            }
+            false => (None, None),
+        };
+        let handler = Handler::new(self.state, self.peer, self.kind, ambiguous);
+        let service = service_fn(move |req| handler.clone().handle(req));
+        let io = TokioIo::new(ClientIo::new(io, self.write_timeout, scanner));
+        let conn = self.builder.serve_connection_with_upgrades(io, service);
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(peer = %self.peer, error = %e, "client connection ended with error");
+        }
+        drop(self.permit);
     }
 }

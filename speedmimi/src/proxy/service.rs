@@ -16,7 +16,9 @@ use super::{
 };
 use crate::{
     backend::{Backend, client_hash},
+    config::Scheme,
     state::{Protocol, Route, Settings, Snapshot, State},
+    stats::ServerStats,
 };
 
 /// Chunked body bytes read ahead of forwarding, to catch bad framing before a backend sees
@@ -27,6 +29,8 @@ const READ_AHEAD: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {
     Http,
+    /// TLS-terminating: HTTP/1.1 or h2 by ALPN.
+    Https,
     Grpc,
 }
 
@@ -41,18 +45,24 @@ pub struct Handler {
     pub listener: Listener,
     /// Raised by the connection's framing scanner (HTTP/1 listener only).
     pub ambiguous: Option<Ambiguous>,
+    /// `X-Forwarded-Proto` for requests from an untrusted peer: how they reached us.
+    pub proto: &'static str,
 }
 
 impl Handler {
     pub fn new(state: Arc<State>, peer: SocketAddr, listener: Listener, ambiguous: Option<Ambiguous>) -> Handler {
         let peer_header = HeaderValue::try_from(headers::canonical(peer.ip()).to_string())
             .expect("an IP address is a valid header value");
-        Handler { state, peer, peer_header, listener, ambiguous }
+        let proto = if listener == Listener::Https { "https" } else { "http" };
+        Handler { state, peer, peer_header, listener, ambiguous, proto }
     }
 
     pub async fn handle(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+        let started = Instant::now();
         let snap = self.state.snapshot();
-        Ok(self.proxy(&snap, req).await)
+        let resp = self.proxy(&snap, req).await;
+        self.state.stats.traffic.record(resp.status().as_u16(), started.elapsed());
+        Ok(resp)
     }
 
     async fn proxy(&self, snap: &Snapshot, mut req: Request<Incoming>) -> Response<ResponseBody> {
@@ -81,7 +91,7 @@ impl Handler {
         {
             let h = req.headers_mut();
             headers::strip_hop_by_hop(h, is_upgrade, protocol == Protocol::Grpc);
-            let forwarded = headers::Forwarded { peer: &self.peer_header, trusted, client, proto: "http" };
+            let forwarded = headers::Forwarded { peer: &self.peer_header, trusted, client, proto: self.proto };
             headers::set_forwarded(h, &forwarded, &settings.real_ip_header);
             if let Some(host) = h2_host {
                 h.insert(header::HOST, host);
@@ -90,7 +100,7 @@ impl Handler {
         let hash = client_hash(client);
 
         if is_upgrade {
-            return upgrade::relay(snap, route, req, hash).await;
+            return upgrade::relay(snap, route, req, hash, &self.state.stats).await;
         }
 
         let (mut parts, body) = req.into_parts();
@@ -112,7 +122,7 @@ impl Handler {
         if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
             parts.uri = origin_form(&parts.uri);
         }
-        forward(snap, route, protocol, Request::from_parts(parts, body), hash).await
+        forward(snap, route, protocol, Request::from_parts(parts, body), hash, &self.state.stats).await
     }
 }
 
@@ -124,15 +134,17 @@ async fn forward(
     protocol: Protocol,
     mut req: Request<RequestBody>,
     hash: u64,
+    server: &Arc<ServerStats>,
 ) -> Response<ResponseBody> {
     let settings = &snap.settings;
     let mut failed: Option<Arc<Backend>> = None;
     for attempt in 0..2 {
-        let Some(backend) = pick(route, protocol, hash, failed.as_deref()) else {
+        let Some((index, backend)) = pick(route, protocol, hash, failed.as_deref()) else {
             tracing::warn!(route = %route.name, upstream = %route.upstream.name, "no eligible backend");
             return if failed.is_some() { error::bad_gateway() } else { error::unavailable() };
         };
-        let mut guard = InFlight::new(backend.clone());
+        let mut guard = InFlight::new(backend.clone(), server.clone());
+        req.body_mut().meter = Some(guard.meter());
         let started = Instant::now();
         let sent = if protocol == Protocol::Grpc {
             send_h2(&backend, req, settings).await
@@ -156,15 +168,20 @@ async fn forward(
             Err(SendError::Timeout) => {
                 tracing::warn!(route = %route.name, backend = %backend.id, timeout = ?settings.upstream_timeout,
                     "upstream timed out");
-                return error::gateway_timeout();
+                let resp = error::gateway_timeout();
+                record(route, index, &backend, resp.status().as_u16(), started);
+                return resp;
             }
             Err(SendError::Upstream(e)) => {
                 tracing::warn!(route = %route.name, backend = %backend.id, error = %e, "upstream request failed");
-                return error::bad_gateway();
+                let resp = error::bad_gateway();
+                record(route, index, &backend, resp.status().as_u16(), started);
+                return resp;
             }
         };
         backend.connect_succeeded();
         backend.observe_latency(started.elapsed());
+        record(route, index, &backend, resp.status().as_u16(), started);
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false, false);
         return Response::from_parts(parts, ResponseBody::upstream(body, guard));
@@ -172,11 +189,23 @@ async fn forward(
     error::bad_gateway()
 }
 
-/// The route's balancer for this kind of request, over backends that accept one more.
-pub(super) fn pick(route: &Route, protocol: Protocol, hash: u64, skip: Option<&Backend>) -> Option<Arc<Backend>> {
+/// Counts a backend's answer (or our answer on its behalf) for the route and the backend.
+pub(super) fn record(route: &Route, index: usize, backend: &Backend, status: u16, started: Instant) {
+    route.stats[index].record(status);
+    backend.traffic.record(status, started.elapsed());
+}
+
+/// The route's balancer for this kind of request, over backends that accept one more;
+/// returns the backend and its index in the upstream.
+pub(super) fn pick(
+    route: &Route,
+    protocol: Protocol,
+    hash: u64,
+    skip: Option<&Backend>,
+) -> Option<(usize, Arc<Backend>)> {
     let backends = &route.upstream.backends;
     let i = route.balancer(protocol).pick(hash, &mut |b| b.accepts() && !skip.is_some_and(|s| std::ptr::eq(s, b)))?;
-    Some(backends[i].clone())
+    Some((i, backends[i].clone()))
 }
 
 enum SendError {
@@ -235,7 +264,8 @@ async fn send_h2(
         .and_then(|h| h.to_str().ok().map(str::to_owned))
         .unwrap_or_else(|| backend.authority.clone());
     let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    match Uri::builder().scheme("http").authority(authority).path_and_query(pq).build() {
+    let scheme = if backend.scheme == Scheme::Https { "https" } else { "http" };
+    match Uri::builder().scheme(scheme).authority(authority).path_and_query(pq).build() {
         Ok(uri) => *req.uri_mut() = uri,
         Err(e) => {
             return Err(SendError::Connect(

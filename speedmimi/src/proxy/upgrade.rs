@@ -15,23 +15,32 @@ use super::{
 use crate::{
     backend::Backend,
     state::{Protocol, Route, Snapshot},
+    stats::ServerStats,
+    tls::Alpn,
 };
 
 /// Copy buffer per direction: large enough for bulk streams, small enough for many idle flows.
 const COPY_BUF: usize = 64 * 1024;
 
-pub async fn relay(snap: &Snapshot, route: &Route, mut req: Request<Incoming>, hash: u64) -> Response<ResponseBody> {
+pub async fn relay(
+    snap: &Snapshot,
+    route: &Route,
+    mut req: Request<Incoming>,
+    hash: u64,
+    server: &Arc<ServerStats>,
+) -> Response<ResponseBody> {
     let settings = &snap.settings;
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
     let mut failed: Option<Arc<Backend>> = None;
     for attempt in 0..2 {
-        let Some(backend) = pick(route, Protocol::WebSocket, hash, failed.as_deref()) else {
+        let Some((index, backend)) = pick(route, Protocol::WebSocket, hash, failed.as_deref()) else {
             tracing::warn!(route = %route.name, upstream = %route.upstream.name, "no eligible backend for upgrade");
             return if failed.is_some() { error::bad_gateway() } else { error::unavailable() };
         };
-        let guard = InFlight::new(backend.clone());
-        let stream = match backend.pool.connect_tcp(settings.connect_timeout).await {
+        let guard = InFlight::new(backend.clone(), server.clone());
+        let started = std::time::Instant::now();
+        let stream = match backend.pool.connect_io(settings.connect_timeout, Alpn::Http1).await {
             Ok(s) => s,
             Err(e) => {
                 backend.connect_failed();
@@ -76,7 +85,11 @@ pub async fn relay(snap: &Snapshot, route: &Route, mut req: Request<Incoming>, h
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let (mut p, _) = resp.into_parts();
         headers::strip_hop_by_hop(&mut p.headers, true, false);
+        super::service::record(route, index, &backend, StatusCode::SWITCHING_PROTOCOLS.as_u16(), started);
         let route_name = route.name.clone();
+        let server = server.clone();
+        // Subscribed before the 101 goes out, so a disconnect from now on reaches this flow.
+        let mut closer = backend.closer.subscribe();
         tokio::spawn(async move {
             let _guard = guard;
             let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -86,11 +99,15 @@ pub async fn relay(snap: &Snapshot, route: &Route, mut req: Request<Incoming>, h
                     return;
                 }
             };
+            let _open = server.upgraded();
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
-            match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF).await {
-                Ok((up, down)) => tracing::debug!(route = %route_name, up, down, "upgraded flow closed"),
-                Err(e) => tracing::debug!(route = %route_name, error = %e, "upgraded flow ended with error"),
+            tokio::select! {
+                r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF) => match r {
+                    Ok((up, down)) => tracing::debug!(route = %route_name, up, down, "upgraded flow closed"),
+                    Err(e) => tracing::debug!(route = %route_name, error = %e, "upgraded flow ended with error"),
+                },
+                _ = closer.changed() => tracing::info!(route = %route_name, "upgraded flow closed by disconnect or drain"),
             }
         });
         return Response::from_parts(p, ResponseBody::Local(None));

@@ -1,13 +1,27 @@
 //! Connections to one backend: a pool of idle HTTP/1.1 keep-alive connections, one shared
-//! HTTP/2 connection (gRPC multiplexes on it), and raw connections for upgrades.
+//! HTTP/2 connection (gRPC multiplexes on it), and raw connections for upgrades; over TLS for
+//! `https` backends.
 
-use std::{cell::Cell, io, net::SocketAddr, sync::Mutex, time::Duration};
+use std::{
+    cell::Cell,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Mutex,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::client::TlsStream;
 
 use super::body::RequestBody;
+use crate::tls::{Alpn, UpstreamTls};
 
 /// Idle HTTP/1.1 connections kept per backend and worker.
 const MAX_IDLE: usize = 256;
@@ -37,10 +51,14 @@ pub enum ConnectError {
     Io { addr: SocketAddr, source: io::Error },
     #[error("handshake with {addr}: {source}")]
     Handshake { addr: SocketAddr, source: hyper::Error },
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: io::Error },
 }
 
 pub struct Pool {
     addr: SocketAddr,
+    /// Set for `https` backends: every connection runs TLS first.
+    tls: Option<UpstreamTls>,
     idle: [Mutex<Vec<http1::SendRequest<RequestBody>>>; SHARDS],
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
 }
@@ -53,8 +71,8 @@ pub struct H1Conn {
 }
 
 impl Pool {
-    pub fn new(addr: SocketAddr) -> Pool {
-        Pool { addr, idle: std::array::from_fn(|_| Mutex::new(Vec::new())), h2: Mutex::new(None) }
+    pub fn new(addr: SocketAddr, tls: Option<UpstreamTls>) -> Pool {
+        Pool { addr, tls, idle: std::array::from_fn(|_| Mutex::new(Vec::new())), h2: Mutex::new(None) }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -75,6 +93,14 @@ impl Pool {
         Ok(H1Conn { sender: self.connect_h1(connect_timeout).await?, reused: false })
     }
 
+    /// Drops every idle connection (their tasks then close the sockets).
+    pub fn clear(&self) {
+        for shard in &self.idle {
+            shard.lock().expect("pool lock").clear();
+        }
+        *self.h2.lock().expect("pool lock") = None;
+    }
+
     /// Returns a connection whose last response ended cleanly.
     pub fn put_h1(&self, sender: http1::SendRequest<RequestBody>) {
         if sender.is_closed() {
@@ -87,9 +113,19 @@ impl Pool {
     }
 
     pub async fn connect_h1(&self, connect_timeout: Duration) -> Result<http1::SendRequest<RequestBody>, ConnectError> {
-        let stream = self.connect_tcp(connect_timeout).await?;
+        // Plain sockets stay their own type: the common case pays for no stream dispatch.
+        match self.connect_io(connect_timeout, Alpn::Http1).await? {
+            UpstreamIo::Tcp(s) => self.handshake_h1(s).await,
+            UpstreamIo::Tls(s) => self.handshake_h1(s).await,
+        }
+    }
+
+    async fn handshake_h1<I>(&self, io: I) -> Result<http1::SendRequest<RequestBody>, ConnectError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|source| ConnectError::Handshake { addr: self.addr, source })?;
         tokio::spawn(async move {
@@ -100,18 +136,29 @@ impl Pool {
         Ok(sender)
     }
 
-    /// The backend's HTTP/2 connection (prior-knowledge h2c), made on first use and remade
-    /// when it closed.
+    /// The backend's HTTP/2 connection (prior-knowledge h2c, or h2 by ALPN over TLS), made on
+    /// first use and remade when it closed.
     pub async fn h2(&self, connect_timeout: Duration) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
         if let Some(s) = self.h2.lock().expect("pool lock").as_ref()
             && !s.is_closed()
         {
             return Ok(s.clone());
         }
-        let stream = self.connect_tcp(connect_timeout).await?;
+        let sender = match self.connect_io(connect_timeout, Alpn::H2).await? {
+            UpstreamIo::Tcp(s) => self.handshake_h2(s).await?,
+            UpstreamIo::Tls(s) => self.handshake_h2(s).await?,
+        };
+        *self.h2.lock().expect("pool lock") = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn handshake_h2<I>(&self, io: I) -> Result<http2::SendRequest<RequestBody>, ConnectError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|source| ConnectError::Handshake { addr: self.addr, source })?;
         tokio::spawn(async move {
@@ -119,8 +166,20 @@ impl Pool {
                 tracing::debug!(error = %e, "upstream http/2 connection ended");
             }
         });
-        *self.h2.lock().expect("pool lock") = Some(sender.clone());
         Ok(sender)
+    }
+
+    /// A new connection as HTTP is spoken on it: plain TCP, or TLS offering `alpn` for an
+    /// `https` backend (the handshake gets its own `timeout`).
+    pub async fn connect_io(&self, timeout: Duration, alpn: Alpn) -> Result<UpstreamIo, ConnectError> {
+        let tcp = self.connect_tcp(timeout).await?;
+        let Some(tls) = &self.tls else { return Ok(UpstreamIo::Tcp(tcp)) };
+        let addr = self.addr;
+        let stream = tokio::time::timeout(timeout, tls.connect(tcp, alpn))
+            .await
+            .map_err(|_| ConnectError::Timeout { addr, timeout })?
+            .map_err(|source| ConnectError::Tls { addr, source })?;
+        Ok(UpstreamIo::Tls(Box::new(stream)))
     }
 
     pub async fn connect_tcp(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
@@ -131,5 +190,61 @@ impl Pool {
             .map_err(|source| ConnectError::Io { addr, source })?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
+    }
+}
+
+/// A backend connection: plain, or TLS for an `https` backend.
+pub enum UpstreamIo {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Tcp(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 }

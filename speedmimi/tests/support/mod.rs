@@ -68,6 +68,10 @@ pub async fn dead_addr() -> SocketAddr {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub grpc: Option<SocketAddr>,
+    /// The TLS listener, when the config has `ssl.enabled` with `ssl.port`.
+    pub https: Option<SocketAddr>,
+    /// The admin API.
+    pub admin: SocketAddr,
     stop: Trigger,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -85,15 +89,29 @@ impl Proxy {
         let grpc = if config.file.grpc.enabled { Some(TcpListener::bind("127.0.0.1:0").await.unwrap()) } else { None };
         let addr = http.local_addr().unwrap();
         let grpc_addr = grpc.as_ref().map(|g| g.local_addr().unwrap());
+        let ssl = &config.file.ssl;
+        let https = match ssl.enabled && ssl.port.is_some() {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let https_addr = https.as_ref().map(|h| h.local_addr().unwrap());
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
         let (stop, wait) = shutdown::channel();
         let task = tokio::spawn(async move {
-            speedmimi::run_with(config, Listeners { http, grpc }, datapath, wait).await.expect("speedmimi run");
+            let listeners = Listeners { http, grpc, https, admin: Some(admin) };
+            speedmimi::run_with(config, listeners, datapath, wait, None).await.expect("speedmimi run");
         });
-        Proxy { addr, grpc: grpc_addr, stop, task: Some(task) }
+        Proxy { addr, grpc: grpc_addr, https: https_addr, admin: admin_addr, stop, task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// URL of an admin API path.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
     }
 
     /// Stops and waits for the graceful end.

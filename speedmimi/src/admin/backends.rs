@@ -1,0 +1,127 @@
+//! `/api/v1/backends*` and `/api/v1/report`: list, add, remove (drain), update, disconnect,
+//! and performance reports. Each change is one `Command`.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::{Json, extract::State as AxState, http::StatusCode};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::{Admin, AdminError, BackendRef, Body, Query};
+use crate::{
+    backend::Backend,
+    command::{Command, PerformanceReport},
+    config::BackendSection,
+};
+
+/// A backend as operators see it: settings, health and live counters.
+pub fn view(b: &Backend) -> Value {
+    let conf = b.conf.load();
+    json!({
+        "id": b.id,
+        "upstream": b.upstream,
+        "name": conf.name,
+        "host": conf.host,
+        "port": conf.port,
+        "scheme": conf.scheme,
+        "weight": b.weight.load(Relaxed),
+        "active": b.active.load(Relaxed),
+        "max_conn": b.max_conn.load(Relaxed),
+        "in_flight": b.inflight.load(Relaxed),
+        "up": b.is_up(),
+        "eligible": b.accepts(),
+        "health": crate::health::snapshot(b),
+        "passive_cooldown": b.cooling_down(),
+        "latency_ewma_ms": match b.latency_ewma_us() { 0 => None, us => Some(us as f64 / 1000.0) },
+        "health_check": conf.health_check,
+        // Kernel counters arrive with the kernel datapath issues; null until then.
+        "kernel": Value::Null,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    upstream: Option<String>,
+}
+
+pub async fn list(AxState(admin): AxState<Admin>, Query(q): Query<ListQuery>) -> Result<Json<Value>, AdminError> {
+    let snap = admin.state.snapshot();
+    let mut out = Map::new();
+    for (name, up) in &snap.upstreams {
+        if q.upstream.as_ref().is_some_and(|u| u != name) {
+            continue;
+        }
+        out.insert(name.clone(), Value::Array(up.backends.iter().map(|b| view(b)).collect()));
+    }
+    if let Some(u) = &q.upstream
+        && out.is_empty()
+    {
+        return Err(AdminError::NotFound(format!("unknown upstream {u:?}")));
+    }
+    Ok(Json(json!({ "upstreams": out })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddBody {
+    upstream: String,
+    backend: Value,
+}
+
+pub async fn add(
+    AxState(admin): AxState<Admin>,
+    Body(req): Body<AddBody>,
+) -> Result<(StatusCode, Json<Value>), AdminError> {
+    let backend: BackendSection =
+        serde_json::from_value(req.backend).map_err(|e| AdminError::BadRequest(format!("backend: {e}")))?;
+    let id = backend.id.clone();
+    admin.state.apply(Command::AddBackend { upstream: req.upstream.clone(), backend })?;
+    let b = admin.state.backend(&req.upstream, &id).expect("just added");
+    tracing::info!(upstream = %req.upstream, backend = %id, "backend added");
+    Ok((StatusCode::CREATED, Json(view(&b))))
+}
+
+pub async fn remove(AxState(admin): AxState<Admin>, Query(q): Query<BackendRef>) -> Result<Json<Value>, AdminError> {
+    admin.state.apply(Command::RemoveBackend { upstream: q.upstream.clone(), id: q.backend_id.clone() })?;
+    tracing::info!(upstream = %q.upstream, backend = %q.backend_id, "backend removed (draining)");
+    Ok(Json(json!({ "status": "draining", "upstream": q.upstream, "backend_id": q.backend_id })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateBody {
+    upstream: String,
+    backend: Map<String, Value>,
+}
+
+pub async fn update(AxState(admin): AxState<Admin>, Body(req): Body<UpdateBody>) -> Result<Json<Value>, AdminError> {
+    let Some(Value::String(id)) = req.backend.get("id").cloned() else {
+        return Err(AdminError::BadRequest("backend.id: required, a string".into()));
+    };
+    admin.state.apply(Command::UpdateBackend { upstream: req.upstream.clone(), id: id.clone(), patch: req.backend })?;
+    let b = admin.state.backend(&req.upstream, &id).expect("just updated");
+    tracing::info!(upstream = %req.upstream, backend = %id, "backend updated");
+    Ok(Json(view(&b)))
+}
+
+pub async fn disconnect(
+    AxState(admin): AxState<Admin>,
+    Query(q): Query<BackendRef>,
+) -> Result<Json<Value>, AdminError> {
+    admin.state.apply(Command::Disconnect { upstream: q.upstream.clone(), id: q.backend_id.clone() })?;
+    Ok(Json(json!({ "status": "disconnected", "upstream": q.upstream, "backend_id": q.backend_id })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportBody {
+    upstream: String,
+    backend_id: String,
+    performance: PerformanceReport,
+}
+
+pub async fn report(AxState(admin): AxState<Admin>, Body(req): Body<ReportBody>) -> Result<Json<Value>, AdminError> {
+    admin.state.apply(Command::Report { upstream: req.upstream, id: req.backend_id, report: req.performance })?;
+    Ok(Json(json!({ "status": "recorded" })))
+}

@@ -1,0 +1,122 @@
+//! `GET /metrics`: Prometheus text exposition format 0.0.4.
+
+use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
+
+use axum::{
+    extract::State as AxState,
+    http::header,
+    response::{IntoResponse, Response},
+};
+
+use super::Admin;
+use crate::{state::State, stats::Histogram};
+
+/// Histogram bounds in seconds (Prometheus' usual latency buckets).
+const BOUNDS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+pub async fn render(AxState(admin): AxState<Admin>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text(&admin.state)).into_response()
+}
+
+/// Escapes a label value.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    let bounds_us: Vec<u64> = BOUNDS.iter().map(|s| (s * 1e6) as u64).collect();
+    for (le, n) in BOUNDS.iter().zip(h.cumulative(&bounds_us)) {
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count());
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum().as_secs_f64());
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count());
+}
+
+/// The whole exposition.
+pub fn text(state: &State) -> String {
+    let mut out = String::with_capacity(4096);
+    let snap = state.snapshot();
+    let s = &state.stats;
+
+    family(&mut out, "speedmimi_uptime_seconds", "gauge", "Seconds since start.");
+    let _ = writeln!(out, "speedmimi_uptime_seconds {}", s.started.elapsed().as_secs_f64());
+    family(&mut out, "speedmimi_connections_open", "gauge", "Client connections open now.");
+    let _ = writeln!(out, "speedmimi_connections_open {}", s.connections_open.load(Relaxed));
+    family(&mut out, "speedmimi_connections_total", "counter", "Client connections accepted.");
+    let _ = writeln!(out, "speedmimi_connections_total {}", s.connections_total.load(Relaxed));
+    family(&mut out, "speedmimi_upgraded_flows_open", "gauge", "Upgraded (WebSocket) flows open now.");
+    let _ = writeln!(out, "speedmimi_upgraded_flows_open {}", s.upgraded_open.load(Relaxed));
+    family(&mut out, "speedmimi_spliced_flows_open", "gauge", "Flows spliced in the kernel now.");
+    let _ = writeln!(out, "speedmimi_spliced_flows_open {}", state.datapath.spliced_sockets() / 2);
+
+    family(
+        &mut out,
+        "speedmimi_requests_total",
+        "counter",
+        "Requests answered through a backend, by route, upstream, backend and status code.",
+    );
+    for route in &snap.routes {
+        for rs in &route.stats {
+            let labels = format!(
+                "route=\"{}\",upstream=\"{}\",backend=\"{}\"",
+                esc(&rs.route),
+                esc(&rs.upstream),
+                esc(&rs.backend)
+            );
+            for (code, n) in rs.codes() {
+                let _ = writeln!(out, "speedmimi_requests_total{{{labels},code=\"{code}\"}} {n}");
+            }
+        }
+    }
+    family(&mut out, "speedmimi_server_requests_total", "counter", "Requests answered, including local errors.");
+    let _ = writeln!(out, "speedmimi_server_requests_total {}", s.traffic.requests.load(Relaxed));
+
+    let backends: Vec<_> = snap.upstreams.values().flat_map(|u| u.backends.iter()).collect();
+    let label = |b: &crate::backend::Backend| format!("upstream=\"{}\",backend=\"{}\"", esc(&b.upstream), esc(&b.id));
+    family(
+        &mut out,
+        "speedmimi_backend_up",
+        "gauge",
+        "1 when the backend may get traffic (active, healthy, not cooling down).",
+    );
+    for b in &backends {
+        let _ = writeln!(out, "speedmimi_backend_up{{{}}} {}", label(b), u8::from(b.is_up()));
+    }
+    family(&mut out, "speedmimi_backend_health_check_up", "gauge", "The active health check's verdict (1 up, 0 down).");
+    for b in &backends {
+        let _ =
+            writeln!(out, "speedmimi_backend_health_check_up{{{}}} {}", label(b), u8::from(b.checked_up.load(Relaxed)));
+    }
+    family(&mut out, "speedmimi_backend_in_flight", "gauge", "Requests and upgraded flows in flight to the backend.");
+    for b in &backends {
+        let _ = writeln!(out, "speedmimi_backend_in_flight{{{}}} {}", label(b), b.inflight.load(Relaxed));
+    }
+    family(&mut out, "speedmimi_backend_weight", "gauge", "Configured weight.");
+    for b in &backends {
+        let _ = writeln!(out, "speedmimi_backend_weight{{{}}} {}", label(b), b.weight.load(Relaxed));
+    }
+    family(&mut out, "speedmimi_bytes_received_total", "counter", "Request body bytes sent on to the backend.");
+    for b in &backends {
+        let _ = writeln!(out, "speedmimi_bytes_received_total{{{}}} {}", label(b), b.traffic.bytes_in.load(Relaxed));
+    }
+    family(&mut out, "speedmimi_bytes_sent_total", "counter", "Response body bytes from the backend sent to clients.");
+    for b in &backends {
+        let _ = writeln!(out, "speedmimi_bytes_sent_total{{{}}} {}", label(b), b.traffic.bytes_out.load(Relaxed));
+    }
+    family(
+        &mut out,
+        "speedmimi_request_duration_seconds",
+        "histogram",
+        "Time from receiving a request to the backend's response head.",
+    );
+    for b in &backends {
+        histogram(&mut out, "speedmimi_request_duration_seconds", &label(b), &b.traffic.latency);
+    }
+    out
+}

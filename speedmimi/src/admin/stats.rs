@@ -1,0 +1,54 @@
+//! `/api/v1/stats/server` and `/api/v1/stats/backend`.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::{Json, extract::State as AxState};
+use serde_json::{Value, json};
+
+use super::{Admin, AdminError, BackendRef, Query, backends::view};
+
+pub async fn server(AxState(admin): AxState<Admin>) -> Json<Value> {
+    let s = &admin.state.stats;
+    let t = s.traffic.report();
+    Json(json!({
+        "uptime_seconds": s.started.elapsed().as_secs_f64(),
+        "connections": {
+            "open": s.connections_open.load(Relaxed),
+            "total": s.connections_total.load(Relaxed),
+        },
+        "requests": t.requests,
+        "status": t.status,
+        "latency": t.latency,
+        "bytes": t.bytes,
+        "upgraded_flows": {
+            "open": s.upgraded_open.load(Relaxed),
+            "total": s.upgraded_total.load(Relaxed),
+        },
+        "spliced_flows": admin.state.datapath.spliced_sockets() / 2,
+        "datapath": admin.state.datapath.describe(),
+    }))
+}
+
+pub async fn backend(AxState(admin): AxState<Admin>, Query(q): Query<BackendRef>) -> Result<Json<Value>, AdminError> {
+    let snap = admin.state.snapshot();
+    let up = snap
+        .upstreams
+        .get(&q.upstream)
+        .ok_or_else(|| AdminError::NotFound(format!("unknown upstream {:?}", q.upstream)))?;
+    let b = up.backends.iter().find(|b| b.id == q.backend_id).ok_or_else(|| {
+        AdminError::NotFound(format!("unknown backend {:?} in upstream {:?}", q.backend_id, q.upstream))
+    })?;
+    let t = b.traffic.report();
+    Ok(Json(json!({
+        "backend": view(b),
+        "requests": t.requests,
+        "status": t.status,
+        "latency": t.latency,
+        "bytes": t.bytes,
+        "performance_report": b.last_report.load_full().map(|r| json!({
+            "report": *r,
+            "age_seconds": b.report_age().map(|a| a.as_secs_f64()),
+            "factor": b.report_factor(),
+        })),
+    })))
+}
