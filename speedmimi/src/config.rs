@@ -87,6 +87,8 @@ pub struct ServerSection {
     pub real_ip_header: String,
     /// Peers allowed to set the real-IP and forwarded headers (CIDRs or bare addresses).
     pub trusted_proxies: Vec<String>,
+    /// One line per request: empty = off, `-` = stdout, else a file appended to. (new)
+    pub access_log: String,
 }
 
 impl Default for ServerSection {
@@ -103,6 +105,7 @@ impl Default for ServerSection {
             max_header_bytes: 32 * 1024,
             real_ip_header: "X-Real-IP".into(),
             trusted_proxies: Vec::new(),
+            access_log: String::new(),
         }
     }
 }

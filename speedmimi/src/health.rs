@@ -17,14 +17,16 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
-use tokio::{net::TcpStream, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::{
     backend::{Backend, now_ms},
-    config::{HealthCheckKind, HealthCheckSection, Scheme},
+    config::{HealthCheckKind, HealthCheckSection},
+    proxy::upstream::UpstreamIo,
     shutdown::Shutdown,
     state::State,
+    tls::Alpn,
 };
 
 /// How often the supervisor looks for backends that gained, lost or changed a health check.
@@ -216,10 +218,6 @@ impl Checkers {
 
 /// Probes every `interval`, the first one right away, and records each outcome.
 async fn check_loop(backend: Arc<Backend>, hc: HealthCheckSection) {
-    if backend.scheme == Scheme::Https && hc.kind != HealthCheckKind::Tcp {
-        tracing::info!(upstream = %backend.upstream, backend = %backend.id, kind = ?hc.kind,
-            "https backend: health probes check the TCP connect only (TLS probing is not wired yet)");
-    }
     let mut tick = tokio::time::interval(hc.interval.get());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -263,20 +261,14 @@ fn record(b: &Backend, hc: &HealthCheckSection, result: Result<(), String>) {
 
 /// One probe of the configured kind; the caller bounds it with `timeout`.
 async fn probe(b: &Backend, hc: &HealthCheckSection) -> Result<(), String> {
-    let stream = connect(b, hc.timeout.get()).await?;
+    let alpn = if hc.kind == HealthCheckKind::Grpc { Alpn::H2 } else { Alpn::Http1 };
+    // Made through the backend's pool like the proxy's own: TLS (and its verification) for https.
+    let stream = b.pool.connect_io(hc.timeout.get(), alpn).await.map_err(|e| e.to_string())?;
     match hc.kind {
-        // Plaintext HTTP to a TLS port would fail every time and take a working backend out.
-        _ if b.scheme == Scheme::Https => Ok(()),
         HealthCheckKind::Tcp => Ok(()),
         HealthCheckKind::Http => probe_http(b, hc, stream).await,
         HealthCheckKind::Grpc => probe_grpc(b, stream).await,
     }
-}
-
-/// The connection a probe runs on, made through the backend's `Pool` like the proxy's own.
-/// Plain TCP for now; switching to the pool's TLS-aware connect here checks https backends fully.
-async fn connect(b: &Backend, timeout: Duration) -> Result<TcpStream, String> {
-    b.pool.connect_tcp(timeout).await.map_err(|e| e.to_string())
 }
 
 /// Aborts a connection task when the probe is over, answered or not.
@@ -289,7 +281,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// `GET path` with `Host` = the backend's authority; 2xx and 3xx are up.
-async fn probe_http(b: &Backend, hc: &HealthCheckSection, stream: TcpStream) -> Result<(), String> {
+async fn probe_http(b: &Backend, hc: &HealthCheckSection, stream: UpstreamIo) -> Result<(), String> {
     let (mut sender, conn) =
         http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("http handshake: {e}"))?;
     let _conn = AbortOnDrop(tokio::spawn(async move {
@@ -312,7 +304,7 @@ async fn probe_http(b: &Backend, hc: &HealthCheckSection, stream: TcpStream) -> 
 
 /// grpc.health.v1 `Check` over prior-knowledge h2c; up when grpc-status is 0 and the answer
 /// says SERVING.
-async fn probe_grpc(b: &Backend, stream: TcpStream) -> Result<(), String> {
+async fn probe_grpc(b: &Backend, stream: UpstreamIo) -> Result<(), String> {
     let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .handshake(TokioIo::new(stream))
@@ -477,6 +469,22 @@ mod tests {
         assert_eq!((s.consecutive_successes, s.consecutive_failures, s.checks), (3, 0, 5));
         assert_eq!(s.last_error.as_deref(), Some("boom again"));
         assert_eq!(s.kind, Some(HealthCheckKind::Tcp));
+    }
+
+    #[tokio::test]
+    async fn https_backends_are_probed_over_tls() {
+        // A listener that accepts TCP but never speaks TLS: an https backend there is down.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let yaml = format!("id: s1\nhost: 127.0.0.1\nport: {}\nscheme: https\ntls_verify: false\n", addr.port());
+        let conf: BackendSection = serde_yaml::from_str(&yaml).unwrap();
+        let b = Backend::new("default", &conf, addr);
+        let hc = HealthCheckSection { timeout: crate::config::Dur::parse("200ms").unwrap(), ..Default::default() };
+        let tcp = HealthCheckSection { kind: HealthCheckKind::Tcp, ..hc.clone() };
+        let r = tokio::time::timeout(Duration::from_secs(2), probe(&b, &hc)).await;
+        assert!(matches!(r, Ok(Err(_)) | Err(_)), "a TLS-less port passed an https health check: {r:?}");
+        let r = tokio::time::timeout(Duration::from_secs(2), probe(&b, &tcp)).await;
+        assert!(matches!(r, Ok(Err(_)) | Err(_)), "the tcp check of an https backend includes the handshake: {r:?}");
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! SpeedMimi: an eBPF-assisted L4/L7 load balancer. `run` is the entry point the binary and
 //! the integration tests share: it takes bound listeners, so tests bind port 0.
 
+pub mod access_log;
 pub mod admin;
 pub mod backend;
 pub mod balance;
@@ -160,6 +161,12 @@ pub async fn run_with(
         });
     }
     while tasks.join_next().await.is_some() {}
+    // Upgraded flows are not HTTP exchanges a graceful stop waits for: close them now.
+    for u in state.snapshot().upstreams.values() {
+        for b in u.backends.iter() {
+            b.disconnect();
+        }
+    }
     for t in threads {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }

@@ -13,6 +13,7 @@ use http::HeaderName;
 use ipnet::IpNet;
 
 use crate::{
+    access_log::AccessLog,
     backend::Backend,
     balance::{self, Backends, Balancer},
     command::Command,
@@ -108,6 +109,8 @@ pub struct Settings {
     pub write_timeout: Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub real_ip_header: HeaderName,
+    /// Responses carry which backend answered (for the access log).
+    pub tag_backend: bool,
 }
 
 /// An immutable view of routes and upstreams, replaced whole on every change.
@@ -148,6 +151,8 @@ pub struct State {
     config: ArcSwap<Config>,
     pub datapath: Arc<dyn Datapath>,
     pub stats: Arc<ServerStats>,
+    /// One line per request when `server.access_log` is set.
+    pub access_log: Option<AccessLog>,
     /// Serialises changes; the request path never takes it.
     writer: Mutex<Registry>,
     /// TLS termination (`ssl.enabled`): the certificates, reloadable in place.
@@ -173,6 +178,10 @@ impl State {
         let mut registry = Registry::default();
         let prepared = prepare(&config, &HashMap::new())?;
         let snapshot = commit(&config, prepared, &mut registry);
+        datapath.backends_changed(&snapshot);
+        let access_log = AccessLog::open(&config.file.server.access_log).map_err(|e| {
+            StateError::BadInput(format!("server.access_log: cannot open {:?}: {e}", config.file.server.access_log))
+        })?;
         let tls = match config.file.ssl.enabled {
             true => Some(Arc::new(TlsState::new(&config.file.ssl)?)),
             false => None,
@@ -183,6 +192,7 @@ impl State {
             config: ArcSwap::from_pointee(config),
             datapath,
             stats: Arc::default(),
+            access_log,
             writer: Mutex::new(registry),
         })
     }
@@ -290,6 +300,7 @@ impl State {
                 drain_backend(b.clone(), drain);
             }
         }
+        self.datapath.backends_changed(&snapshot);
         self.snapshot.store(Arc::new(snapshot));
         self.config.store(Arc::new(config));
         debug_assert!(self.invariants_hold());
@@ -366,6 +377,7 @@ fn restart_only_changes(old: &FileConfig, new: &FileConfig) -> Vec<String> {
     check("server.workers", o.workers == n.workers);
     check("server.max_header_bytes", o.max_header_bytes == n.max_header_bytes);
     check("server.read_timeout", o.read_timeout == n.read_timeout);
+    check("server.access_log", o.access_log == n.access_log);
     check("ssl.enabled", old.ssl.enabled == new.ssl.enabled);
     check("ssl.port", old.ssl.port == new.ssl.port);
     check("grpc", old.grpc == new.grpc);
@@ -471,6 +483,7 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
         write_timeout: s.write_timeout.get(),
         trusted_proxies: config.trusted_proxies.clone(),
         real_ip_header: HeaderName::from_bytes(s.real_ip_header.as_bytes()).expect("validated header name"),
+        tag_backend: !s.access_log.is_empty(),
     };
     Snapshot { routes, upstreams, settings }
 }

@@ -231,3 +231,30 @@ async fn keep_alive_reuses_upstream_connections() {
     assert_eq!(o.requests(), 50);
     assert_eq!(o.connections(), 1, "sequential requests should share one pooled upstream connection");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_a_line_per_request() {
+    let o = Origin::start("b1").await;
+    let path = std::env::temp_dir().join(format!("speedmimi-access-test-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let extra = format!("  access_log: \"{}\"\n", path.display());
+    let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", &extra)).await;
+    let c = client();
+    get(&c, &proxy.url("/?q=1"), &[("user-agent", "test-agent/1")]).await;
+    let (status, _, _) = get(&c, &proxy.url("/second"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.lines().count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = std::fs::remove_file(&path);
+    let first = text.lines().next().unwrap_or_else(|| panic!("no access log lines: {text:?}"));
+    assert!(first.starts_with("127.0.0.1 - - ["), "{first}");
+    assert!(first.contains("\"GET /?q=1 HTTP/1.1\" 200 3 \"-\" \"test-agent/1\""), "{first}");
+    assert!(first.ends_with(" b1"), "{first}");
+    assert_eq!(text.lines().count(), 2, "{text}");
+}

@@ -44,6 +44,10 @@ pub trait Datapath: Send + Sync {
 
     /// Sockets currently in the splice map.
     fn spliced_sockets(&self) -> usize;
+
+    /// Called with every new routing snapshot (startup, admin API, reload), before it is
+    /// published: the kernel's backend maps follow the userspace pools here.
+    fn backends_changed(&self, _snapshot: &crate::state::Snapshot) {}
 }
 
 /// No kernel programs: everything runs in userspace.

@@ -60,8 +60,12 @@ impl Handler {
     pub async fn handle(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, std::convert::Infallible> {
         let started = Instant::now();
         let snap = self.state.snapshot();
+        let line = self.state.access_log.as_ref().map(|_| RequestLine::of(&req, self.peer));
         let resp = self.proxy(&snap, req).await;
         self.state.stats.traffic.record(resp.status().as_u16(), started.elapsed());
+        if let (Some(log), Some(line)) = (&self.state.access_log, line) {
+            log.log(line.finish(&resp, started));
+        }
         Ok(resp)
     }
 
@@ -184,6 +188,9 @@ async fn forward(
         record(route, index, &backend, resp.status().as_u16(), started);
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false, false);
+        if settings.tag_backend {
+            parts.extensions.insert(BackendTag(backend.clone()));
+        }
         return Response::from_parts(parts, ResponseBody::upstream(body, guard));
     }
     error::bad_gateway()
@@ -340,4 +347,52 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Which backend answered, attached to responses when the access log wants it.
+#[derive(Clone)]
+pub struct BackendTag(pub Arc<Backend>);
+
+/// What the access log keeps of a request until its response is known.
+struct RequestLine {
+    client: std::net::IpAddr,
+    method: Method,
+    target: String,
+    version: Version,
+    referer: String,
+    user_agent: String,
+}
+
+impl RequestLine {
+    fn of<B>(req: &Request<B>, peer: SocketAddr) -> RequestLine {
+        let h = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok()).unwrap_or("-").to_owned();
+        RequestLine {
+            client: peer.ip(),
+            method: req.method().clone(),
+            target: req.uri().path_and_query().map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_owned()),
+            version: req.version(),
+            referer: h(header::REFERER),
+            user_agent: h(header::USER_AGENT),
+        }
+    }
+
+    /// `client - - [time] "METHOD target VERSION" status bytes "referer" "agent" ms backend`
+    fn finish<B: http_body::Body>(self, resp: &Response<B>, started: Instant) -> String {
+        let bytes = resp.body().size_hint().exact().map_or_else(|| "-".to_owned(), |n| n.to_string());
+        let backend = resp.extensions().get::<BackendTag>().map_or("-", |t| t.0.id.as_str());
+        format!(
+            "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" {:.3} {}",
+            self.client,
+            crate::access_log::timestamp(std::time::SystemTime::now()),
+            self.method,
+            self.target,
+            self.version,
+            resp.status().as_u16(),
+            bytes,
+            self.referer,
+            self.user_agent,
+            started.elapsed().as_secs_f64() * 1000.0,
+            backend,
+        )
+    }
 }

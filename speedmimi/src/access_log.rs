@@ -1,0 +1,110 @@
+//! The access log: one line per request, off by default, to stdout (`-`) or a file. Lines are
+//! handed to a writer thread through a bounded queue; when the queue is full a line is dropped
+//! and counted rather than slowing the request path down.
+
+use std::{
+    fs::OpenOptions,
+    io::{self, BufWriter, Write},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
+};
+
+const QUEUE: usize = 16 * 1024;
+
+pub struct AccessLog {
+    tx: SyncSender<String>,
+    /// Lines dropped because the writer fell behind.
+    pub dropped: AtomicU64,
+}
+
+impl AccessLog {
+    /// `""` = off (None), `"-"` = stdout, anything else = a file appended to.
+    pub fn open(target: &str) -> io::Result<Option<AccessLog>> {
+        let out: Box<dyn Write + Send> = match target {
+            "" => return Ok(None),
+            "-" => Box::new(io::stdout()),
+            path => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
+        };
+        let (tx, rx) = sync_channel(QUEUE);
+        std::thread::Builder::new().name("speedmimi-access-log".into()).spawn(move || write_lines(rx, out))?;
+        Ok(Some(AccessLog { tx, dropped: AtomicU64::new(0) }))
+    }
+
+    pub fn log(&self, line: String) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(line) {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+fn write_lines(rx: Receiver<String>, out: Box<dyn Write + Send>) {
+    let mut out = BufWriter::new(out);
+    while let Ok(line) = rx.recv() {
+        let _ = writeln!(out, "{line}");
+        // Flush whenever the queue runs dry, so lines appear promptly without a write per line.
+        while let Ok(line) = rx.try_recv() {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+    }
+}
+
+/// UTC time as `2026-11-26T13:45:02.123Z` (no time-zone database needed).
+pub fn timestamp(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        // 2026-11-26T13:45:02.5Z
+        assert_eq!(timestamp(UNIX_EPOCH + Duration::from_millis(1_795_700_702_500)), "2026-11-26T13:45:02.500Z");
+        assert_eq!(timestamp(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn lines_reach_the_file() {
+        let path = std::env::temp_dir().join(format!("speedmimi-access-{}.log", std::process::id()));
+        let log = AccessLog::open(path.to_str().unwrap()).unwrap().unwrap();
+        log.log("first".into());
+        log.log("second".into());
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(text, "first\nsecond\n");
+        assert!(AccessLog::open("").unwrap().is_none());
+    }
+}
