@@ -166,7 +166,11 @@ async fn forward(
                         failed = Some(backend);
                         continue;
                     }
-                    _ => return error::bad_gateway(),
+                    _ => {
+                        let resp = error::bad_gateway();
+                        record(route, index, &backend, resp.status().as_u16(), started);
+                        return resp;
+                    }
                 }
             }
             Err(SendError::Timeout) => {

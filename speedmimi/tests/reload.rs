@@ -1,0 +1,355 @@
+//! Reloading a running SpeedMimi: SIGHUP on the real binary (a good file is applied, a bad one
+//! changes nothing, SIGTERM stops it cleanly), and certificate rotation through the admin API.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::{
+    ClientConfig, RootCertStore,
+    client::Resumption,
+    pki_types::{CertificateDer, ServerName},
+};
+use serde_json::Value;
+use support::{Origin, Proxy, client, get, one_route};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsConnector, client::TlsStream};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A directory of its own under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("speedmimi-reload-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    /// Writes `name` whole: a reader sees the old or the new contents, never a mix.
+    fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.0.join(name);
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One admin call; returns status and the JSON answer.
+async fn call(method: Method, url: &str) -> (StatusCode, Value) {
+    let req = Request::builder().method(method).uri(url).body(Full::new(Bytes::new())).unwrap();
+    let resp = tokio::time::timeout(WAIT, client().request(req)).await.expect("admin call timed out").unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, v)
+}
+
+// ---- SIGHUP on the binary ----
+
+/// The `speedmimi` binary running on a config file; killed (and its log shown on failure) when
+/// dropped.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(config: &Path, log: PathBuf) -> Daemon {
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_speedmimi"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env_remove("SPEEDMIMI_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start speedmimi");
+        Daemon { child, log }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for the process to end.
+    async fn exit(&mut self, bound: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + bound;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- speedmimi log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Two distinct ports free a moment ago.
+fn free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
+}
+
+fn daemon_yaml(port: u16, admin: u16, backends: &str, upstream: &str) -> String {
+    format!(
+        "server:\n  host: \"127.0.0.1\"\n  port: {port}\nbackends:\n  default:\n{backends}\
+         routing:\n  default:\n    path: /\n    upstream: {upstream}\n    load_balancer: round_robin\n\
+         grpc:\n  enabled: false\nadmin:\n  host: \"127.0.0.1\"\n  port: {admin}\nebpf:\n  enabled: false\n"
+    )
+}
+
+/// The backend ids a GET of `/` reaches, or why not.
+async fn try_who(url: &str) -> Result<String, String> {
+    let req = Request::get(url).body(Full::default()).unwrap();
+    match tokio::time::timeout(Duration::from_secs(2), client().request(req)).await {
+        Err(_) => Err("timed out".into()),
+        Ok(Err(e)) => Err(format!("{e:?}")),
+        Ok(Ok(resp)) => {
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map_err(|e| format!("{e:?}"))?.to_bytes();
+            let body = String::from_utf8_lossy(&body).trim().to_owned();
+            if status == StatusCode::OK { Ok(body) } else { Err(format!("{status}: {body}")) }
+        }
+    }
+}
+
+/// Polls (bounded) until a GET of `/` reaches `id`.
+async fn until_reaches(url: &str, id: &str, daemon: &Daemon) {
+    let mut last = Err(String::from("never asked"));
+    for _ in 0..200 {
+        last = try_who(url).await;
+        if last.as_deref() == Ok(id) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("requests never reached {id:?}; last answer {last:?}\n--- log ---\n{}", daemon.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_good_file_ignores_a_bad_one_and_sigterm_stops_cleanly() {
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    let dir = TempDir::new();
+    let (port, admin) = free_ports();
+    let config = dir.write("config.yaml", &daemon_yaml(port, admin, &a.yaml(100), "default"));
+    let mut daemon = Daemon::spawn(&config, dir.0.join("daemon.log"));
+    let url = format!("http://127.0.0.1:{port}/");
+    let admin_url = |path: &str| format!("http://127.0.0.1:{admin}{path}");
+    until_reaches(&url, "a", &daemon).await;
+
+    // A good file: the next requests go to b, and the admin API shows it.
+    dir.write("config.yaml", &daemon_yaml(port, admin, &b.yaml(100), "default"));
+    daemon.signal("HUP");
+    until_reaches(&url, "b", &daemon).await;
+    let (status, running) = call(Method::GET, &admin_url("/api/v1/config")).await;
+    assert_eq!(status, StatusCode::OK, "{running}");
+    assert_eq!(running["backends"]["default"][0]["id"], "b", "{running}");
+    assert_eq!(running["backends"]["default"].as_array().map(Vec::len), Some(1), "{running}");
+
+    // A bad file (a route to an unknown upstream): rejected with a log line saying why, and
+    // nothing changes.
+    let logged = daemon.log().len();
+    dir.write("config.yaml", &daemon_yaml(port, admin, &b.yaml(100), "nope"));
+    let a_before = a.requests();
+    daemon.signal("HUP");
+    let mut said = false;
+    for _ in 0..200 {
+        if daemon.log().get(logged..).is_some_and(|new| new.contains("nope")) {
+            said = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(said, "no log line names the bad upstream after SIGHUP\n--- log ---\n{}", daemon.log());
+    let c = client();
+    for _ in 0..5 {
+        let (status, _, body) = get(&c, &url, &[]).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "b\n"));
+    }
+    assert_eq!(a.requests(), a_before);
+    let (status, after) = call(Method::GET, &admin_url("/api/v1/config")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(after, running, "a rejected SIGHUP reload changed the running config");
+    assert!(daemon.child.try_wait().unwrap().is_none(), "a bad file stopped the daemon");
+
+    // SIGTERM, with an idle keep-alive client connected: a clean exit.
+    daemon.signal("TERM");
+    let status = daemon.exit(Duration::from_secs(20)).await;
+    assert!(status.is_some(), "speedmimi did not exit within 20s of SIGTERM\n--- log ---\n{}", daemon.log());
+    let status = status.unwrap();
+    assert!(status.success(), "exit status {status:?}\n--- log ---\n{}", daemon.log());
+    drop(c);
+}
+
+// ---- certificate rotation through the admin API ----
+
+/// A test certificate authority; the test clients trust only it.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+/// An issued certificate with its key.
+struct Leaf {
+    pem: String,
+    key_pem: String,
+    der: CertificateDer<'static>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, "SpeedMimi reload test CA");
+        let cert = params.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    fn issue(&self, names: &[&str]) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Leaf { pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
+    }
+}
+
+impl Leaf {
+    fn write(&self, dir: &TempDir) -> (PathBuf, PathBuf) {
+        (dir.write("server.crt", &self.pem), dir.write("server.key", &self.key_pem))
+    }
+}
+
+/// A client trusting `ca` only and never resuming a session, so every handshake shows the
+/// certificate served now.
+async fn tls_connect(addr: SocketAddr, ca: &Ca) -> TlsStream<TcpStream> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.resumption = Resumption::disabled();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(WAIT, TlsConnector::from(Arc::new(config)).connect(name, tcp))
+        .await
+        .expect("handshake timed out")
+        .expect("handshake")
+}
+
+fn peer_cert(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    s.get_ref().1.peer_certificates().expect("server sent a certificate")[0].clone().into_owned()
+}
+
+async fn h1(stream: TlsStream<TcpStream>) -> http1::SendRequest<Empty<Bytes>> {
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// GET `/` on an HTTP/1.1 connection: status and body.
+async fn send(sender: &mut http1::SendRequest<Empty<Bytes>>) -> (StatusCode, String) {
+    tokio::time::timeout(WAIT, sender.ready()).await.expect("connection not ready").expect("connection closed");
+    let req = Request::get("/").header(header::HOST, "localhost").body(Empty::new()).unwrap();
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await.expect("response timed out").unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_ssl_rotates_the_certificate_for_new_handshakes_and_refuses_garbage() {
+    let (dir, ca) = (TempDir::new(), Ca::new());
+    let first = ca.issue(&["localhost"]);
+    let (cert, key) = first.write(&dir);
+    let o = Origin::start("t1").await;
+    let ssl = format!(
+        "ssl:\n  enabled: true\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  port: 8443\n",
+        cert.display(),
+        key.display()
+    );
+    let p = Proxy::start(&one_route(&o.yaml(100), "round_robin", &ssl)).await;
+    let https = p.https.expect("HTTPS listener");
+
+    let a = tls_connect(https, &ca).await;
+    assert!(peer_cert(&a) == first.der, "the first handshake got another certificate");
+    let mut a = h1(a).await;
+    assert_eq!(send(&mut a).await, (StatusCode::OK, "t1\n".to_owned()));
+
+    let second = ca.issue(&["localhost"]);
+    assert_eq!(second.write(&dir), (cert.clone(), key.clone()));
+    let (status, v) = call(Method::POST, &p.admin_url("/api/v1/config/reload-ssl")).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let b = tls_connect(https, &ca).await;
+    assert!(peer_cert(&b) == second.der, "a handshake after reload-ssl did not get the new certificate");
+    let mut b = h1(b).await;
+    assert_eq!(send(&mut b).await, (StatusCode::OK, "t1\n".to_owned()));
+    assert_eq!(send(&mut a).await, (StatusCode::OK, "t1\n".to_owned()), "the older connection broke");
+
+    // A garbage certificate: 400 naming the file; the second certificate keeps serving.
+    dir.write("server.crt", "this is not a certificate\n");
+    let (status, v) = call(Method::POST, &p.admin_url("/api/v1/config/reload-ssl")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let msg = v["error"].as_str().unwrap_or_else(|| panic!("error is not JSON {{\"error\"}}: {v}"));
+    assert!(msg.contains(&*cert.to_string_lossy()), "the error does not name {}: {msg}", cert.display());
+    for _ in 0..2 {
+        let again = tls_connect(https, &ca).await;
+        assert!(peer_cert(&again) == second.der, "a refused reload changed the certificate");
+        assert_eq!(send(&mut h1(again).await).await, (StatusCode::OK, "t1\n".to_owned()));
+    }
+    assert_eq!(send(&mut a).await, (StatusCode::OK, "t1\n".to_owned()));
+    assert_eq!(send(&mut b).await, (StatusCode::OK, "t1\n".to_owned()));
+    drop((a, b));
+    p.stop().await;
+}
