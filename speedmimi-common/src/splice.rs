@@ -1,29 +1,51 @@
-//! Maps of the sk_skb splicing program: the SOCKHASH holding spliced sockets and the peer
-//! table telling the verdict program where each socket's bytes go.
+//! Maps of the sk_skb splicing program: the SOCKHASH of spliced sockets, the kernel's per-socket
+//! state (where bytes go, how many went, whether the flow is paused), and userspace's per-socket
+//! flow-control limits. Kernel-written and userspace-written fields live in different maps, so
+//! neither side's whole-value update can overwrite the other's counters.
 
 /// SOCKHASH of spliced sockets, keyed by socket cookie (`u64`).
 pub const SOCKS: &str = "SPLICE_SOCKS";
-/// HashMap socket cookie -> [`Peer`].
+/// HashMap socket cookie -> [`Peer`] (written by the kernel after userspace creates it).
 pub const PEERS: &str = "SPLICE_PEERS";
-/// Capacity of both maps: sockets, i.e. two per spliced flow.
+/// HashMap socket cookie -> [`Control`] (written by userspace only).
+pub const CONTROL: &str = "SPLICE_CONTROL";
+/// Capacity of the maps: sockets, i.e. two per spliced flow.
 pub const CAPACITY: u32 = 131_072;
 
-/// Where a spliced socket's incoming bytes go, and how many have gone.
+/// A spliced socket's kernel-side state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Peer {
     /// Cookie of the socket whose egress receives this socket's bytes (its SOCKHASH key).
     pub peer_cookie: u64,
-    /// Bytes the verdict program redirected from this socket (written only by the kernel,
-    /// under the socket's lock). Userspace compares it with what the peer has sent before
-    /// tearing a flow down, so nothing in flight is lost.
+    /// Bytes redirected to the peer's egress in the kernel.
     pub redirected_bytes: u64,
-    /// Redirects that failed and fell back to the socket's own receive queue.
+    /// Bytes passed to this socket's own receive queue (for userspace to copy) while paused.
+    pub passed_bytes: u64,
+    /// 1 while the kernel passes instead of redirecting: set by the kernel when the budget is
+    /// spent (or a redirect fails); cleared by the kernel once userspace has consumed every
+    /// passed byte and the budget allows again, so bytes never overtake each other.
+    pub paused: u32,
+    /// Redirects that failed (peer gone from the SOCKHASH) and fell back to passing.
     pub fallback_skbs: u32,
-    /// Explicit padding: the layout is an ABI between kernel and userspace.
-    pub _pad: u32,
+}
+
+/// Userspace's flow control for one spliced socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Control {
+    /// Redirect only while `redirected_bytes` stays at or below this: userspace sets it to
+    /// (bytes the peer's receiver acknowledged) − (bytes userspace copied) + budget, so what sits
+    /// in kernel queues towards the peer is bounded by the budget. 0 = never redirect (copy mode).
+    pub limit: u64,
+    /// Passed bytes userspace has read and written to the peer.
+    pub consumed: u64,
 }
 
 #[cfg(feature = "user")]
-// SAFETY: `Peer` is `repr(C)`, has no padding holes (explicit `_pad`) and is valid for every bit pattern.
+// SAFETY: `repr(C)`, no padding holes, valid for every bit pattern.
 unsafe impl aya::Pod for Peer {}
+
+#[cfg(feature = "user")]
+// SAFETY: as for `Peer`.
+unsafe impl aya::Pod for Control {}

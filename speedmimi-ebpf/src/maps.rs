@@ -10,6 +10,10 @@ use speedmimi_common::splice;
 #[map(name = "SPLICE_SOCKS")]
 pub static SPLICE_SOCKS: SockHash<u64> = SockHash::with_max_entries(splice::CAPACITY, 0);
 
-/// Socket cookie -> where its bytes go and how many went.
+/// Socket cookie -> where its bytes go, how many went, whether paused (kernel-written).
 #[map(name = "SPLICE_PEERS")]
 pub static SPLICE_PEERS: HashMap<u64, splice::Peer> = HashMap::with_max_entries(splice::CAPACITY, 0);
+
+/// Socket cookie -> flow-control limit and consumed count (userspace-written).
+#[map(name = "SPLICE_CONTROL")]
+pub static SPLICE_CONTROL: HashMap<u64, splice::Control> = HashMap::with_max_entries(splice::CAPACITY, 0);

@@ -1,8 +1,11 @@
-//! The sk_skb stream verdict: moves each spliced socket's incoming bytes to its peer's egress.
+//! The sk_skb stream verdict: moves each spliced socket's incoming bytes to its peer's egress,
+//! within a byte budget userspace sets, and otherwise passes them to the socket's own receive
+//! queue, where TCP's window throttles the sender and userspace copies them on.
 //!
-//! Kernel traps it handles (see KERNEL-NOTES): a bare FIN arrives as a zero-length skb and must
-//! not be redirected; a redirect whose target is gone returns SK_DROP, so we pass instead and
-//! the bytes wait in the socket's own queue for userspace.
+//! Ordering across the switch: once paused, every skb is passed until userspace has consumed
+//! all passed bytes (`Control::consumed == Peer::passed_bytes`), so a redirected skb never
+//! overtakes a passed one. Kernel traps (KERNEL-NOTES): a bare FIN arrives as a zero-length skb
+//! and must not be redirected; a redirect whose target is gone returns SK_DROP, so we pass instead.
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
@@ -12,7 +15,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 
-use crate::maps::{SPLICE_PEERS, SPLICE_SOCKS};
+use crate::maps::{SPLICE_CONTROL, SPLICE_PEERS, SPLICE_SOCKS};
 
 #[stream_verdict]
 pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
@@ -21,7 +24,7 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
 
 #[inline(always)]
 fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
-    let len = ctx.len();
+    let len = ctx.len() as u64;
     if len == 0 {
         // A bare FIN: TCP has recorded it already; redirecting it would break the peer.
         return SK_DROP;
@@ -32,15 +35,35 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
         return SK_PASS;
     };
     // SAFETY: map values stay valid for the program's run; this socket's verdicts are
-    // serialised by its lock, so no other writer races on this entry.
+    // serialised by its lock, so no other kernel writer races on this entry.
     let peer = unsafe { &mut *peer };
+    // SAFETY: as above; userspace replaces the value whole, never partially.
+    let (limit, consumed) = match unsafe { SPLICE_CONTROL.get(&cookie) } {
+        Some(c) => (c.limit, c.consumed),
+        None => (u64::MAX, peer.passed_bytes),
+    };
+    let within = peer.redirected_bytes + len <= limit;
+    if peer.paused != 0 {
+        if !(within && consumed == peer.passed_bytes) {
+            peer.passed_bytes += len;
+            return SK_PASS;
+        }
+        // Everything passed has been copied on and the budget allows: redirect again.
+        peer.paused = 0;
+    } else if !within {
+        peer.paused = 1;
+        peer.passed_bytes += len;
+        return SK_PASS;
+    }
     let mut target = peer.peer_cookie;
     if SPLICE_SOCKS.redirect_skb(ctx, &mut target, 0) as u32 == SK_PASS {
-        peer.redirected_bytes += len as u64;
+        peer.redirected_bytes += len;
         SK_PASS
     } else {
         peer.fallback_skbs += 1;
-        warn!(ctx, "splice: peer {} of socket {} missing, {} bytes kept", target, cookie, len);
+        peer.paused = 1;
+        peer.passed_bytes += len;
+        warn!(ctx, "splice: peer {} of socket {} missing, {} bytes passed", target, cookie, len);
         SK_PASS
     }
 }

@@ -13,7 +13,7 @@ use std::{
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-pub use values::Dur;
+pub use values::{ByteSize, Dur};
 
 /// Why a config was rejected. Display gives what an operator needs to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -342,11 +342,14 @@ pub struct EbpfSection {
     pub enabled: EbpfMode,
     /// Splice WebSocket/SSE flows in the kernel after setup.
     pub splice: bool,
+    /// Bytes a spliced flow may have in kernel queues per direction; beyond it the sender is
+    /// throttled by TCP's own window until the receiver catches up. (new)
+    pub splice_budget: ByteSize,
 }
 
 impl Default for EbpfSection {
     fn default() -> Self {
-        EbpfSection { enabled: EbpfMode::Auto, splice: true }
+        EbpfSection { enabled: EbpfMode::Auto, splice: true, splice_budget: ByteSize(4 << 20) }
     }
 }
 
@@ -457,6 +460,9 @@ impl FileConfig {
         }
         if self.grpc.enabled && self.grpc.port == 0 {
             bad("grpc.port".into(), "must be 1-65535".into());
+        }
+        if self.ebpf.splice_budget.0 < 64 * 1024 {
+            bad("ebpf.splice_budget".into(), format!("{} is below the 64KiB minimum", self.ebpf.splice_budget));
         }
         if self.admin.port == 0 {
             bad("admin.port".into(), "must be 1-65535".into());

@@ -220,6 +220,9 @@ pub struct ServerStats {
     pub connections_total: AtomicU64,
     pub upgraded_open: AtomicU64,
     pub upgraded_total: AtomicU64,
+    /// Upgraded flows that ended, by how they were joined.
+    pub spliced_flows: AtomicU64,
+    pub copied_flows: AtomicU64,
 }
 
 impl Default for ServerStats {
@@ -231,6 +234,8 @@ impl Default for ServerStats {
             connections_total: AtomicU64::new(0),
             upgraded_open: AtomicU64::new(0),
             upgraded_total: AtomicU64::new(0),
+            spliced_flows: AtomicU64::new(0),
+            copied_flows: AtomicU64::new(0),
         }
     }
 }

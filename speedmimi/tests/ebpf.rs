@@ -63,7 +63,7 @@ async fn splice_program_moves_bytes_between_real_sockets() {
     client_a.write_all(b"early").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
 
-    let pair = kernel.splice(proxy_a.as_fd(), proxy_b.as_fd()).expect("insert into SOCKHASH");
+    let pair = kernel.splice(proxy_a.as_fd(), proxy_b.as_fd(), u64::MAX).expect("insert into SOCKHASH");
     assert_eq!(kernel.spliced_sockets(), 2);
 
     client_a.write_all(b"-and-late").await.unwrap();
@@ -94,7 +94,7 @@ async fn daemon_starts_with_ebpf_required_and_serves() {
     if !root_or_skip("daemon_starts_with_ebpf_required_and_serves") {
         return;
     }
-    let dp: Arc<dyn Datapath> = datapath::start(&EbpfSection { enabled: EbpfMode::True, splice: true })
+    let dp: Arc<dyn Datapath> = datapath::start(&EbpfSection { enabled: EbpfMode::True, ..Default::default() })
         .expect("ebpf.enabled: true starts as root");
     assert!(dp.can_splice());
     let o = Origin::start("b1").await;

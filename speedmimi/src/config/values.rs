@@ -92,6 +92,62 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// A size in bytes written as a number or with a unit: `65536`, `64KiB`, `4MiB`, `1GiB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let n: u64 = t[..split].parse().map_err(|_| format!("invalid size {s:?}: expected e.g. 4MiB or 65536"))?;
+        let mult = match t[split..].trim() {
+            "" | "B" => 1,
+            "KiB" | "K" | "k" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            u => return Err(format!("invalid size {s:?}: unknown unit {u:?} (B, KiB, MiB, GiB)")),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("invalid size {s:?}: too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            n if n >= 1 << 30 && n % (1 << 30) == 0 => write!(f, "{}GiB", n >> 30),
+            n if n >= 1 << 20 && n % (1 << 20) == 0 => write!(f, "{}MiB", n >> 20),
+            n if n >= 1 << 10 && n % (1 << 10) == 0 => write!(f, "{}KiB", n >> 10),
+            n => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as 4MiB or 65536")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// `ebpf.enabled`: `auto`, or a YAML/JSON bool, or the strings `true`/`false`.
 pub fn ebpf_mode<'de, D: Deserializer<'de>>(d: D) -> Result<EbpfMode, D::Error> {
     struct V;
@@ -130,5 +186,13 @@ mod tests {
         }
         assert_eq!(Dur::parse("250ms").unwrap().to_string(), "250ms");
         assert_eq!(Dur::secs(30).to_string(), "30s");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("4MiB").unwrap().0, 4 << 20);
+        assert_eq!(ByteSize::parse("65536").unwrap().0, 65536);
+        assert_eq!(ByteSize::parse("64KiB").unwrap().to_string(), "64KiB");
+        assert!(ByteSize::parse("4MB").is_err() && ByteSize::parse("x").is_err());
     }
 }

@@ -22,6 +22,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sp
 pub struct Kernel {
     socks: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<HashMap<MapData, u64, splice::Peer>>,
+    control: Mutex<HashMap<MapData, u64, splice::Control>>,
     /// Keeps the programs loaded and attached; dropping it detaches them.
     _ebpf: Ebpf,
 }
@@ -54,6 +55,11 @@ impl Kernel {
             .ok_or_else(|| err("object", "no SPLICE_PEERS map"))?
             .try_into()
             .map_err(|e| err(splice::PEERS, e))?;
+        let control: HashMap<MapData, u64, splice::Control> = ebpf
+            .take_map(splice::CONTROL)
+            .ok_or_else(|| err("object", "no SPLICE_CONTROL map"))?
+            .try_into()
+            .map_err(|e| err(splice::CONTROL, e))?;
         let verdict: &mut SkSkb = ebpf
             .program_mut("splice_verdict")
             .ok_or_else(|| err("object", "no splice_verdict program"))?
@@ -63,7 +69,7 @@ impl Kernel {
         // Attach before any socket is inserted (KERNEL-NOTES).
         verdict.attach(socks.fd()).map_err(|e| err("attaching splice_verdict", e))?;
         tracing::info!("sk_skb splice verdict loaded and attached to {}", splice::SOCKS);
-        Ok(Kernel { socks: Mutex::new(socks), peers: Mutex::new(peers), _ebpf: ebpf })
+        Ok(Kernel { socks: Mutex::new(socks), peers: Mutex::new(peers), control: Mutex::new(control), _ebpf: ebpf })
     }
 }
 
@@ -130,8 +136,18 @@ impl Datapath for Kernel {
         true
     }
 
-    fn splice(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<SplicedPair, DatapathError> {
+    fn splice(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>, limit: u64) -> Result<SplicedPair, DatapathError> {
         let pair = SplicedPair { a: cookie(a)?, b: cookie(b)? };
+        {
+            // Flow control first: a socket without it would be redirected without limit.
+            let mut control = self.control.lock().expect("control lock");
+            for c in [pair.a, pair.b] {
+                if let Err(e) = control.insert(c, splice::Control { limit, consumed: 0 }, 0) {
+                    let _ = control.remove(&pair.a);
+                    return Err(err("SPLICE_CONTROL insert", e));
+                }
+            }
+        }
         {
             let mut peers = self.peers.lock().expect("peers lock");
             peers
@@ -139,6 +155,8 @@ impl Datapath for Kernel {
                 .map_err(|e| err("SPLICE_PEERS insert", e))?;
             if let Err(e) = peers.insert(pair.b, splice::Peer { peer_cookie: pair.a, ..Default::default() }, 0) {
                 let _ = peers.remove(&pair.a);
+                drop(peers);
+                let _ = self.unsplice(pair);
                 return Err(err("SPLICE_PEERS insert", e));
             }
         }
@@ -161,10 +179,24 @@ impl Datapath for Kernel {
             let _ = socks.remove(&pair.a);
             let _ = socks.remove(&pair.b);
         }
-        let mut peers = self.peers.lock().expect("peers lock");
-        let _ = peers.remove(&pair.a);
-        let _ = peers.remove(&pair.b);
+        {
+            let mut peers = self.peers.lock().expect("peers lock");
+            let _ = peers.remove(&pair.a);
+            let _ = peers.remove(&pair.b);
+        }
+        let mut control = self.control.lock().expect("control lock");
+        let _ = control.remove(&pair.a);
+        let _ = control.remove(&pair.b);
         Ok(())
+    }
+
+    fn set_control(&self, cookie: u64, c: splice::Control) -> Result<(), DatapathError> {
+        // BPF_EXIST: only a socket still spliced gets a limit.
+        self.control.lock().expect("control lock").insert(cookie, c, 2).map_err(|e| err("SPLICE_CONTROL update", e))
+    }
+
+    fn peer(&self, cookie: u64) -> Option<splice::Peer> {
+        self.peers.lock().expect("peers lock").get(&cookie, 0).ok()
     }
 
     fn redirected_bytes(&self, cookie: u64) -> Option<u64> {

@@ -5,6 +5,8 @@ pub mod kernel;
 
 use std::{os::fd::BorrowedFd, sync::Arc};
 
+pub use speedmimi_common::splice::{Control, Peer};
+
 use crate::config::{EbpfMode, EbpfSection};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +35,15 @@ pub trait Datapath: Send + Sync {
     /// Whether `splice` can work.
     fn can_splice(&self) -> bool;
 
-    /// Makes the kernel move bytes arriving on `a` out of `b` and vice versa.
-    fn splice(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<SplicedPair, DatapathError>;
+    /// Makes the kernel move bytes arriving on `a` out of `b` and vice versa, each direction
+    /// at first within `limit` bytes (see `splice::Control`).
+    fn splice(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>, limit: u64) -> Result<SplicedPair, DatapathError>;
+
+    /// Sets a spliced socket's flow control.
+    fn set_control(&self, cookie: u64, control: Control) -> Result<(), DatapathError>;
+
+    /// A spliced socket's kernel-side state.
+    fn peer(&self, cookie: u64) -> Option<Peer>;
 
     /// Stops splicing a pair (idempotent).
     fn unsplice(&self, pair: SplicedPair) -> Result<(), DatapathError>;
@@ -60,8 +69,14 @@ impl Datapath for Userspace {
     fn can_splice(&self) -> bool {
         false
     }
-    fn splice(&self, _a: BorrowedFd<'_>, _b: BorrowedFd<'_>) -> Result<SplicedPair, DatapathError> {
+    fn splice(&self, _a: BorrowedFd<'_>, _b: BorrowedFd<'_>, _limit: u64) -> Result<SplicedPair, DatapathError> {
         Err(DatapathError::NoSplice)
+    }
+    fn set_control(&self, _cookie: u64, _control: Control) -> Result<(), DatapathError> {
+        Err(DatapathError::NoSplice)
+    }
+    fn peer(&self, _cookie: u64) -> Option<Peer> {
+        None
     }
     fn unsplice(&self, _pair: SplicedPair) -> Result<(), DatapathError> {
         Ok(())

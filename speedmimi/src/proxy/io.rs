@@ -29,6 +29,11 @@ impl<T> ClientIo<T> {
         ClientIo { inner, timeout, stall: None, scanner: scanner.map(Box::new) }
     }
 
+    /// The connection itself, when the proxy takes it over (a spliced upgrade).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
     fn check<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
         match r {
             Poll::Pending => {

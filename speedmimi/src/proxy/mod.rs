@@ -8,6 +8,7 @@ pub mod headers;
 mod io;
 pub mod server;
 mod service;
+mod splice;
 mod upgrade;
 pub mod upstream;
 

@@ -5,17 +5,14 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{
-        conn::auto,
-        graceful::{GracefulShutdown, Watcher},
-    },
+use hyper::{
+    server::conn::{http1, http2},
+    service::service_fn,
 };
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tokio_rustls::TlsAcceptor;
@@ -42,14 +39,12 @@ pub async fn serve(
     let write_timeout = server.write_timeout.get();
     let max_head = (server.max_header_bytes as usize).max(8192);
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(read_timeout).max_buf_size(max_head).half_close(false);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
-    if kind == Listener::Grpc {
-        builder = builder.http2_only();
-    }
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let max_conn = server.max_conn;
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new()).header_read_timeout(read_timeout).max_buf_size(max_head).half_close(false);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new()).max_concurrent_streams(1024);
+    let builder = Arc::new(Builders { h1, h2 });
     let tls: Option<TlsAcceptor> = match (kind, &state.tls) {
         (Listener::Https, Some(tls)) => Some(tls.acceptor()),
         (Listener::Https, None) => {
@@ -77,10 +72,26 @@ pub async fn serve(
             _ = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = Conn { state: state.clone(), builder: builder.clone(), peer, kind, write_timeout, permit };
-        let watcher = graceful.watcher();
+        let conn = Conn {
+            state: state.clone(),
+            builder: builder.clone(),
+            peer,
+            kind,
+            write_timeout,
+            permit,
+            shutdown: shutdown.clone(),
+        };
         let Some(tls) = &tls else {
-            tokio::spawn(conn.serve(stream, kind == Listener::Http, watcher));
+            tokio::spawn(async move {
+                let http1 = match kind {
+                    Listener::Grpc => false,
+                    _ => match sniff_http1(&stream, read_timeout).await {
+                        Some(h1) => h1,
+                        None => return,
+                    },
+                };
+                conn.serve(stream, http1).await;
+            });
             continue;
         };
         let handshake = tls.accept(stream);
@@ -90,32 +101,63 @@ pub async fn serve(
                 Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => return tracing::debug!(%peer, timeout = ?read_timeout, "TLS handshake timed out"),
             };
-            // The framing scanner reads HTTP/1 only; h2 frames carry their own lengths.
             let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2");
-            conn.serve(stream, http1, watcher).await;
+            conn.serve(stream, http1).await;
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+    // Every open connection holds a permit: having them all back means all have finished.
+    if tokio::time::timeout(DRAIN, limit.acquire_many(max_conn)).await.is_err() {
         tracing::warn!(listener = ?kind, "connections still open after {DRAIN:?}; closing them");
+    }
+}
+
+/// HTTP/1.1 and HTTP/2 server settings, shared by a listener's connections.
+struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+/// Prior-knowledge h2c starts with `PRI * HTTP/2.0`; anything else is HTTP/1. Peeking leaves the
+/// bytes in the socket, so hyper reads the connection from its first byte and an upgraded
+/// connection is still a plain `TcpStream` underneath (which splicing needs). None: the client
+/// left or sent nothing within `read_timeout`.
+async fn sniff_http1(stream: &TcpStream, read_timeout: Duration) -> Option<bool> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+    let mut buf = [0u8; 14];
+    let deadline = tokio::time::Instant::now() + read_timeout;
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await.ok()?.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != PREFACE[..n] {
+            return Some(true);
+        }
+        if n == PREFACE.len() {
+            return Some(false);
+        }
+        // A prefix of the preface so far: wait for more bytes.
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
 /// An accepted client connection, ready to be served once its transport (plain or TLS) is up.
 struct Conn {
     state: Arc<State>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Builders>,
     peer: SocketAddr,
     kind: Listener,
     write_timeout: Duration,
     /// One of `server.max_conn`, held until the connection ends.
     permit: OwnedSemaphorePermit,
+    shutdown: Shutdown,
 }
 
 impl Conn {
     /// Serves HTTP on `io` until the client leaves or a graceful stop ends it; `http1` feeds
     /// the bytes read through the framing scanner.
-    async fn serve<I>(self, io: I, http1: bool, watcher: Watcher)
+    async fn serve<I>(self, io: I, http1: bool)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -130,8 +172,28 @@ impl Conn {
         let handler = Handler::new(self.state, self.peer, self.kind, ambiguous);
         let service = service_fn(move |req| handler.clone().handle(req));
         let io = TokioIo::new(ClientIo::new(io, self.write_timeout, scanner));
-        let conn = self.builder.serve_connection_with_upgrades(io, service);
-        if let Err(e) = watcher.watch(conn).await {
+        let result = if http1 {
+            let conn = self.builder.h1.serve_connection(io, service).with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = self.shutdown.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        } else {
+            let conn = self.builder.h2.serve_connection(io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = self.shutdown.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        };
+        if let Err(e) = result {
             tracing::debug!(peer = %self.peer, error = %e, "client connection ended with error");
         }
         drop(self.permit);

@@ -104,7 +104,12 @@ impl Handler {
         let hash = client_hash(client);
 
         if is_upgrade {
-            return upgrade::relay(snap, route, req, hash, &self.state.stats).await;
+            let config = self.state.config();
+            let splicer = (config.file.ebpf.splice && self.state.datapath.can_splice()).then(|| upgrade::Splicer {
+                datapath: self.state.datapath.clone(),
+                budget: config.file.ebpf.splice_budget.0,
+            });
+            return upgrade::relay(snap, route, req, hash, &self.state.stats, splicer).await;
         }
 
         let (mut parts, body) = req.into_parts();

@@ -1,19 +1,31 @@
 //! Protocol upgrades (WebSocket): the handshake is relayed on a dedicated backend connection;
-//! after a 101 both sides are joined and bytes are copied until either side closes.
+//! after a 101 both sides are joined: spliced in the kernel when both are plain TCP and the
+//! datapath can, copied in userspace otherwise (TLS, no eBPF, `ebpf.splice: false`, a failed
+//! insertion), with the same behaviour seen from outside.
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::Ordering::Relaxed};
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use hyper::{body::Incoming, client::conn::http1};
+use hyper::{body::Incoming, client::conn::http1, upgrade::Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+    sync::watch,
+};
 
 use super::{
     body::{InFlight, RequestBody, ResponseBody},
     error, headers,
+    io::ClientIo,
     service::pick,
+    splice,
+    upstream::UpstreamIo,
 };
 use crate::{
     backend::Backend,
+    datapath::Datapath,
     state::{Protocol, Route, Snapshot},
     stats::ServerStats,
     tls::Alpn,
@@ -28,6 +40,7 @@ pub async fn relay(
     mut req: Request<Incoming>,
     hash: u64,
     server: &Arc<ServerStats>,
+    splicer: Option<Splicer>,
 ) -> Response<ResponseBody> {
     let settings = &snap.settings;
     let client_upgrade = hyper::upgrade::on(&mut req);
@@ -89,7 +102,7 @@ pub async fn relay(
         let route_name = route.name.clone();
         let server = server.clone();
         // Subscribed before the 101 goes out, so a disconnect from now on reaches this flow.
-        let mut closer = backend.closer.subscribe();
+        let closer = backend.closer.subscribe();
         tokio::spawn(async move {
             let _guard = guard;
             let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -100,17 +113,91 @@ pub async fn relay(
                 }
             };
             let _open = server.upgraded();
-            let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
-            tokio::select! {
-                r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF) => match r {
-                    Ok((up, down)) => tracing::debug!(route = %route_name, up, down, "upgraded flow closed"),
-                    Err(e) => tracing::debug!(route = %route_name, error = %e, "upgraded flow ended with error"),
-                },
-                _ = closer.changed() => tracing::info!(route = %route_name, "upgraded flow closed by disconnect or drain"),
-            }
+            join(client, upstream, splicer, &server, closer, &route_name).await;
         });
         return Response::from_parts(p, ResponseBody::Local(None));
     }
     error::bad_gateway()
+}
+
+/// What splicing needs: the datapath and the per-flow budget.
+#[derive(Clone)]
+pub struct Splicer {
+    pub datapath: Arc<dyn Datapath>,
+    pub budget: u64,
+}
+
+/// Joins the two upgraded connections until the flow ends: in the kernel when it can, by
+/// copying otherwise.
+async fn join(
+    client: Upgraded,
+    upstream: Upgraded,
+    splicer: Option<Splicer>,
+    server: &ServerStats,
+    closer: watch::Receiver<u64>,
+    route: &str,
+) {
+    // Our upstream connections are always `UpstreamIo`; only plain TCP on both sides splices.
+    let upstream = match upstream.downcast::<TokioIo<UpstreamIo>>() {
+        Ok(p) => p,
+        Err(_) => return tracing::error!(route, "upstream connection of unexpected type"),
+    };
+    let (up_io, up_ahead) = (upstream.io.into_inner(), upstream.read_buf);
+    let (splicer, up_tcp) = match (splicer, up_io) {
+        (Some(s), UpstreamIo::Tcp(tcp)) => (s, tcp),
+        (_, up_io) => {
+            server.copied_flows.fetch_add(1, Relaxed);
+            return copy(TokioIo::new(client), Bytes::new(), up_io, up_ahead, closer, route).await;
+        }
+    };
+    let client = match client.downcast::<TokioIo<ClientIo<TcpStream>>>() {
+        Ok(p) => p,
+        Err(client) => {
+            server.copied_flows.fetch_add(1, Relaxed);
+            return copy(TokioIo::new(client), Bytes::new(), UpstreamIo::Tcp(up_tcp), up_ahead, closer, route).await;
+        }
+    };
+    let (client_tcp, client_ahead) = (client.io.into_inner().into_inner(), client.read_buf);
+    let dp = splicer.datapath.clone();
+    match splice::run(dp, client_tcp, client_ahead, up_tcp, up_ahead, splicer.budget, closer.clone()).await {
+        Ok(end) => {
+            server.spliced_flows.fetch_add(1, Relaxed);
+            tracing::debug!(route, ?end, "spliced flow ended");
+        }
+        Err((e, client_tcp, up_tcp)) => {
+            // Prefixes were written before the failure: nothing is left to forward twice.
+            tracing::debug!(route, error = %e, "splice unavailable for this flow; copying");
+            server.copied_flows.fetch_add(1, Relaxed);
+            copy(client_tcp, Bytes::new(), UpstreamIo::Tcp(up_tcp), Bytes::new(), closer, route).await;
+        }
+    }
+}
+
+/// Userspace copy in both directions, after writing what each side had already sent.
+async fn copy<C>(
+    mut client: C,
+    client_ahead: Bytes,
+    mut upstream: UpstreamIo,
+    upstream_ahead: Bytes,
+    mut closer: watch::Receiver<u64>,
+    route: &str,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let copied = async {
+        if !client_ahead.is_empty() {
+            upstream.write_all(&client_ahead).await?;
+        }
+        if !upstream_ahead.is_empty() {
+            client.write_all(&upstream_ahead).await?;
+        }
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF).await
+    };
+    tokio::select! {
+        r = copied => match r {
+            Ok((up, down)) => tracing::debug!(route, up, down, "upgraded flow closed"),
+            Err(e) => tracing::debug!(route, error = %e, "upgraded flow ended with error"),
+        },
+        _ = closer.changed() => tracing::info!(route, "upgraded flow closed by disconnect or drain"),
+    }
 }

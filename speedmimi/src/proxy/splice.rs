@@ -1,0 +1,237 @@
+//! Kernel splicing of an upgraded flow: both plain TCP sockets go into the SOCKHASH and the
+//! sk_skb verdict moves bytes between them; this task only keeps the flow within its byte
+//! budget, copies what the kernel passed back to userspace, and ends the flow properly.
+//!
+//! Per direction src -> dst (KERNEL-NOTES):
+//! - bytes the kernel *passed* (budget spent) wait in src's receive queue; we read them and
+//!   write them to dst, but only once everything the kernel *redirected* earlier has entered
+//!   dst's send queue, so order holds; then we raise src's limit to what dst's receiver has
+//!   acknowledged plus the budget, which bounds kernel memory per direction by the budget;
+//! - FIN on src: once every byte from src has entered dst's send queue, shut down dst's write side;
+//! - RST on src: reset dst (zero linger) and end the flow;
+//! - when both directions are done, or on disconnect, the sockets leave the maps and close.
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use speedmimi_common::splice::Control;
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
+
+use crate::datapath::Datapath;
+
+/// How long a FIN or a copy may wait for the peer to take the bytes before the flow is reset.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Read buffer for bytes the kernel passed to userspace (allocated only while copying).
+const COPY_BUF: usize = 64 * 1024;
+
+/// One direction's bookkeeping.
+struct Direction {
+    /// Cookie of the socket bytes arrive on.
+    src: u64,
+    /// Bytes userspace read from src and wrote to dst (kernel-passed bytes, or the prefix).
+    consumed: u64,
+    /// dst's `tcpi_bytes_acked` when it was inserted (it includes the SYN).
+    dst_acked_base: u64,
+    /// Bytes written into dst before splicing began (read-ahead handed over by hyper).
+    dst_prefix: u64,
+    done: bool,
+}
+
+/// Why a flow ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both sides closed normally.
+    Closed,
+    /// One side reset; the other was reset too.
+    Reset,
+    /// Admin disconnect or drain deadline.
+    Disconnected,
+    /// The peer did not take the bytes within the drain limit.
+    Stalled,
+}
+
+/// Splices `client` and `upstream` until the flow ends. `client_ahead` are bytes the client sent
+/// that hyper already read (they go to the upstream first), `upstream_ahead` likewise.
+/// Returns Err (with the sockets untouched apart from the prefixes) when insertion fails, so
+/// the caller can copy instead.
+pub async fn run(
+    dp: Arc<dyn Datapath>,
+    mut client: TcpStream,
+    client_ahead: Bytes,
+    mut upstream: TcpStream,
+    upstream_ahead: Bytes,
+    budget: u64,
+    mut closer: watch::Receiver<u64>,
+) -> Result<End, (io::Error, TcpStream, TcpStream)> {
+    // Bytes already read into userspace go first, before the kernel joins the sockets.
+    if let Err(e) = write_prefix(&mut upstream, &client_ahead).await {
+        return Err((e, client, upstream));
+    }
+    if let Err(e) = write_prefix(&mut client, &upstream_ahead).await {
+        return Err((e, client, upstream));
+    }
+    let (ca, ua) = match (bytes_acked(client.as_fd()), bytes_acked(upstream.as_fd())) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => return Err((e, client, upstream)),
+    };
+    let pair = match dp.splice(client.as_fd(), upstream.as_fd(), budget) {
+        Ok(p) => p,
+        Err(e) => return Err((io::Error::other(e.to_string()), client, upstream)),
+    };
+    // client -> upstream, and upstream -> client.
+    let mut up =
+        Direction { src: pair.a, consumed: 0, dst_acked_base: ua, dst_prefix: client_ahead.len() as u64, done: false };
+    let mut down = Direction {
+        src: pair.b,
+        consumed: 0,
+        dst_acked_base: ca,
+        dst_prefix: upstream_ahead.len() as u64,
+        done: false,
+    };
+    let end = watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, budget, &mut closer).await;
+    let _ = dp.unsplice(pair);
+    if end != End::Closed {
+        reset(&client);
+        reset(&upstream);
+    }
+    Ok(end)
+}
+
+async fn write_prefix(s: &mut TcpStream, prefix: &[u8]) -> io::Result<()> {
+    if !prefix.is_empty() {
+        s.write_all(prefix).await?;
+    }
+    Ok(())
+}
+
+async fn watch(
+    dp: &dyn Datapath,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    up: &mut Direction,
+    down: &mut Direction,
+    budget: u64,
+    closer: &mut watch::Receiver<u64>,
+) -> End {
+    loop {
+        if up.done && down.done {
+            return End::Closed;
+        }
+        tokio::select! {
+            r = client.readable(), if !up.done => {
+                if r.is_err() { return End::Reset; }
+                match pump(dp, client, upstream, up, budget).await {
+                    Ok(()) => {}
+                    Err(end) => return end,
+                }
+            }
+            r = upstream.readable(), if !down.done => {
+                if r.is_err() { return End::Reset; }
+                match pump(dp, upstream, client, down, budget).await {
+                    Ok(()) => {}
+                    Err(end) => return end,
+                }
+            }
+            _ = closer.changed() => return End::Disconnected,
+        }
+    }
+}
+
+/// Handles readiness of `src`: copies what the kernel passed, or finishes the direction on
+/// FIN, or reports a reset.
+async fn pump(
+    dp: &dyn Datapath,
+    src: &mut TcpStream,
+    dst: &mut TcpStream,
+    dir: &mut Direction,
+    budget: u64,
+) -> Result<(), End> {
+    let mut buf: Option<Vec<u8>> = None;
+    loop {
+        let b = buf.get_or_insert_with(|| vec![0; COPY_BUF]);
+        match src.try_read(b) {
+            Ok(0) => {
+                // FIN: everything from src must have entered dst's send queue first.
+                wait_flushed(dp, dst, dir).await?;
+                let _ = dst.shutdown().await;
+                dir.done = true;
+                return Ok(());
+            }
+            Ok(n) => {
+                wait_flushed(dp, dst, dir).await?;
+                if tokio::time::timeout(DRAIN_LIMIT, dst.write_all(&b[..n])).await.map_or(true, |r| r.is_err()) {
+                    return Err(End::Stalled);
+                }
+                dir.consumed += n as u64;
+                let acked = bytes_acked(dst.as_fd()).unwrap_or(dir.dst_acked_base);
+                let delivered = acked.saturating_sub(dir.dst_acked_base).saturating_sub(dir.dst_prefix);
+                let limit = (delivered + budget).saturating_sub(dir.consumed);
+                let _ = dp.set_control(dir.src, Control { limit, consumed: dir.consumed });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(End::Reset),
+        }
+    }
+}
+
+/// Waits until every byte src sent (redirected by the kernel or copied by us) has entered
+/// dst's send queue: dst's acknowledged bytes plus its queue cover them.
+async fn wait_flushed(dp: &dyn Datapath, dst: &TcpStream, dir: &Direction) -> Result<(), End> {
+    let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+    let mut pause = Duration::from_micros(50);
+    loop {
+        let Some(peer) = dp.peer(dir.src) else { return Ok(()) };
+        let want = peer.redirected_bytes + dir.consumed + dir.dst_prefix;
+        let have = match (bytes_acked(dst.as_fd()), outq(dst.as_fd())) {
+            (Ok(a), Ok(q)) => a.saturating_sub(dir.dst_acked_base) + q,
+            _ => return Err(End::Reset),
+        };
+        if have >= want {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(End::Stalled);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// `tcpi_bytes_acked`: bytes of ours the peer acknowledged (plus one for the SYN).
+fn bytes_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: tcp_info is plain data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: fd is a live TCP socket; info/len are valid for writes of their sizes.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked)
+}
+
+/// Bytes in the send queue not yet acknowledged (SIOCOUTQ).
+fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: fd is a live socket; TIOCOUTQ (= SIOCOUTQ) writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u64)
+}
+
+/// Zero linger: closing sends RST instead of FIN (the peer reset, or we give up on the flow).
+/// With a zero timeout, close does not block.
+fn reset(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
