@@ -9,6 +9,10 @@ pub const SOCKS: &str = "SPLICE_SOCKS";
 pub const PEERS: &str = "SPLICE_PEERS";
 /// HashMap socket cookie -> [`Control`] (written by userspace only).
 pub const CONTROL: &str = "SPLICE_CONTROL";
+/// Per-CPU HashMap backend slot (`u32`) -> [`Counters`] (written by the kernel).
+pub const COUNTERS: &str = "SPLICE_COUNTERS";
+/// Backends counted at once.
+pub const BACKENDS: u32 = 16_384;
 /// Capacity of the maps: sockets, i.e. two per spliced flow.
 pub const CAPACITY: u32 = 131_072;
 
@@ -28,6 +32,18 @@ pub struct Peer {
     pub paused: u32,
     /// Redirects that failed (peer gone from the SOCKHASH) and fell back to passing.
     pub fallback_skbs: u32,
+    /// Which backend the flow belongs to (the key of [`COUNTERS`]).
+    pub backend_slot: u32,
+    /// 1 when this is the client's socket (its bytes go to the backend), 0 for the backend's.
+    pub to_backend: u32,
+}
+
+/// Bytes the kernel moved for one backend's spliced flows (per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Counters {
+    pub bytes_to_backend: u64,
+    pub bytes_to_client: u64,
 }
 
 /// Userspace's flow control for one spliced socket.
@@ -49,3 +65,7 @@ unsafe impl aya::Pod for Peer {}
 #[cfg(feature = "user")]
 // SAFETY: as for `Peer`.
 unsafe impl aya::Pod for Control {}
+
+#[cfg(feature = "user")]
+// SAFETY: as for `Peer`.
+unsafe impl aya::Pod for Counters {}

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, SockHash},
+    maps::{HashMap, PerCpuHashMap, SockHash},
 };
 use speedmimi_common::splice;
 
@@ -17,3 +17,7 @@ pub static SPLICE_PEERS: HashMap<u64, splice::Peer> = HashMap::with_max_entries(
 /// Socket cookie -> flow-control limit and consumed count (userspace-written).
 #[map(name = "SPLICE_CONTROL")]
 pub static SPLICE_CONTROL: HashMap<u64, splice::Control> = HashMap::with_max_entries(splice::CAPACITY, 0);
+
+/// Backend slot -> bytes moved in the kernel, per CPU (no atomics on the hot path).
+#[map(name = "SPLICE_COUNTERS")]
+pub static SPLICE_COUNTERS: PerCpuHashMap<u32, splice::Counters> = PerCpuHashMap::with_max_entries(splice::BACKENDS, 0);

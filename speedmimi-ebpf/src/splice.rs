@@ -15,7 +15,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 
-use crate::maps::{SPLICE_CONTROL, SPLICE_PEERS, SPLICE_SOCKS};
+use crate::maps::{SPLICE_CONTROL, SPLICE_COUNTERS, SPLICE_PEERS, SPLICE_SOCKS};
+use speedmimi_common::splice::Counters;
 
 #[stream_verdict]
 pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
@@ -58,6 +59,7 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
     let mut target = peer.peer_cookie;
     if SPLICE_SOCKS.redirect_skb(ctx, &mut target, 0) as u32 == SK_PASS {
         peer.redirected_bytes += len;
+        count(peer.backend_slot, peer.to_backend != 0, len);
         SK_PASS
     } else {
         peer.fallback_skbs += 1;
@@ -65,5 +67,27 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
         peer.passed_bytes += len;
         warn!(ctx, "splice: peer {} of socket {} missing, {} bytes passed", target, cookie, len);
         SK_PASS
+    }
+}
+
+/// Adds redirected bytes to the backend's per-CPU counters (created on first use).
+#[inline(always)]
+fn count(slot: u32, to_backend: bool, len: u64) {
+    let c = match SPLICE_COUNTERS.get_ptr_mut(&slot) {
+        Some(c) => c,
+        None => {
+            let _ = SPLICE_COUNTERS.insert(&slot, &Counters::default(), 0);
+            match SPLICE_COUNTERS.get_ptr_mut(&slot) {
+                Some(c) => c,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: a per-CPU value: only this CPU writes it, and we run with preemption disabled.
+    let c = unsafe { &mut *c };
+    if to_backend {
+        c.bytes_to_backend += len;
+    } else {
+        c.bytes_to_client += len;
     }
 }

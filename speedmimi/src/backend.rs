@@ -20,6 +20,12 @@ use crate::{
     tls::UpstreamTls,
 };
 
+/// A fresh kernel-counter slot (slots are recycled only after 16,384 backends have come and gone).
+fn next_slot() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    NEXT.fetch_add(1, Relaxed) % speedmimi_common::splice::BACKENDS
+}
+
 /// Milliseconds since process start: cheap, monotonic, fits an atomic.
 pub fn now_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -31,6 +37,11 @@ pub struct Backend {
     pub conf: ArcSwap<BackendSection>,
     pub id: String,
     pub upstream: String,
+    /// This backend's key in the kernel's per-backend counters.
+    pub slot: u32,
+    /// Upgraded flows to this backend that were spliced in the kernel, and copied.
+    pub spliced_flows: AtomicU64,
+    pub copied_flows: AtomicU64,
     /// `host:port` as configured: the Maglev identity and the upstream `Host` for health checks.
     pub authority: String,
     pub scheme: Scheme,
@@ -70,6 +81,9 @@ impl Backend {
             conf: ArcSwap::from_pointee(conf.clone()),
             id: conf.id.clone(),
             upstream: upstream.to_owned(),
+            slot: next_slot(),
+            spliced_flows: AtomicU64::new(0),
+            copied_flows: AtomicU64::new(0),
             maglev: maglev::Member::from_addr(authority.as_bytes(), conf.weight),
             scheme: conf.scheme,
             weight: AtomicU32::new(conf.weight),

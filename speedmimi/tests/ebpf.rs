@@ -63,7 +63,7 @@ async fn splice_program_moves_bytes_between_real_sockets() {
     client_a.write_all(b"early").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
 
-    let pair = kernel.splice(proxy_a.as_fd(), proxy_b.as_fd(), u64::MAX).expect("insert into SOCKHASH");
+    let pair = kernel.splice(proxy_a.as_fd(), proxy_b.as_fd(), u64::MAX, 7).expect("insert into SOCKHASH");
     assert_eq!(kernel.spliced_sockets(), 2);
 
     client_a.write_all(b"-and-late").await.unwrap();
@@ -83,6 +83,11 @@ async fn splice_program_moves_bytes_between_real_sockets() {
     // The verdict program counted what it moved, per socket.
     assert_eq!(kernel.redirected_bytes(pair.b), Some(big.len() as u64));
     assert!(kernel.redirected_bytes(pair.a).unwrap() >= 9, "late bytes counted");
+    // ...and per backend, per direction, summed over CPUs.
+    let c = kernel.counters(7).expect("counters for the flow's backend slot");
+    assert_eq!(c.bytes_to_client, big.len() as u64);
+    assert_eq!(c.bytes_to_backend, kernel.redirected_bytes(pair.a).unwrap());
+    assert_eq!(kernel.counters(8), None, "no other backend moved bytes");
 
     kernel.unsplice(pair).unwrap();
     assert_eq!(kernel.spliced_sockets(), 0, "SOCKHASH empty after unsplice");

@@ -12,10 +12,11 @@ use crate::{
     backend::Backend,
     command::{Command, PerformanceReport},
     config::BackendSection,
+    datapath::Datapath,
 };
 
 /// A backend as operators see it: settings, health and live counters.
-pub fn view(b: &Backend) -> Value {
+pub fn view(b: &Backend, dp: &dyn Datapath) -> Value {
     let conf = b.conf.load();
     json!({
         "id": b.id,
@@ -34,8 +35,15 @@ pub fn view(b: &Backend) -> Value {
         "passive_cooldown": b.cooling_down(),
         "latency_ewma_ms": match b.latency_ewma_us() { 0 => None, us => Some(us as f64 / 1000.0) },
         "health_check": conf.health_check,
-        // Kernel counters arrive with the kernel datapath issues; null until then.
-        "kernel": Value::Null,
+        "upgraded_flows": {
+            "spliced": b.spliced_flows.load(Relaxed),
+            "copied": b.copied_flows.load(Relaxed),
+        },
+        // What the kernel moved for this backend's spliced flows (null without eBPF).
+        "kernel": dp.counters(b.slot).map(|c| json!({
+            "spliced_bytes_to_backend": c.bytes_to_backend,
+            "spliced_bytes_to_client": c.bytes_to_client,
+        })),
     })
 }
 
@@ -52,7 +60,7 @@ pub async fn list(AxState(admin): AxState<Admin>, Query(q): Query<ListQuery>) ->
         if q.upstream.as_ref().is_some_and(|u| u != name) {
             continue;
         }
-        out.insert(name.clone(), Value::Array(up.backends.iter().map(|b| view(b)).collect()));
+        out.insert(name.clone(), Value::Array(up.backends.iter().map(|b| view(b, &*admin.state.datapath)).collect()));
     }
     if let Some(u) = &q.upstream
         && out.is_empty()
@@ -79,7 +87,7 @@ pub async fn add(
     admin.state.apply(Command::AddBackend { upstream: req.upstream.clone(), backend })?;
     let b = admin.state.backend(&req.upstream, &id).expect("just added");
     tracing::info!(upstream = %req.upstream, backend = %id, "backend added");
-    Ok((StatusCode::CREATED, Json(view(&b))))
+    Ok((StatusCode::CREATED, Json(view(&b, &*admin.state.datapath))))
 }
 
 pub async fn remove(AxState(admin): AxState<Admin>, Query(q): Query<BackendRef>) -> Result<Json<Value>, AdminError> {
@@ -102,7 +110,7 @@ pub async fn update(AxState(admin): AxState<Admin>, Body(req): Body<UpdateBody>)
     admin.state.apply(Command::UpdateBackend { upstream: req.upstream.clone(), id: id.clone(), patch: req.backend })?;
     let b = admin.state.backend(&req.upstream, &id).expect("just updated");
     tracing::info!(upstream = %req.upstream, backend = %id, "backend updated");
-    Ok(Json(view(&b)))
+    Ok(Json(view(&b, &*admin.state.datapath)))
 }
 
 pub async fn disconnect(

@@ -111,6 +111,32 @@ pub fn text(state: &State) -> String {
     }
     family(
         &mut out,
+        "speedmimi_upgraded_flows_total",
+        "counter",
+        "Upgraded flows that ended, by how they were joined.",
+    );
+    for b in &backends {
+        let l = label(b);
+        let _ =
+            writeln!(out, "speedmimi_upgraded_flows_total{{{l},mode=\"splice\"}} {}", b.spliced_flows.load(Relaxed));
+        let _ = writeln!(out, "speedmimi_upgraded_flows_total{{{l},mode=\"copy\"}} {}", b.copied_flows.load(Relaxed));
+    }
+    family(
+        &mut out,
+        "speedmimi_spliced_bytes_total",
+        "counter",
+        "Bytes the kernel moved for spliced flows (per-CPU counters, summed).",
+    );
+    for b in &backends {
+        if let Some(c) = state.datapath.counters(b.slot) {
+            let l = label(b);
+            let _ =
+                writeln!(out, "speedmimi_spliced_bytes_total{{{l},direction=\"to_backend\"}} {}", c.bytes_to_backend);
+            let _ = writeln!(out, "speedmimi_spliced_bytes_total{{{l},direction=\"to_client\"}} {}", c.bytes_to_client);
+        }
+    }
+    family(
+        &mut out,
         "speedmimi_request_duration_seconds",
         "histogram",
         "Time from receiving a request to the backend's response head.",

@@ -24,7 +24,11 @@ pub async fn server(AxState(admin): AxState<Admin>) -> Json<Value> {
             "open": s.upgraded_open.load(Relaxed),
             "total": s.upgraded_total.load(Relaxed),
         },
-        "spliced_flows": admin.state.datapath.spliced_sockets() / 2,
+        "spliced_flows": {
+            "open": admin.state.datapath.spliced_sockets() / 2,
+            "total": s.spliced_flows.load(Relaxed),
+        },
+        "copied_flows_total": s.copied_flows.load(Relaxed),
         "datapath": admin.state.datapath.describe(),
     }))
 }
@@ -40,7 +44,7 @@ pub async fn backend(AxState(admin): AxState<Admin>, Query(q): Query<BackendRef>
     })?;
     let t = b.traffic.report();
     Ok(Json(json!({
-        "backend": view(b),
+        "backend": view(b, &*admin.state.datapath),
         "requests": t.requests,
         "status": t.status,
         "latency": t.latency,

@@ -8,7 +8,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, SockHash},
+    maps::{HashMap, MapData, PerCpuHashMap, SockHash},
     programs::SkSkb,
 };
 use speedmimi_common::splice;
@@ -23,6 +23,7 @@ pub struct Kernel {
     socks: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<HashMap<MapData, u64, splice::Peer>>,
     control: Mutex<HashMap<MapData, u64, splice::Control>>,
+    counters: PerCpuHashMap<MapData, u32, splice::Counters>,
     /// Keeps the programs loaded and attached; dropping it detaches them.
     _ebpf: Ebpf,
 }
@@ -60,6 +61,11 @@ impl Kernel {
             .ok_or_else(|| err("object", "no SPLICE_CONTROL map"))?
             .try_into()
             .map_err(|e| err(splice::CONTROL, e))?;
+        let counters: PerCpuHashMap<MapData, u32, splice::Counters> = ebpf
+            .take_map(splice::COUNTERS)
+            .ok_or_else(|| err("object", "no SPLICE_COUNTERS map"))?
+            .try_into()
+            .map_err(|e| err(splice::COUNTERS, e))?;
         let verdict: &mut SkSkb = ebpf
             .program_mut("splice_verdict")
             .ok_or_else(|| err("object", "no splice_verdict program"))?
@@ -69,7 +75,13 @@ impl Kernel {
         // Attach before any socket is inserted (KERNEL-NOTES).
         verdict.attach(socks.fd()).map_err(|e| err("attaching splice_verdict", e))?;
         tracing::info!("sk_skb splice verdict loaded and attached to {}", splice::SOCKS);
-        Ok(Kernel { socks: Mutex::new(socks), peers: Mutex::new(peers), control: Mutex::new(control), _ebpf: ebpf })
+        Ok(Kernel {
+            socks: Mutex::new(socks),
+            peers: Mutex::new(peers),
+            control: Mutex::new(control),
+            counters,
+            _ebpf: ebpf,
+        })
     }
 }
 
@@ -136,7 +148,13 @@ impl Datapath for Kernel {
         true
     }
 
-    fn splice(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>, limit: u64) -> Result<SplicedPair, DatapathError> {
+    fn splice(
+        &self,
+        a: BorrowedFd<'_>,
+        b: BorrowedFd<'_>,
+        limit: u64,
+        backend_slot: u32,
+    ) -> Result<SplicedPair, DatapathError> {
         let pair = SplicedPair { a: cookie(a)?, b: cookie(b)? };
         {
             // Flow control first: a socket without it would be redirected without limit.
@@ -151,9 +169,14 @@ impl Datapath for Kernel {
         {
             let mut peers = self.peers.lock().expect("peers lock");
             peers
-                .insert(pair.a, splice::Peer { peer_cookie: pair.b, ..Default::default() }, 0)
+                .insert(
+                    pair.a,
+                    splice::Peer { peer_cookie: pair.b, backend_slot, to_backend: 1, ..Default::default() },
+                    0,
+                )
                 .map_err(|e| err("SPLICE_PEERS insert", e))?;
-            if let Err(e) = peers.insert(pair.b, splice::Peer { peer_cookie: pair.a, ..Default::default() }, 0) {
+            let upstream_side = splice::Peer { peer_cookie: pair.a, backend_slot, ..Default::default() };
+            if let Err(e) = peers.insert(pair.b, upstream_side, 0) {
                 let _ = peers.remove(&pair.a);
                 drop(peers);
                 let _ = self.unsplice(pair);
@@ -193,6 +216,14 @@ impl Datapath for Kernel {
     fn set_control(&self, cookie: u64, c: splice::Control) -> Result<(), DatapathError> {
         // BPF_EXIST: only a socket still spliced gets a limit.
         self.control.lock().expect("control lock").insert(cookie, c, 2).map_err(|e| err("SPLICE_CONTROL update", e))
+    }
+
+    fn counters(&self, backend_slot: u32) -> Option<splice::Counters> {
+        let per_cpu = self.counters.get(&backend_slot, 0).ok()?;
+        Some(per_cpu.iter().fold(splice::Counters::default(), |acc, c| splice::Counters {
+            bytes_to_backend: acc.bytes_to_backend + c.bytes_to_backend,
+            bytes_to_client: acc.bytes_to_client + c.bytes_to_client,
+        }))
     }
 
     fn peer(&self, cookie: u64) -> Option<splice::Peer> {

@@ -5,7 +5,7 @@ pub mod kernel;
 
 use std::{os::fd::BorrowedFd, sync::Arc};
 
-pub use speedmimi_common::splice::{Control, Peer};
+pub use speedmimi_common::splice::{Control, Counters, Peer};
 
 use crate::config::{EbpfMode, EbpfSection};
 
@@ -35,9 +35,19 @@ pub trait Datapath: Send + Sync {
     /// Whether `splice` can work.
     fn can_splice(&self) -> bool;
 
-    /// Makes the kernel move bytes arriving on `a` out of `b` and vice versa, each direction
-    /// at first within `limit` bytes (see `splice::Control`).
-    fn splice(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>, limit: u64) -> Result<SplicedPair, DatapathError>;
+    /// Makes the kernel move bytes arriving on `client` out of `upstream` and vice versa, each
+    /// direction at first within `limit` bytes (see `splice::Control`), counting them for the
+    /// backend in `backend_slot`.
+    fn splice(
+        &self,
+        client: BorrowedFd<'_>,
+        upstream: BorrowedFd<'_>,
+        limit: u64,
+        backend_slot: u32,
+    ) -> Result<SplicedPair, DatapathError>;
+
+    /// Bytes the kernel moved for a backend's spliced flows (summed over CPUs).
+    fn counters(&self, backend_slot: u32) -> Option<Counters>;
 
     /// Sets a spliced socket's flow control.
     fn set_control(&self, cookie: u64, control: Control) -> Result<(), DatapathError>;
@@ -69,8 +79,11 @@ impl Datapath for Userspace {
     fn can_splice(&self) -> bool {
         false
     }
-    fn splice(&self, _a: BorrowedFd<'_>, _b: BorrowedFd<'_>, _limit: u64) -> Result<SplicedPair, DatapathError> {
+    fn splice(&self, _c: BorrowedFd<'_>, _u: BorrowedFd<'_>, _l: u64, _s: u32) -> Result<SplicedPair, DatapathError> {
         Err(DatapathError::NoSplice)
+    }
+    fn counters(&self, _backend_slot: u32) -> Option<Counters> {
+        None
     }
     fn set_control(&self, _cookie: u64, _control: Control) -> Result<(), DatapathError> {
         Err(DatapathError::NoSplice)

@@ -67,6 +67,7 @@ pub async fn run(
     mut upstream: TcpStream,
     upstream_ahead: Bytes,
     budget: u64,
+    backend_slot: u32,
     mut closer: watch::Receiver<u64>,
 ) -> Result<End, (io::Error, TcpStream, TcpStream)> {
     // Bytes already read into userspace go first, before the kernel joins the sockets.
@@ -80,7 +81,7 @@ pub async fn run(
         (Ok(c), Ok(u)) => (c, u),
         (Err(e), _) | (_, Err(e)) => return Err((e, client, upstream)),
     };
-    let pair = match dp.splice(client.as_fd(), upstream.as_fd(), budget) {
+    let pair = match dp.splice(client.as_fd(), upstream.as_fd(), budget, backend_slot) {
         Ok(p) => p,
         Err(e) => return Err((io::Error::other(e.to_string()), client, upstream)),
     };

@@ -103,6 +103,7 @@ pub async fn relay(
         let server = server.clone();
         // Subscribed before the 101 goes out, so a disconnect from now on reaches this flow.
         let closer = backend.closer.subscribe();
+        let backend_for_flow = backend.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -113,7 +114,7 @@ pub async fn relay(
                 }
             };
             let _open = server.upgraded();
-            join(client, upstream, splicer, &server, closer, &route_name).await;
+            join(client, upstream, splicer, &server, &backend_for_flow, closer, &route_name).await;
         });
         return Response::from_parts(p, ResponseBody::Local(None));
     }
@@ -134,6 +135,7 @@ async fn join(
     upstream: Upgraded,
     splicer: Option<Splicer>,
     server: &ServerStats,
+    backend: &Backend,
     closer: watch::Receiver<u64>,
     route: &str,
 ) {
@@ -147,6 +149,7 @@ async fn join(
         (Some(s), UpstreamIo::Tcp(tcp)) => (s, tcp),
         (_, up_io) => {
             server.copied_flows.fetch_add(1, Relaxed);
+            backend.copied_flows.fetch_add(1, Relaxed);
             return copy(TokioIo::new(client), Bytes::new(), up_io, up_ahead, closer, route).await;
         }
     };
@@ -154,20 +157,25 @@ async fn join(
         Ok(p) => p,
         Err(client) => {
             server.copied_flows.fetch_add(1, Relaxed);
+            backend.copied_flows.fetch_add(1, Relaxed);
             return copy(TokioIo::new(client), Bytes::new(), UpstreamIo::Tcp(up_tcp), up_ahead, closer, route).await;
         }
     };
     let (client_tcp, client_ahead) = (client.io.into_inner().into_inner(), client.read_buf);
     let dp = splicer.datapath.clone();
-    match splice::run(dp, client_tcp, client_ahead, up_tcp, up_ahead, splicer.budget, closer.clone()).await {
+    let spliced =
+        splice::run(dp, client_tcp, client_ahead, up_tcp, up_ahead, splicer.budget, backend.slot, closer.clone()).await;
+    match spliced {
         Ok(end) => {
             server.spliced_flows.fetch_add(1, Relaxed);
+            backend.spliced_flows.fetch_add(1, Relaxed);
             tracing::debug!(route, ?end, "spliced flow ended");
         }
         Err((e, client_tcp, up_tcp)) => {
             // Prefixes were written before the failure: nothing is left to forward twice.
             tracing::debug!(route, error = %e, "splice unavailable for this flow; copying");
             server.copied_flows.fetch_add(1, Relaxed);
+            backend.copied_flows.fetch_add(1, Relaxed);
             copy(client_tcp, Bytes::new(), UpstreamIo::Tcp(up_tcp), Bytes::new(), closer, route).await;
         }
     }
