@@ -56,20 +56,27 @@ pub enum End {
     Stalled,
 }
 
-/// Splices `client` and `upstream` until the flow ends. `client_ahead` are bytes the client sent
-/// that hyper already read (they go to the upstream first), `upstream_ahead` likewise.
-/// Returns Err (with the sockets untouched apart from the prefixes) when insertion fails, so
-/// the caller can copy instead.
+/// The two sockets of an upgraded flow, with what hyper had already read from each.
+pub struct Flow {
+    pub client: TcpStream,
+    /// Bytes the client sent that hyper already read: they go to the upstream first.
+    pub client_ahead: Bytes,
+    pub upstream: TcpStream,
+    /// Bytes the upstream sent after its 101 that hyper already read: they go to the client first.
+    pub upstream_ahead: Bytes,
+}
+
+/// Splices the flow until it ends, counting its kernel bytes for `backend_slot`. Returns Err
+/// (with the sockets untouched apart from the prefixes) when insertion fails, so the caller
+/// can copy instead.
 pub async fn run(
     dp: Arc<dyn Datapath>,
-    mut client: TcpStream,
-    client_ahead: Bytes,
-    mut upstream: TcpStream,
-    upstream_ahead: Bytes,
+    flow: Flow,
     budget: u64,
     backend_slot: u32,
     mut closer: watch::Receiver<u64>,
 ) -> Result<End, (io::Error, TcpStream, TcpStream)> {
+    let Flow { mut client, client_ahead, mut upstream, upstream_ahead } = flow;
     // Bytes already read into userspace go first, before the kernel joins the sockets.
     if let Err(e) = write_prefix(&mut upstream, &client_ahead).await {
         return Err((e, client, upstream));

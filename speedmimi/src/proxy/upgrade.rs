@@ -163,8 +163,8 @@ async fn join(
     };
     let (client_tcp, client_ahead) = (client.io.into_inner().into_inner(), client.read_buf);
     let dp = splicer.datapath.clone();
-    let spliced =
-        splice::run(dp, client_tcp, client_ahead, up_tcp, up_ahead, splicer.budget, backend.slot, closer.clone()).await;
+    let flow = splice::Flow { client: client_tcp, client_ahead, upstream: up_tcp, upstream_ahead: up_ahead };
+    let spliced = splice::run(dp, flow, splicer.budget, backend.slot, closer.clone()).await;
     match spliced {
         Ok(end) => {
             server.spliced_flows.fetch_add(1, Relaxed);
