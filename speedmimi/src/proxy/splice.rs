@@ -14,8 +14,11 @@
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
-    sync::Arc,
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::SeqCst},
+    },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -30,17 +33,46 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// Read buffer for bytes the kernel passed to userspace (allocated only while copying).
 const COPY_BUF: usize = 64 * 1024;
 
+/// A flow moving more than this many bytes per second (over at least `BULK_AFTER`) is bulk.
+const BULK_RATE: u64 = 200 << 20;
+const BULK_AFTER: Duration = Duration::from_millis(500);
+/// Bulk flows copied at once: one core's worth each; beyond that, splicing's lower CPU per
+/// byte wins over copying's higher single-stream speed (KERNEL-NOTES' measurements).
+const BULK_COPIES_MAX: usize = 2;
+
+/// Bulk flows currently moved to userspace copy.
+pub static BULK_COPIES: AtomicUsize = AtomicUsize::new(0);
+
+/// A slot among `BULK_COPIES_MAX`, released on drop.
+pub struct BulkSlot(());
+
+impl BulkSlot {
+    fn take() -> Option<BulkSlot> {
+        BULK_COPIES.fetch_update(SeqCst, SeqCst, |n| (n < BULK_COPIES_MAX).then_some(n + 1)).ok().map(|_| BulkSlot(()))
+    }
+}
+
+impl Drop for BulkSlot {
+    fn drop(&mut self) {
+        BULK_COPIES.fetch_sub(1, SeqCst);
+    }
+}
+
 /// One direction's bookkeeping.
 struct Direction {
     /// Cookie of the socket bytes arrive on.
     src: u64,
     /// Bytes userspace read from src and wrote to dst (kernel-passed bytes, or the prefix).
     consumed: u64,
-    /// dst's `tcpi_bytes_acked` when it was inserted (it includes the SYN).
+    /// Bytes that had entered dst's send queue when splicing began (acknowledged, which counts
+    /// the SYN, plus still queued, such as a 101 the client has not acknowledged yet).
     dst_acked_base: u64,
     /// Bytes written into dst before splicing began (read-ahead handed over by hyper).
     dst_prefix: u64,
     done: bool,
+    started: Instant,
+    /// Set once this direction was found to be bulk (the switch is tried once).
+    bulk_seen: bool,
 }
 
 /// Why a flow ended.
@@ -54,6 +86,17 @@ pub enum End {
     Disconnected,
     /// The peer did not take the bytes within the drain limit.
     Stalled,
+    /// A bulk stream, better copied: the sockets left the maps with nothing in flight.
+    Bulk,
+}
+
+/// How a splice attempt turned out.
+pub enum Outcome {
+    /// The flow ended while spliced.
+    Ended(End),
+    /// Copy from here on (splicing unavailable, or a bulk stream): nothing is in flight between
+    /// the sockets, and bytes still queued in them are the next to copy. `bulk` holds the slot.
+    Copy { client: TcpStream, upstream: TcpStream, reason: io::Error, bulk: Option<BulkSlot> },
 }
 
 /// The two sockets of an upgraded flow, with what hyper had already read from each.
@@ -75,40 +118,78 @@ pub async fn run(
     budget: u64,
     backend_slot: u32,
     mut closer: watch::Receiver<u64>,
-) -> Result<End, (io::Error, TcpStream, TcpStream)> {
+) -> Outcome {
     let Flow { mut client, client_ahead, mut upstream, upstream_ahead } = flow;
+    let copy = |reason, client, upstream| Outcome::Copy { client, upstream, reason, bulk: None };
+    // Baselines before anything more is written: the prefixes count as bytes sent to each side.
+    let (ca, ua) = match (entered(client.as_fd()), entered(upstream.as_fd())) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => return copy(e, client, upstream),
+    };
     // Bytes already read into userspace go first, before the kernel joins the sockets.
     if let Err(e) = write_prefix(&mut upstream, &client_ahead).await {
-        return Err((e, client, upstream));
+        return copy(e, client, upstream);
     }
     if let Err(e) = write_prefix(&mut client, &upstream_ahead).await {
-        return Err((e, client, upstream));
+        return copy(e, client, upstream);
     }
-    let (ca, ua) = match (bytes_acked(client.as_fd()), bytes_acked(upstream.as_fd())) {
-        (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) | (_, Err(e)) => return Err((e, client, upstream)),
-    };
     let pair = match dp.splice(client.as_fd(), upstream.as_fd(), budget, backend_slot) {
         Ok(p) => p,
-        Err(e) => return Err((io::Error::other(e.to_string()), client, upstream)),
+        Err(e) => return copy(io::Error::other(e.to_string()), client, upstream),
     };
     // client -> upstream, and upstream -> client.
-    let mut up =
-        Direction { src: pair.a, consumed: 0, dst_acked_base: ua, dst_prefix: client_ahead.len() as u64, done: false };
+    let started = Instant::now();
+    let (up_prefix, down_prefix) = (client_ahead.len() as u64, upstream_ahead.len() as u64);
+    let mut up = Direction {
+        src: pair.a,
+        consumed: 0,
+        dst_acked_base: ua,
+        dst_prefix: up_prefix,
+        done: false,
+        started,
+        bulk_seen: false,
+    };
     let mut down = Direction {
         src: pair.b,
         consumed: 0,
         dst_acked_base: ca,
-        dst_prefix: upstream_ahead.len() as u64,
+        dst_prefix: down_prefix,
         done: false,
+        started,
+        bulk_seen: false,
     };
-    let end = watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, budget, &mut closer).await;
+    let (end, slot) = loop {
+        match watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, budget, &mut closer).await {
+            // All copy slots taken meanwhile: stay spliced.
+            End::Bulk => match BulkSlot::take() {
+                Some(slot) => break (End::Bulk, Some(slot)),
+                None => continue,
+            },
+            end => break (end, None),
+        }
+    };
+    if let Some(slot) = slot {
+        // Stop redirecting, let everything redirected so far leave, then leave the maps: what
+        // arrives from now on queues in the sockets themselves, in order, for the copier.
+        let _ = dp.set_control(pair.a, Control { limit: 0, consumed: up.consumed });
+        let _ = dp.set_control(pair.b, Control { limit: 0, consumed: down.consumed });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if wait_flushed(&*dp, &upstream, &up).await.is_ok() && wait_flushed(&*dp, &client, &down).await.is_ok() {
+            let _ = dp.unsplice(pair);
+            tracing::debug!("bulk flow moved from splice to copy");
+            return Outcome::Copy { client, upstream, reason: io::Error::other("bulk stream"), bulk: Some(slot) };
+        }
+        let _ = dp.unsplice(pair);
+        reset(&client);
+        reset(&upstream);
+        return Outcome::Ended(End::Stalled);
+    }
     let _ = dp.unsplice(pair);
     if end != End::Closed {
         reset(&client);
         reset(&upstream);
     }
-    Ok(end)
+    Outcome::Ended(end)
 }
 
 async fn write_prefix(s: &mut TcpStream, prefix: &[u8]) -> io::Result<()> {
@@ -177,6 +258,16 @@ async fn pump(
                     return Err(End::Stalled);
                 }
                 dir.consumed += n as u64;
+                let elapsed = dir.started.elapsed();
+                if elapsed >= BULK_AFTER
+                    && !dir.bulk_seen
+                    && BULK_COPIES.load(SeqCst) < BULK_COPIES_MAX
+                    && let Some(peer) = dp.peer(dir.src)
+                    && (peer.redirected_bytes + dir.consumed) as f64 / elapsed.as_secs_f64() > BULK_RATE as f64
+                {
+                    dir.bulk_seen = true;
+                    return Err(End::Bulk);
+                }
                 let acked = bytes_acked(dst.as_fd()).unwrap_or(dir.dst_acked_base);
                 let delivered = acked.saturating_sub(dir.dst_acked_base).saturating_sub(dir.dst_prefix);
                 let limit = (delivered + budget).saturating_sub(dir.consumed);
@@ -197,9 +288,9 @@ async fn wait_flushed(dp: &dyn Datapath, dst: &TcpStream, dir: &Direction) -> Re
     loop {
         let Some(peer) = dp.peer(dir.src) else { return Ok(()) };
         let want = peer.redirected_bytes + dir.consumed + dir.dst_prefix;
-        let have = match (bytes_acked(dst.as_fd()), outq(dst.as_fd())) {
-            (Ok(a), Ok(q)) => a.saturating_sub(dir.dst_acked_base) + q,
-            _ => return Err(End::Reset),
+        let have = match entered(dst.as_fd()) {
+            Ok(n) => n.saturating_sub(dir.dst_acked_base),
+            Err(_) => return Err(End::Reset),
         };
         if have >= want {
             return Ok(());
@@ -225,6 +316,11 @@ fn bytes_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(info.tcpi_bytes_acked)
+}
+
+/// Bytes that ever entered the socket's send queue: acknowledged plus still queued.
+fn entered(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(bytes_acked(fd)? + outq(fd)?)
 }
 
 /// Bytes in the send queue not yet acknowledged (SIOCOUTQ).
