@@ -8,7 +8,7 @@ use std::{os::fd::AsFd, sync::Arc, time::Duration};
 
 use speedmimi::{
     config::{EbpfMode, EbpfSection},
-    datapath::{self, Datapath, kernel::Kernel},
+    datapath::{self, Datapath, Limits, kernel::Kernel},
 };
 use support::{Origin, Proxy, client, one_route, who};
 use tokio::{
@@ -63,7 +63,9 @@ async fn splice_program_moves_bytes_between_real_sockets() {
     client_a.write_all(b"early").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
 
-    let pair = kernel.splice(proxy_a.as_fd(), proxy_b.as_fd(), u64::MAX, 7).expect("insert into SOCKHASH");
+    let pair = kernel
+        .splice(proxy_a.as_fd(), proxy_b.as_fd(), Limits { to_backend: u64::MAX, to_client: u64::MAX }, 7)
+        .expect("insert into SOCKHASH");
     assert_eq!(kernel.spliced_sockets(), 2);
 
     client_a.write_all(b"-and-late").await.unwrap();

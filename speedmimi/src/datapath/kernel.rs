@@ -14,7 +14,7 @@ use aya::{
 use speedmimi_common::splice;
 use tokio::io::unix::AsyncFd;
 
-use super::{Datapath, DatapathError, SplicedPair};
+use super::{Datapath, DatapathError, Limits, SplicedPair};
 
 /// The object `cargo xtask build-ebpf` built, or empty when it had not been built.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/speedmimi-ebpf.o"));
@@ -152,14 +152,14 @@ impl Datapath for Kernel {
         &self,
         a: BorrowedFd<'_>,
         b: BorrowedFd<'_>,
-        limit: u64,
+        limits: Limits,
         backend_slot: u32,
     ) -> Result<SplicedPair, DatapathError> {
         let pair = SplicedPair { a: cookie(a)?, b: cookie(b)? };
         {
             // Flow control first: a socket without it would be redirected without limit.
             let mut control = self.control.lock().expect("control lock");
-            for c in [pair.a, pair.b] {
+            for (c, limit) in [(pair.a, limits.to_backend), (pair.b, limits.to_client)] {
                 if let Err(e) = control.insert(c, splice::Control { limit, consumed: 0 }, 0) {
                     let _ = control.remove(&pair.a);
                     return Err(err("SPLICE_CONTROL insert", e));

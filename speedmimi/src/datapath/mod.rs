@@ -21,6 +21,13 @@ pub enum DatapathError {
     NoSplice,
 }
 
+/// Initial flow-control limits of a spliced pair, per direction (0 = never redirect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub to_backend: u64,
+    pub to_client: u64,
+}
+
 /// The cookies of a spliced socket pair, which name its map entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SplicedPair {
@@ -36,13 +43,13 @@ pub trait Datapath: Send + Sync {
     fn can_splice(&self) -> bool;
 
     /// Makes the kernel move bytes arriving on `client` out of `upstream` and vice versa, each
-    /// direction at first within `limit` bytes (see `splice::Control`), counting them for the
+    /// direction at first within its limit (see `splice::Control`), counting them for the
     /// backend in `backend_slot`.
     fn splice(
         &self,
         client: BorrowedFd<'_>,
         upstream: BorrowedFd<'_>,
-        limit: u64,
+        limits: Limits,
         backend_slot: u32,
     ) -> Result<SplicedPair, DatapathError>;
 
@@ -79,7 +86,13 @@ impl Datapath for Userspace {
     fn can_splice(&self) -> bool {
         false
     }
-    fn splice(&self, _c: BorrowedFd<'_>, _u: BorrowedFd<'_>, _l: u64, _s: u32) -> Result<SplicedPair, DatapathError> {
+    fn splice(
+        &self,
+        _c: BorrowedFd<'_>,
+        _u: BorrowedFd<'_>,
+        _l: Limits,
+        _s: u32,
+    ) -> Result<SplicedPair, DatapathError> {
         Err(DatapathError::NoSplice)
     }
     fn counters(&self, _backend_slot: u32) -> Option<Counters> {

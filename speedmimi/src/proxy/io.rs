@@ -18,6 +18,9 @@ use super::framing::Scanner;
 
 pub struct ClientIo<T> {
     inner: T,
+    /// Set when the proxy took the connection over through a duplicate of its socket (a
+    /// spliced SSE response): hyper's further writes go nowhere and its reads wait forever.
+    hijacked: Option<Hijack>,
     timeout: Duration,
     /// Armed while a write is stalled.
     stall: Option<Pin<Box<Sleep>>>,
@@ -25,8 +28,12 @@ pub struct ClientIo<T> {
 }
 
 impl<T> ClientIo<T> {
-    pub fn new(inner: T, timeout: Duration, scanner: Option<Scanner>) -> Self {
-        ClientIo { inner, timeout, stall: None, scanner: scanner.map(Box::new) }
+    pub fn new(inner: T, timeout: Duration, scanner: Option<Scanner>, hijacked: Option<Hijack>) -> Self {
+        ClientIo { inner, hijacked, timeout, stall: None, scanner: scanner.map(Box::new) }
+    }
+
+    fn is_hijacked(&self) -> bool {
+        self.hijacked.as_ref().is_some_and(Hijack::is_set)
     }
 
     /// The connection itself, when the proxy takes it over (a spliced upgrade).
@@ -54,6 +61,10 @@ impl<T> ClientIo<T> {
 
 impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.is_hijacked() {
+            // The socket's bytes belong to the splice now; hyper's idle timer ends this side.
+            return Poll::Pending;
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let (Poll::Ready(Ok(())), Some(scanner)) = (&r, self.scanner.as_mut()) {
@@ -65,6 +76,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.is_hijacked() {
+            return Poll::Ready(Ok(buf.len()));
+        }
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.check(cx, r)
     }
@@ -74,6 +88,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.is_hijacked() {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         self.check(cx, r)
     }
@@ -83,11 +100,54 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.is_hijacked() {
+            return Poll::Ready(Ok(()));
+        }
         let r = Pin::new(&mut self.inner).poll_flush(cx);
         self.check(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.is_hijacked() {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A plain client connection the request handler may take over: its raw socket (to duplicate)
+/// and the flag that silences hyper on it.
+#[derive(Clone)]
+pub struct Hijack {
+    fd: std::os::fd::RawFd,
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Hijack {
+    pub fn new(fd: std::os::fd::RawFd) -> Hijack {
+        Hijack { fd, flag: Default::default() }
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A second handle on the client's socket, for the proxy to write and splice.
+    pub fn duplicate(&self) -> io::Result<tokio::net::TcpStream> {
+        // SAFETY: the fd is the live client socket (hyper's connection owns it and outlives
+        // the request that calls this); dup gives us our own descriptor of it.
+        let fd = unsafe { libc::dup(self.fd) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let std = unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        std.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(std)
+    }
+
+    /// From now on hyper neither reads nor writes this connection.
+    pub fn take_over(&self) {
+        self.flag.store(true, std::sync::atomic::Ordering::Release);
     }
 }

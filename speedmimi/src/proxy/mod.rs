@@ -9,6 +9,7 @@ mod io;
 pub mod server;
 mod service;
 mod splice;
+mod sse;
 mod upgrade;
 pub mod upstream;
 

@@ -3,7 +3,7 @@
 //! HTTP listener, HTTP/1.1 or h2 after a TLS handshake on the HTTPS listener, h2c only on the
 //! gRPC listener. On shutdown, connections finish gracefully.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, os::fd::AsRawFd, sync::Arc, time::Duration};
 
 use hyper::{
     server::conn::{http1, http2},
@@ -18,7 +18,11 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 pub use super::service::Listener;
-use super::{framing::Scanner, io::ClientIo, service::Handler};
+use super::{
+    framing::Scanner,
+    io::{ClientIo, Hijack},
+    service::Handler,
+};
 use crate::{shutdown::Shutdown, state::State};
 
 /// Longest a graceful stop waits for open connections to finish their requests.
@@ -90,7 +94,8 @@ pub async fn serve(
                         None => return,
                     },
                 };
-                conn.serve(stream, http1).await;
+                let hijack = (kind == Listener::Http && http1).then(|| Hijack::new(stream.as_raw_fd()));
+                conn.serve(stream, http1, hijack).await;
             });
             continue;
         };
@@ -102,7 +107,7 @@ pub async fn serve(
                 Err(_) => return tracing::debug!(%peer, timeout = ?read_timeout, "TLS handshake timed out"),
             };
             let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2");
-            conn.serve(stream, http1).await;
+            conn.serve(stream, http1, None).await;
         });
     }
     drop(listener);
@@ -157,7 +162,7 @@ struct Conn {
 impl Conn {
     /// Serves HTTP on `io` until the client leaves or a graceful stop ends it; `http1` feeds
     /// the bytes read through the framing scanner.
-    async fn serve<I>(self, io: I, http1: bool)
+    async fn serve<I>(self, io: I, http1: bool, hijack: Option<Hijack>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -169,9 +174,9 @@ impl Conn {
             }
             false => (None, None),
         };
-        let handler = Handler::new(self.state, self.peer, self.kind, ambiguous);
+        let handler = Handler::new(self.state, self.peer, self.kind, ambiguous, hijack.clone());
         let service = service_fn(move |req| handler.clone().handle(req));
-        let io = TokioIo::new(ClientIo::new(io, self.write_timeout, scanner));
+        let io = TokioIo::new(ClientIo::new(io, self.write_timeout, scanner, hijack));
         let result = if http1 {
             let conn = self.builder.h1.serve_connection(io, service).with_upgrades();
             tokio::pin!(conn);

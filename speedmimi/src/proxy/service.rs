@@ -11,7 +11,9 @@ use super::{
     body::{InFlight, RequestBody, ResponseBody},
     error,
     framing::Ambiguous,
-    headers, upgrade,
+    headers,
+    io::Hijack,
+    sse, upgrade,
     upstream::ConnectError,
 };
 use crate::{
@@ -45,16 +47,33 @@ pub struct Handler {
     pub listener: Listener,
     /// Raised by the connection's framing scanner (HTTP/1 listener only).
     pub ambiguous: Option<Ambiguous>,
+    /// A plain HTTP/1 connection the handler may take over (spliced SSE).
+    pub hijack: Option<Hijack>,
     /// `X-Forwarded-Proto` for requests from an untrusted peer: how they reached us.
     pub proto: &'static str,
 }
 
 impl Handler {
-    pub fn new(state: Arc<State>, peer: SocketAddr, listener: Listener, ambiguous: Option<Ambiguous>) -> Handler {
+    pub fn new(
+        state: Arc<State>,
+        peer: SocketAddr,
+        listener: Listener,
+        ambiguous: Option<Ambiguous>,
+        hijack: Option<Hijack>,
+    ) -> Handler {
         let peer_header = HeaderValue::try_from(headers::canonical(peer.ip()).to_string())
             .expect("an IP address is a valid header value");
         let proto = if listener == Listener::Https { "https" } else { "http" };
-        Handler { state, peer, peer_header, listener, ambiguous, proto }
+        Handler { state, peer, peer_header, listener, ambiguous, proto, hijack }
+    }
+
+    /// What splicing needs, when this daemon splices at all.
+    fn splicer(&self) -> Option<upgrade::Splicer> {
+        let config = self.state.config();
+        (config.file.ebpf.splice && self.state.datapath.can_splice()).then(|| upgrade::Splicer {
+            datapath: self.state.datapath.clone(),
+            budget: config.file.ebpf.splice_budget.0,
+        })
     }
 
     pub async fn handle(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, std::convert::Infallible> {
@@ -104,12 +123,16 @@ impl Handler {
         let hash = client_hash(client);
 
         if is_upgrade {
-            let config = self.state.config();
-            let splicer = (config.file.ebpf.splice && self.state.datapath.can_splice()).then(|| upgrade::Splicer {
-                datapath: self.state.datapath.clone(),
-                budget: config.file.ebpf.splice_budget.0,
-            });
-            return upgrade::relay(snap, route, req, hash, &self.state.stats, splicer).await;
+            return upgrade::relay(snap, route, req, hash, &self.state.stats, self.splicer()).await;
+        }
+
+        if protocol == Protocol::Sse
+            && req.version() == Version::HTTP_11
+            && req.body().is_end_stream()
+            && let (Some(hijack), Some(splicer)) = (&self.hijack, self.splicer())
+            && let Some(resp) = sse::relay(snap, route, &req, hash, &self.state.stats, &splicer, hijack).await
+        {
+            return resp;
         }
 
         let (mut parts, body) = req.into_parts();

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use speedmimi_common::splice::Control;
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
 
-use crate::datapath::Datapath;
+use crate::datapath::{Datapath, Limits};
 
 /// How long a FIN or a copy may wait for the peer to take the bytes before the flow is reset.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -117,7 +117,30 @@ pub async fn run(
     flow: Flow,
     budget: u64,
     backend_slot: u32,
+    closer: watch::Receiver<u64>,
+) -> Outcome {
+    join(dp, flow, budget, backend_slot, closer, false).await
+}
+
+/// `run` for a response stream (SSE): only upstream bytes are spliced; the client is expected
+/// to send nothing more, and the flow ends if it does.
+pub async fn run_one_way(
+    dp: Arc<dyn Datapath>,
+    flow: Flow,
+    budget: u64,
+    backend_slot: u32,
+    closer: watch::Receiver<u64>,
+) -> Outcome {
+    join(dp, flow, budget, backend_slot, closer, true).await
+}
+
+async fn join(
+    dp: Arc<dyn Datapath>,
+    flow: Flow,
+    budget: u64,
+    backend_slot: u32,
     mut closer: watch::Receiver<u64>,
+    one_way: bool,
 ) -> Outcome {
     let Flow { mut client, client_ahead, mut upstream, upstream_ahead } = flow;
     let copy = |reason, client, upstream| Outcome::Copy { client, upstream, reason, bulk: None };
@@ -133,7 +156,8 @@ pub async fn run(
     if let Err(e) = write_prefix(&mut client, &upstream_ahead).await {
         return copy(e, client, upstream);
     }
-    let pair = match dp.splice(client.as_fd(), upstream.as_fd(), budget, backend_slot) {
+    let limits = Limits { to_backend: if one_way { 0 } else { budget }, to_client: budget };
+    let pair = match dp.splice(client.as_fd(), upstream.as_fd(), limits, backend_slot) {
         Ok(p) => p,
         Err(e) => return copy(io::Error::other(e.to_string()), client, upstream),
     };
@@ -159,7 +183,7 @@ pub async fn run(
         bulk_seen: false,
     };
     let (end, slot) = loop {
-        match watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, budget, &mut closer).await {
+        match watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, budget, &mut closer, one_way).await {
             // All copy slots taken meanwhile: stay spliced.
             End::Bulk => match BulkSlot::take() {
                 Some(slot) => break (End::Bulk, Some(slot)),
@@ -207,14 +231,25 @@ async fn watch(
     down: &mut Direction,
     budget: u64,
     closer: &mut watch::Receiver<u64>,
+    one_way: bool,
 ) -> End {
     loop {
-        if up.done && down.done {
+        // A response stream is over when the backend's side is: the client was told
+        // `Connection: close`.
+        if (up.done || one_way) && down.done {
             return End::Closed;
         }
         tokio::select! {
             r = client.readable(), if !up.done => {
                 if r.is_err() { return End::Reset; }
+                if one_way {
+                    // Anything from the client after its request ends a response stream.
+                    match client.try_read(&mut [0u8; 1]) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Ok(0) => return End::Closed,
+                        _ => return End::Reset,
+                    }
+                }
                 match pump(dp, client, upstream, up, budget).await {
                     Ok(()) => {}
                     Err(end) => return end,

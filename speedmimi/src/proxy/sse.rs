@@ -1,0 +1,216 @@
+//! Spliced server-sent events. An SSE request on a plain HTTP/1.1 connection goes upstream on a
+//! connection of its own (`Connection: close`, so the stream is the connection's only message);
+//! the response head is relayed by us and the body passes through unchanged, byte for byte, in
+//! the kernel. Both ends close with the stream, so the framing the backend chose (chunked,
+//! length or close-delimited) stays valid for the client. The client connection is taken from
+//! hyper for good: it is the stream's now, like an upgraded one.
+//!
+//! The client is not expected to send anything after an SSE request; if it does, the flow ends
+//! rather than letting unparsed bytes reach the backend.
+
+use std::{
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Instant,
+};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, Request, Response, StatusCode, header};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::{
+    body::{InFlight, ResponseBody},
+    error, headers,
+    io::Hijack,
+    service::{pick, record},
+    splice,
+    upgrade::Splicer,
+    upstream::UpstreamIo,
+};
+use crate::{
+    backend::Backend,
+    state::{Protocol, Route, Snapshot},
+    stats::ServerStats,
+    tls::Alpn,
+};
+
+/// Longest response head read from a backend.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Relays an SSE request with a spliced body; `None` when this request cannot take the raw
+/// path (the caller then proxies it the ordinary way, nothing having been sent).
+pub async fn relay<B>(
+    snap: &Snapshot,
+    route: &Route,
+    req: &Request<B>,
+    hash: u64,
+    server: &Arc<ServerStats>,
+    splicer: &Splicer,
+    hijack: &Hijack,
+) -> Option<Response<ResponseBody>> {
+    let settings = &snap.settings;
+    let (index, backend) = pick(route, Protocol::Sse, hash, None)?;
+    let guard = InFlight::new(backend.clone(), server.clone());
+    let started = Instant::now();
+    // A connection of its own, plain TCP: a TLS one cannot be spliced, so proxy normally.
+    let mut upstream = match backend.pool.connect_io(settings.connect_timeout, Alpn::Http1).await {
+        Ok(UpstreamIo::Tcp(tcp)) => tcp,
+        Ok(UpstreamIo::Tls(_)) => return None,
+        Err(e) => {
+            backend.connect_failed();
+            tracing::warn!(route = %route.name, backend = %backend.id, error = %e, "connect failed (sse)");
+            return None;
+        }
+    };
+    backend.connect_succeeded();
+    if let Err(e) = upstream.write_all(&request_head(req)).await {
+        tracing::warn!(route = %route.name, backend = %backend.id, error = %e, "sse request failed");
+        return Some(finish(route, index, &backend, error::bad_gateway(), started));
+    }
+    let (head, body_ahead) = match tokio::time::timeout(settings.upstream_timeout, read_head(&mut upstream)).await {
+        Err(_) => return Some(finish(route, index, &backend, error::gateway_timeout(), started)),
+        Ok(Err(e)) => {
+            tracing::warn!(route = %route.name, backend = %backend.id, error = %e, "bad sse response head");
+            return Some(finish(route, index, &backend, error::bad_gateway(), started));
+        }
+        Ok(Ok(x)) => x,
+    };
+    let mut client = match hijack.duplicate() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take over the client connection");
+            return Some(finish(route, index, &backend, error::bad_gateway(), started));
+        }
+    };
+    // From here the connection is ours: hyper's answer to this request goes nowhere.
+    hijack.take_over();
+    backend.observe_latency(started.elapsed());
+    record(route, index, &backend, head.status, started);
+    let route_name = route.name.clone();
+    let (server, splicer) = (server.clone(), splicer.clone());
+    let closer = backend.closer.subscribe();
+    tokio::spawn(async move {
+        let _guard = guard;
+        let _open = server.upgraded();
+        if client.write_all(&head.bytes).await.is_err() {
+            return;
+        }
+        let flow = splice::Flow { client, client_ahead: Bytes::new(), upstream, upstream_ahead: body_ahead };
+        let dp = splicer.datapath.clone();
+        match splice::run_one_way(dp, flow, splicer.budget, backend.slot, closer.clone()).await {
+            splice::Outcome::Ended(end) => {
+                server.spliced_flows.fetch_add(1, Relaxed);
+                backend.spliced_flows.fetch_add(1, Relaxed);
+                tracing::debug!(route = %route_name, ?end, "spliced sse stream ended");
+            }
+            splice::Outcome::Copy { client, upstream, reason, bulk } => {
+                tracing::debug!(route = %route_name, %reason, "copying this sse stream");
+                server.copied_flows.fetch_add(1, Relaxed);
+                backend.copied_flows.fetch_add(1, Relaxed);
+                copy_one_way(upstream, client, closer).await;
+                drop(bulk);
+            }
+        }
+    });
+    // What hyper writes for this goes nowhere; the client already has (or will have) ours.
+    Some(Response::new(ResponseBody::Local(None)))
+}
+
+/// Copies the stream to the client until it ends; the client sending anything ends it too.
+async fn copy_one_way(mut upstream: TcpStream, mut client: TcpStream, mut closer: tokio::sync::watch::Receiver<u64>) {
+    let (mut up_rd, _up_wr) = upstream.split();
+    let (mut cl_rd, mut cl_wr) = client.split();
+    let mut probe = [0u8; 1];
+    tokio::select! {
+        _ = tokio::io::copy(&mut up_rd, &mut cl_wr) => {
+            let _ = cl_wr.shutdown().await;
+        }
+        _ = cl_rd.read(&mut probe) => {}
+        _ = closer.changed() => {}
+    }
+}
+
+fn finish(
+    route: &Route,
+    index: usize,
+    backend: &Backend,
+    resp: Response<ResponseBody>,
+    started: Instant,
+) -> Response<ResponseBody> {
+    record(route, index, backend, resp.status().as_u16(), started);
+    resp
+}
+
+/// The request as an HTTP/1.1 head for a connection of its own.
+fn request_head<B>(req: &Request<B>) -> Vec<u8> {
+    let mut out = BytesMut::with_capacity(512);
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    out.put_slice(format!("{} {target} HTTP/1.1\r\n", req.method()).as_bytes());
+    write_headers(&mut out, req.headers());
+    out.put_slice(b"connection: close\r\n\r\n");
+    out.to_vec()
+}
+
+fn write_headers(out: &mut BytesMut, h: &HeaderMap) {
+    for (name, value) in h {
+        if name == header::CONNECTION {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+}
+
+/// A backend's response head, rewritten for the client.
+struct Head {
+    status: u16,
+    bytes: Bytes,
+}
+
+/// Reads the response head; returns it (hop-by-hop headers removed except the body's own
+/// framing, `Connection: close` added) and the body bytes read past it.
+async fn read_head(s: &mut TcpStream) -> std::io::Result<(Head, Bytes)> {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if s.read_buf(&mut buf).await? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "backend closed before the head"));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 100];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = resp.code.unwrap_or(502);
+                let mut map = HeaderMap::new();
+                for h in resp.headers.iter() {
+                    if let (Ok(n), Ok(v)) =
+                        (http::HeaderName::from_bytes(h.name.as_bytes()), http::HeaderValue::from_bytes(h.value))
+                    {
+                        map.append(n, v);
+                    }
+                }
+                // The body's framing passes through with the body; everything else hop-by-hop goes.
+                let te = map.get_all(header::TRANSFER_ENCODING).iter().cloned().collect::<Vec<_>>();
+                headers::strip_hop_by_hop(&mut map, false, false);
+                for v in te {
+                    map.append(header::TRANSFER_ENCODING, v);
+                }
+                let reason = StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
+                let mut out = BytesMut::with_capacity(len + 32);
+                out.put_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+                write_headers(&mut out, &map);
+                out.put_slice(b"connection: close\r\n\r\n");
+                let ahead = buf.split_off(len).freeze();
+                return Ok((Head { status, bytes: out.freeze() }, ahead));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "response head too long"));
+            }
+            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())),
+        }
+    }
+}
