@@ -58,6 +58,14 @@ impl Drop for BulkSlot {
     }
 }
 
+/// How a flow is spliced.
+#[derive(Clone, Copy)]
+struct Policy {
+    budget: u64,
+    /// A response stream: client bytes are not forwarded.
+    one_way: bool,
+}
+
 /// One direction's bookkeeping.
 struct Direction {
     /// Cookie of the socket bytes arrive on.
@@ -183,7 +191,8 @@ async fn join(
         bulk_seen: false,
     };
     let (end, slot) = loop {
-        match watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, budget, &mut closer, one_way).await {
+        let policy = Policy { budget, one_way };
+        match watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, policy, &mut closer).await {
             // All copy slots taken meanwhile: stay spliced.
             End::Bulk => match BulkSlot::take() {
                 Some(slot) => break (End::Bulk, Some(slot)),
@@ -229,10 +238,10 @@ async fn watch(
     upstream: &mut TcpStream,
     up: &mut Direction,
     down: &mut Direction,
-    budget: u64,
+    policy: Policy,
     closer: &mut watch::Receiver<u64>,
-    one_way: bool,
 ) -> End {
+    let Policy { budget, one_way } = policy;
     loop {
         // A response stream is over when the backend's side is: the client was told
         // `Connection: close`.
