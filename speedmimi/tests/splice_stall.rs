@@ -23,9 +23,13 @@ use tokio::{
 };
 
 const BUDGET: u64 = 4 << 20;
-/// Ordinary TCP buffering on the path (sender's send queue, two receive queues, one send
-/// queue, each bounded by tcp_rmem/tcp_wmem maxima) plus measurement noise.
-const MARGIN: u64 = 64 << 20;
+/// Ordinary TCP buffering on the path: the sender's send queue, two receive queues and one
+/// send queue, each bounded by the tcp_rmem/tcp_wmem maxima (4-6 MiB here).
+const TCP_BUFFERS: u64 = 32 << 20;
+/// MemAvailable moves with everything else on the machine too (page cache, other processes):
+/// the memory check allows this much noise. Without flow control the flow alone takes
+/// hundreds of MiB in the same 5 s (measured: 467 MiB accepted, 450 MiB grown).
+const NOISE: u64 = 128 << 20;
 const STALL: Duration = Duration::from_secs(5);
 
 fn root_or_skip(test: &str) -> bool {
@@ -154,8 +158,10 @@ async fn run(mode: &str, dp: Arc<dyn Datapath>) {
         peak_used >> 20,
         peak_slab >> 20
     );
-    assert!(peak_used <= BUDGET + MARGIN, "{mode}: kernel memory grew by {} MiB", peak_used >> 20);
-    assert!(peak_slab <= BUDGET + MARGIN, "{mode}: slab grew by {} MiB", peak_slab >> 20);
+    // What the stalled path accepted is what kernel queues hold: the budget plus TCP's own buffers.
+    assert!(total <= BUDGET + TCP_BUFFERS, "{mode}: {} MiB accepted by a stalled path", total >> 20);
+    assert!(peak_used <= BUDGET + TCP_BUFFERS + NOISE, "{mode}: kernel memory grew by {} MiB", peak_used >> 20);
+    assert!(peak_slab <= BUDGET + TCP_BUFFERS + NOISE, "{mode}: slab grew by {} MiB", peak_slab >> 20);
 
     // The receiver resumes: every byte arrives, in order.
     go.store(true, SeqCst);
