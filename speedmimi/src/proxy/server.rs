@@ -178,29 +178,57 @@ impl Conn {
         let service = service_fn(move |req| handler.clone().handle(req));
         let io = TokioIo::new(ClientIo::new(io, self.write_timeout, scanner, hijack));
         let result = if http1 {
-            let conn = self.builder.h1.serve_connection(io, service).with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = self.shutdown.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            drive(self.builder.h1.serve_connection(io, service).with_upgrades(), &self.shutdown).await
         } else {
-            let conn = self.builder.h2.serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = self.shutdown.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            drive(self.builder.h2.serve_connection(io, service), &self.shutdown).await
         };
         if let Err(e) = result {
             tracing::debug!(peer = %self.peer, error = %e, "client connection ended with error");
         }
         drop(self.permit);
+    }
+}
+
+/// A hyper server connection that can be asked to finish its requests and close.
+trait Graceful: Future<Output = hyper::Result<()>> {
+    fn graceful(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    http1::UpgradeableConnection<I, S>: Future<Output = hyper::Result<()>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Graceful for http2::Connection<I, S, TokioExecutor>
+where
+    http2::Connection<I, S, TokioExecutor>: Future<Output = hyper::Result<()>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves a connection to its end; on shutdown, lets it finish the requests in progress.
+async fn drive<C: Graceful>(conn: C, shutdown: &Shutdown) -> hyper::Result<()> {
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.wait() => {
+            conn.as_mut().graceful();
+            conn.await
+        }
     }
 }

@@ -60,10 +60,12 @@ impl Drop for BulkSlot {
 
 /// How a flow is spliced.
 #[derive(Clone, Copy)]
-struct Policy {
-    budget: u64,
-    /// A response stream: client bytes are not forwarded.
-    one_way: bool,
+pub struct Policy {
+    /// Bytes each direction may have in kernel queues.
+    pub budget: u64,
+    /// A response stream (SSE): only upstream bytes are spliced; the client is expected to send
+    /// nothing more, and the flow ends if it does.
+    pub one_way: bool,
 }
 
 /// One direction's bookkeeping.
@@ -117,39 +119,16 @@ pub struct Flow {
     pub upstream_ahead: Bytes,
 }
 
-/// Splices the flow until it ends, counting its kernel bytes for `backend_slot`. Returns Err
-/// (with the sockets untouched apart from the prefixes) when insertion fails, so the caller
-/// can copy instead.
+/// Splices the flow until it ends, counting its kernel bytes for `backend_slot`. When it
+/// cannot be spliced (or turns out to be a bulk stream) the sockets come back for copying.
 pub async fn run(
     dp: Arc<dyn Datapath>,
     flow: Flow,
-    budget: u64,
-    backend_slot: u32,
-    closer: watch::Receiver<u64>,
-) -> Outcome {
-    join(dp, flow, budget, backend_slot, closer, false).await
-}
-
-/// `run` for a response stream (SSE): only upstream bytes are spliced; the client is expected
-/// to send nothing more, and the flow ends if it does.
-pub async fn run_one_way(
-    dp: Arc<dyn Datapath>,
-    flow: Flow,
-    budget: u64,
-    backend_slot: u32,
-    closer: watch::Receiver<u64>,
-) -> Outcome {
-    join(dp, flow, budget, backend_slot, closer, true).await
-}
-
-async fn join(
-    dp: Arc<dyn Datapath>,
-    flow: Flow,
-    budget: u64,
+    policy: Policy,
     backend_slot: u32,
     mut closer: watch::Receiver<u64>,
-    one_way: bool,
 ) -> Outcome {
+    let Policy { budget, one_way } = policy;
     let Flow { mut client, client_ahead, mut upstream, upstream_ahead } = flow;
     let copy = |reason, client, upstream| Outcome::Copy { client, upstream, reason, bulk: None };
     // Baselines before anything more is written: the prefixes count as bytes sent to each side.
@@ -191,7 +170,6 @@ async fn join(
         bulk_seen: false,
     };
     let (end, slot) = loop {
-        let policy = Policy { budget, one_way };
         match watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, policy, &mut closer).await {
             // All copy slots taken meanwhile: stay spliced.
             End::Bulk => match BulkSlot::take() {

@@ -99,7 +99,8 @@ pub async fn relay<B>(
         }
         let flow = splice::Flow { client, client_ahead: Bytes::new(), upstream, upstream_ahead: body_ahead };
         let dp = splicer.datapath.clone();
-        match splice::run_one_way(dp, flow, splicer.budget, backend.slot, closer.clone()).await {
+        let policy = splice::Policy { budget: splicer.budget, one_way: true };
+        match splice::run(dp, flow, policy, backend.slot, closer.clone()).await {
             splice::Outcome::Ended(end) => {
                 server.spliced_flows.fetch_add(1, Relaxed);
                 backend.spliced_flows.fetch_add(1, Relaxed);

@@ -167,7 +167,8 @@ async fn join(
     let (client_tcp, client_ahead) = (client.io.into_inner().into_inner(), client.read_buf);
     let dp = splicer.datapath.clone();
     let flow = splice::Flow { client: client_tcp, client_ahead, upstream: up_tcp, upstream_ahead: up_ahead };
-    match splice::run(dp, flow, splicer.budget, backend.slot, closer.clone()).await {
+    let policy = splice::Policy { budget: splicer.budget, one_way: false };
+    match splice::run(dp, flow, policy, backend.slot, closer.clone()).await {
         splice::Outcome::Ended(end) => {
             server.spliced_flows.fetch_add(1, Relaxed);
             backend.spliced_flows.fetch_add(1, Relaxed);
