@@ -191,7 +191,8 @@ impl DemoBackend {
                 if tx.send(Frame::data(Bytes::from(event))).await.is_err() {
                     return;
                 }
-                if i + 1 < count {
+                // A zero interval streams as fast as the client reads (a timer would still tick).
+                if i + 1 < count && !interval.is_zero() {
                     tokio::time::sleep(interval).await;
                 }
             }
