@@ -10,24 +10,11 @@ use speedmimi::{
     config::{EbpfMode, EbpfSection},
     datapath::{self, Datapath, Limits, kernel::Kernel},
 };
-use support::{Origin, Proxy, client, one_route, who};
+use support::{Origin, Proxy, client, one_route, root_or_skip, who};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
-
-/// True when the test may run; panics under CI when it cannot.
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root to load eBPF, and CI must run it");
-    }
-    eprintln!("skipping {test}: needs root to load eBPF");
-    false
-}
 
 /// A connected pair: (the end a client holds, the end a proxy would hold).
 async fn tcp_pair() -> (TcpStream, TcpStream) {

@@ -4,62 +4,21 @@
 mod support;
 
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
     time::Duration,
 };
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use rustls::{
-    ClientConfig, RootCertStore,
-    client::Resumption,
-    pki_types::{CertificateDer, ServerName},
-};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
 use serde_json::Value;
-use support::{Origin, Proxy, client, get, one_route};
-use tokio::net::TcpStream;
-use tokio_rustls::{TlsConnector, client::TlsStream};
+use support::{
+    Origin, Proxy, client, get, one_route,
+    tls::{Ca, TempDir, h1, peer_cert, send, ssl_yaml, tls_connect},
+};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A directory of its own under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("speedmimi-reload-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    /// Writes `name` whole: a reader sees the old or the new contents, never a mix.
-    fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.0.join(name);
-        let tmp = self.0.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, contents).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// One admin call; returns status and the JSON answer.
 async fn call(method: Method, url: &str) -> (StatusCode, Value) {
@@ -231,111 +190,29 @@ async fn sighup_applies_a_good_file_ignores_a_bad_one_and_sigterm_stops_cleanly(
 
 // ---- certificate rotation through the admin API ----
 
-/// A test certificate authority; the test clients trust only it.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-/// An issued certificate with its key.
-struct Leaf {
-    pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, "SpeedMimi reload test CA");
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    fn issue(&self, names: &[&str]) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        Leaf { pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
-    }
-}
-
-impl Leaf {
-    fn write(&self, dir: &TempDir) -> (PathBuf, PathBuf) {
-        (dir.write("server.crt", &self.pem), dir.write("server.key", &self.key_pem))
-    }
-}
-
-/// A client trusting `ca` only and never resuming a session, so every handshake shows the
-/// certificate served now.
-async fn tls_connect(addr: SocketAddr, ca: &Ca) -> TlsStream<TcpStream> {
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.cert.der().clone()).unwrap();
-    let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config.resumption = Resumption::disabled();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    tokio::time::timeout(WAIT, TlsConnector::from(Arc::new(config)).connect(name, tcp))
-        .await
-        .expect("handshake timed out")
-        .expect("handshake")
-}
-
-fn peer_cert(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
-    s.get_ref().1.peer_certificates().expect("server sent a certificate")[0].clone().into_owned()
-}
-
-async fn h1(stream: TlsStream<TcpStream>) -> http1::SendRequest<Empty<Bytes>> {
-    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
-/// GET `/` on an HTTP/1.1 connection: status and body.
-async fn send(sender: &mut http1::SendRequest<Empty<Bytes>>) -> (StatusCode, String) {
-    tokio::time::timeout(WAIT, sender.ready()).await.expect("connection not ready").expect("connection closed");
-    let req = Request::get("/").header(header::HOST, "localhost").body(Empty::new()).unwrap();
-    let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await.expect("response timed out").unwrap();
-    let status = resp.status();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_ssl_rotates_the_certificate_for_new_handshakes_and_refuses_garbage() {
     let (dir, ca) = (TempDir::new(), Ca::new());
     let first = ca.issue(&["localhost"]);
-    let (cert, key) = first.write(&dir);
+    let (cert, key) = first.write(&dir, "server");
     let o = Origin::start("t1").await;
-    let ssl = format!(
-        "ssl:\n  enabled: true\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  port: 8443\n",
-        cert.display(),
-        key.display()
-    );
-    let p = Proxy::start(&one_route(&o.yaml(100), "round_robin", &ssl)).await;
+    let p = Proxy::start(&one_route(&o.yaml(100), "round_robin", &ssl_yaml(&cert, &key, true, ""))).await;
     let https = p.https.expect("HTTPS listener");
 
-    let a = tls_connect(https, &ca).await;
+    let a = tls_connect(https, &ca, "localhost", &[b"http/1.1"]).await;
     assert!(peer_cert(&a) == first.der, "the first handshake got another certificate");
     let mut a = h1(a).await;
-    assert_eq!(send(&mut a).await, (StatusCode::OK, "t1\n".to_owned()));
+    assert_eq!(send(&mut a, "/").await, (StatusCode::OK, "t1\n".to_owned()));
 
     let second = ca.issue(&["localhost"]);
-    assert_eq!(second.write(&dir), (cert.clone(), key.clone()));
+    assert_eq!(second.write(&dir, "server"), (cert.clone(), key.clone()));
     let (status, v) = call(Method::POST, &p.admin_url("/api/v1/config/reload-ssl")).await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    let b = tls_connect(https, &ca).await;
+    let b = tls_connect(https, &ca, "localhost", &[b"http/1.1"]).await;
     assert!(peer_cert(&b) == second.der, "a handshake after reload-ssl did not get the new certificate");
     let mut b = h1(b).await;
-    assert_eq!(send(&mut b).await, (StatusCode::OK, "t1\n".to_owned()));
-    assert_eq!(send(&mut a).await, (StatusCode::OK, "t1\n".to_owned()), "the older connection broke");
+    assert_eq!(send(&mut b, "/").await, (StatusCode::OK, "t1\n".to_owned()));
+    assert_eq!(send(&mut a, "/").await, (StatusCode::OK, "t1\n".to_owned()), "the older connection broke");
 
     // A garbage certificate: 400 naming the file; the second certificate keeps serving.
     dir.write("server.crt", "this is not a certificate\n");
@@ -344,12 +221,12 @@ async fn reload_ssl_rotates_the_certificate_for_new_handshakes_and_refuses_garba
     let msg = v["error"].as_str().unwrap_or_else(|| panic!("error is not JSON {{\"error\"}}: {v}"));
     assert!(msg.contains(&*cert.to_string_lossy()), "the error does not name {}: {msg}", cert.display());
     for _ in 0..2 {
-        let again = tls_connect(https, &ca).await;
+        let again = tls_connect(https, &ca, "localhost", &[b"http/1.1"]).await;
         assert!(peer_cert(&again) == second.der, "a refused reload changed the certificate");
-        assert_eq!(send(&mut h1(again).await).await, (StatusCode::OK, "t1\n".to_owned()));
+        assert_eq!(send(&mut h1(again).await, "/").await, (StatusCode::OK, "t1\n".to_owned()));
     }
-    assert_eq!(send(&mut a).await, (StatusCode::OK, "t1\n".to_owned()));
-    assert_eq!(send(&mut b).await, (StatusCode::OK, "t1\n".to_owned()));
+    assert_eq!(send(&mut a, "/").await, (StatusCode::OK, "t1\n".to_owned()));
+    assert_eq!(send(&mut b, "/").await, (StatusCode::OK, "t1\n".to_owned()));
     drop((a, b));
     p.stop().await;
 }

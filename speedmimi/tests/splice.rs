@@ -8,24 +8,12 @@ use std::{sync::Arc, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
 use speedmimi::datapath::{Datapath, Userspace, kernel::Kernel};
-use support::{Origin, Proxy, one_route};
+use support::{Origin, Proxy, one_route, root_or_skip};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 use tokio_tungstenite::tungstenite::Message;
-
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root to load eBPF, and CI must run it");
-    }
-    eprintln!("skipping {test}: needs root to load eBPF");
-    false
-}
 
 /// The two modes: the kernel datapath (splicing) and userspace copy.
 fn modes() -> Vec<(&'static str, Arc<dyn Datapath>)> {
@@ -412,6 +400,16 @@ async fn assert_unspliced(mode: &str, dp: &Arc<dyn Datapath>) {
     assert_eq!(dp.spliced_sockets(), 0, "{mode}: SOCKHASH empty after every flow ended");
 }
 
+/// One round trip (ping from the client, pong from the backend); then, in splice mode, the flow
+/// must be spliced.
+async fn round_trip(mode: &str, dp: &Arc<dyn Datapath>, c: &mut Conn, b: &mut Conn) {
+    c.send(b"ping", "ping").await.unwrap();
+    assert_eq!(b.read_exact(4, "ping at the backend").await.unwrap(), b"ping", "{mode}");
+    b.send(b"pong", "pong").await.unwrap();
+    assert_eq!(c.read_exact(4, "pong at the client").await.unwrap(), b"pong", "{mode}");
+    assert_spliced(mode, dp, 1);
+}
+
 fn proxy_yaml(backend: &RawBackend, backend_extra: &str) -> String {
     one_route(&backend.yaml(backend_extra), "round_robin", "")
 }
@@ -517,42 +515,48 @@ async fn websocket_echo_2000_random_messages_is_byte_exact_in_both_modes() {
     }
 }
 
-/// 3a. The client half-closes first: the backend sees EOF, can still send, then closes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_half_close_keeps_the_other_direction_open_in_both_modes() {
-    if !root_or_skip("client_half_close_keeps_the_other_direction_open_in_both_modes") {
-        return;
-    }
+/// Tests 3a and 3b: one side half-closes first (the client if `client_first`, else the backend);
+/// the other side sees EOF, can still send, then closes.
+async fn half_close_keeps_the_other_direction_open(client_first: bool) {
     for (mode, dp) in modes() {
         let mut backend = RawBackend::start("raw", Then::Hand).await;
         let proxy = Proxy::start_with(&proxy_yaml(&backend, ""), dp.clone()).await;
         let mut c = raw_upgrade(proxy.addr, b"").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
         let mut b = backend.next().await;
         // One round trip so the flow is in its steady state (spliced in splice mode).
-        c.send(b"ping", "ping").await.unwrap();
-        assert_eq!(b.read_exact(4, "ping at the backend").await.unwrap(), b"ping", "{mode}");
-        b.send(b"pong", "pong").await.unwrap();
-        assert_eq!(c.read_exact(4, "pong at the client").await.unwrap(), b"pong", "{mode}");
-        assert_spliced(mode, &dp, 1);
+        round_trip(mode, &dp, &mut c, &mut b).await;
 
-        c.s.shutdown().await.unwrap();
-        match b.read_end(STEP).await {
+        let ((mut first, closer), (mut second, other), seed) =
+            if client_first { ((c, "client"), (b, "backend"), 3) } else { ((b, "backend"), (c, "client"), 4) };
+        first.s.shutdown().await.unwrap();
+        match second.read_end(STEP).await {
             Ending::Eof => {}
-            other => panic!("{mode}: the backend should read EOF after the client's half-close, got {other:?}"),
+            end => panic!("{mode}: the {other} should read EOF after the {closer}'s half-close, got {end:?}"),
         }
-        let late = Rng(3).bytes(200_000);
-        b.send(&late, "backend data after the client's FIN").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
-        let got = c.read_exact(late.len(), "late data at the client").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
-        assert!(got == late, "{mode}: data sent after the client's half-close differs");
-        drop(b);
-        match c.read_end(STEP).await {
+        let late = Rng(seed).bytes(200_000);
+        let what = format!("{other} data after the {closer}'s FIN");
+        second.send(&late, &what).await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let what = format!("late data at the {closer}");
+        let got = first.read_exact(late.len(), &what).await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert!(got == late, "{mode}: data sent after the {closer}'s half-close differs");
+        drop(second);
+        match first.read_end(STEP).await {
             Ending::Eof => {}
-            other => panic!("{mode}: the client should read EOF after the backend closed, got {other:?}"),
+            end => panic!("{mode}: the {closer} should read EOF after the {other} closed, got {end:?}"),
         }
-        drop(c);
+        drop(first);
         assert_unspliced(mode, &dp).await;
         proxy.stop().await;
     }
+}
+
+/// 3a. The client half-closes first: the backend sees EOF, can still send, then closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_half_close_keeps_the_other_direction_open_in_both_modes() {
+    if !root_or_skip("client_half_close_keeps_the_other_direction_open_in_both_modes") {
+        return;
+    }
+    half_close_keeps_the_other_direction_open(true).await;
 }
 
 /// 3b. The backend half-closes first: the client sees EOF, can still send, then closes.
@@ -561,35 +565,7 @@ async fn backend_half_close_keeps_the_other_direction_open_in_both_modes() {
     if !root_or_skip("backend_half_close_keeps_the_other_direction_open_in_both_modes") {
         return;
     }
-    for (mode, dp) in modes() {
-        let mut backend = RawBackend::start("raw", Then::Hand).await;
-        let proxy = Proxy::start_with(&proxy_yaml(&backend, ""), dp.clone()).await;
-        let mut c = raw_upgrade(proxy.addr, b"").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
-        let mut b = backend.next().await;
-        c.send(b"ping", "ping").await.unwrap();
-        assert_eq!(b.read_exact(4, "ping at the backend").await.unwrap(), b"ping", "{mode}");
-        b.send(b"pong", "pong").await.unwrap();
-        assert_eq!(c.read_exact(4, "pong at the client").await.unwrap(), b"pong", "{mode}");
-        assert_spliced(mode, &dp, 1);
-
-        b.s.shutdown().await.unwrap();
-        match c.read_end(STEP).await {
-            Ending::Eof => {}
-            other => panic!("{mode}: the client should read EOF after the backend's half-close, got {other:?}"),
-        }
-        let late = Rng(4).bytes(200_000);
-        c.send(&late, "client data after the backend's FIN").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
-        let got = b.read_exact(late.len(), "late data at the backend").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
-        assert!(got == late, "{mode}: data sent after the backend's half-close differs");
-        drop(c);
-        match b.read_end(STEP).await {
-            Ending::Eof => {}
-            other => panic!("{mode}: the backend should read EOF after the client closed, got {other:?}"),
-        }
-        drop(b);
-        assert_unspliced(mode, &dp).await;
-        proxy.stop().await;
-    }
+    half_close_keeps_the_other_direction_open(false).await;
 }
 
 /// 4. A reset on either side reaches the other within 1 s (as the issue requires): its read
@@ -606,11 +582,7 @@ async fn reset_reaches_the_other_side_within_a_second_in_both_modes() {
             let who = if client_resets { "client" } else { "backend" };
             let mut c = raw_upgrade(proxy.addr, b"").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
             let mut b = backend.next().await;
-            c.send(b"ping", "ping").await.unwrap();
-            assert_eq!(b.read_exact(4, "ping at the backend").await.unwrap(), b"ping", "{mode}");
-            b.send(b"pong", "pong").await.unwrap();
-            assert_eq!(c.read_exact(4, "pong at the client").await.unwrap(), b"pong", "{mode}");
-            assert_spliced(mode, &dp, 1);
+            round_trip(mode, &dp, &mut c, &mut b).await;
             let (resetter, mut other) = if client_resets { (c, b) } else { (b, c) };
             resetter.reset();
             let started = std::time::Instant::now();
@@ -788,11 +760,7 @@ async fn one_gib_stream_arrives_with_matching_checksum_in_both_modes() {
         let mut c = raw_upgrade(proxy.addr, b"").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
         let mut b = backend.next().await;
         // One round trip first: spliced then (a bulk stream may later move to copy).
-        c.send(b"ping", "ping").await.unwrap();
-        assert_eq!(b.read_exact(4, "ping at the backend").await.unwrap(), b"ping", "{mode}");
-        b.send(b"pong", "pong").await.unwrap();
-        assert_eq!(c.read_exact(4, "pong at the client").await.unwrap(), b"pong", "{mode}");
-        assert_spliced(mode, &dp, 1);
+        round_trip(mode, &dp, &mut c, &mut b).await;
 
         // The backend counts and checksums until EOF, then answers with one byte and closes.
         let receiver = tokio::spawn(async move {

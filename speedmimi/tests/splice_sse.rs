@@ -7,23 +7,11 @@ mod support;
 use std::{sync::Arc, time::Duration};
 
 use speedmimi::datapath::{Datapath, Userspace, kernel::Kernel};
-use support::{Origin, Proxy, one_route};
+use support::{Origin, Proxy, one_route, root_or_skip};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root to load eBPF, and CI must run it");
-    }
-    eprintln!("skipping {test}: needs root to load eBPF");
-    false
-}
 
 /// Decodes a chunked body (the demo origin streams SSE chunked).
 fn dechunk(mut raw: &[u8]) -> Vec<u8> {
@@ -76,6 +64,8 @@ async fn sse_stream_of_10000_events_is_exact_in_both_modes() {
         let head = String::from_utf8_lossy(&raw[..head_end]).to_lowercase();
         assert!(head.starts_with("http/1.1 200"), "{mode}: {head}");
         assert!(head.contains("content-type: text/event-stream"), "{mode}: {head}");
+        eprintln!("{mode}: {} bytes", raw.len());
+        std::fs::write(format!("/tmp/sse_{mode}.bin"), &raw).unwrap();
         let body = dechunk(&raw[head_end..]);
         let expected: String = (0..10_000).map(|i| format!("id: {i}\nevent: tick\ndata: b1 {i}\n\n")).collect();
         assert_eq!(body.len(), expected.len(), "{mode}: body length");

@@ -16,7 +16,7 @@ use std::{
 };
 
 use speedmimi::datapath::{Datapath, Userspace, kernel::Kernel};
-use support::{Proxy, backend_yaml, one_route};
+use support::{Proxy, backend_yaml, one_route, root_or_skip};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -31,18 +31,6 @@ const TCP_BUFFERS: u64 = 32 << 20;
 /// hundreds of MiB in the same 5 s (measured: 467 MiB accepted, 450 MiB grown).
 const NOISE: u64 = 128 << 20;
 const STALL: Duration = Duration::from_secs(5);
-
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root to load eBPF, and CI must run it");
-    }
-    eprintln!("skipping {test}: needs root to load eBPF");
-    false
-}
 
 /// Kernel memory in use as /proc/meminfo sees it: (MemTotal - MemAvailable) and Slab, bytes.
 fn kernel_memory() -> (u64, u64) {

@@ -3,35 +3,19 @@
 
 mod support;
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{convert::Infallible, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::{
-    body::Incoming,
-    client::conn::{http1, http2},
-    service::service_fn,
-};
+use hyper::{body::Incoming, client::conn::http2, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::{
-    ClientConfig, RootCertStore, ServerConfig,
-    client::Resumption,
-    crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+    ServerConfig,
+    pki_types::{PrivateKeyDer, pem::PemObject},
 };
 use speedmimi::{
     Listeners,
@@ -41,137 +25,21 @@ use speedmimi::{
     shutdown::{self, Trigger},
     state::State,
 };
-use support::{Origin, Proxy, backend_yaml, client, get, one_route};
+use support::{
+    Origin, Proxy, backend_yaml, client, get, one_route,
+    tls::{Ca, Leaf, TempDir, h1, peer_cert, ring, send, ssl_yaml, tls_connect},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
-use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
+use tokio_rustls::{TlsAcceptor, client::TlsStream};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A directory of its own under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("speedmimi-tls-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A test certificate authority; the test clients trust only it.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-/// An issued certificate with its key, as PEM and DER.
-struct Leaf {
-    pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, "SpeedMimi test CA");
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    fn issue(&self, names: &[&str]) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        Leaf { pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
-    }
-}
-
-impl Leaf {
-    /// Writes `<name>.crt` and `<name>.key`.
-    fn write(&self, dir: &TempDir, name: &str) -> (PathBuf, PathBuf) {
-        (dir.write(&format!("{name}.crt"), &self.pem), dir.write(&format!("{name}.key"), &self.key_pem))
-    }
-}
-
-fn ring() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A client trusting `ca` only, offering `alpn`, never resuming (each handshake shows the
-/// certificate served now).
-fn connector(ca: &Ca, alpn: &[&[u8]]) -> TlsConnector {
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.cert.der().clone()).unwrap();
-    let mut config = ClientConfig::builder_with_provider(ring())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config.resumption = Resumption::disabled();
-    TlsConnector::from(Arc::new(config))
-}
-
-async fn tls_connect(addr: SocketAddr, ca: &Ca, name: &str, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::try_from(name.to_owned()).unwrap();
-    tokio::time::timeout(WAIT, connector(ca, alpn).connect(name, tcp)).await.expect("handshake timed out").unwrap()
-}
-
-fn peer_cert(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
-    s.get_ref().1.peer_certificates().expect("server sent a certificate")[0].clone().into_owned()
-}
-
 fn alpn(s: &TlsStream<TcpStream>) -> Option<Vec<u8>> {
     s.get_ref().1.alpn_protocol().map(<[u8]>::to_vec)
-}
-
-async fn h1(stream: TlsStream<TcpStream>) -> http1::SendRequest<Empty<Bytes>> {
-    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
-/// GET `path` on an HTTP/1.1 connection: status and body.
-async fn send(sender: &mut http1::SendRequest<Empty<Bytes>>, path: &str) -> (StatusCode, String) {
-    sender.ready().await.unwrap();
-    let req = Request::get(path).header(header::HOST, "localhost").body(Empty::new()).unwrap();
-    let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await.expect("response timed out").unwrap();
-    let status = resp.status();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-/// The `ssl:` section (`port` adds a separate HTTPS listener) plus `extra` lines in it.
-fn ssl_yaml(cert: &Path, key: &Path, port: bool, extra: &str) -> String {
-    let port = if port { "  port: 8443\n" } else { "" };
-    format!(
-        "ssl:\n  enabled: true\n  cert_file: \"{}\"\n  key_file: \"{}\"\n{port}{extra}",
-        cert.display(),
-        key.display()
-    )
 }
 
 fn header_of(dump: &str, name: &str) -> Option<String> {

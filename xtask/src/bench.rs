@@ -115,7 +115,7 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -156,7 +156,7 @@ fn report(targets: &[Target], samples: &[Vec<Sample>], opts: &Options) -> String
     s
 }
 
-fn machine_line() -> String {
+pub(crate) fn machine_line() -> String {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -255,7 +255,7 @@ fn start_haproxy(_bin: &Path, dir: &Path) -> anyhow::Result<Child> {
 }
 
 /// The process and its descendants (nginx and haproxy may fork).
-fn process_tree(root: u32) -> Vec<u32> {
+pub(crate) fn process_tree(root: u32) -> Vec<u32> {
     let mut pids = vec![root];
     let mut i = 0;
     while i < pids.len() {
@@ -281,7 +281,7 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
         .sum()
 }
 
-unsafe fn sysconf_clk_tck() -> i64 {
+pub(crate) unsafe fn sysconf_clk_tck() -> i64 {
     unsafe extern "C" {
         fn sysconf(name: i32) -> i64;
     }
@@ -290,7 +290,7 @@ unsafe fn sysconf_clk_tck() -> i64 {
     unsafe { sysconf(SC_CLK_TCK) }
 }
 
-fn ensure_packages(pkgs: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn ensure_packages(pkgs: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = pkgs
         .iter()
         .copied()
@@ -314,12 +314,12 @@ fn ensure_packages(pkgs: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_release() -> anyhow::Result<PathBuf> {
+pub(crate) fn build_release() -> anyhow::Result<PathBuf> {
     workspace::run_checked(workspace::cargo().args(["build", "--release", "-p", "speedmimi"]))?;
     Ok(workspace::target_dir().join("release/speedmimi"))
 }
 
-fn wait_port(port: u16, child: &mut Child) -> anyhow::Result<()> {
+pub(crate) fn wait_port(port: u16, child: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     while Instant::now() < deadline {
@@ -334,7 +334,7 @@ fn wait_port(port: u16, child: &mut Child) -> anyhow::Result<()> {
     bail!("nothing listens on port {port} after 10 s")
 }
 
-fn stop(child: &mut Child) {
+pub(crate) fn stop(child: &mut Child) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
@@ -351,7 +351,7 @@ fn stop(child: &mut Child) {
 }
 
 /// Kills its child on every exit path.
-struct Guard(Child);
+pub(crate) struct Guard(pub(crate) Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {

@@ -1,6 +1,8 @@
 //! Command-line entry point of `cargo xtask`: parses the subcommand and dispatches to its module.
 
 mod bench;
+mod bench_peer;
+mod bench_splice;
 mod build_ebpf;
 mod run;
 mod test;
@@ -43,6 +45,12 @@ enum Command {
         #[command(subcommand)]
         which: BenchKind,
     },
+    /// The load generator and backend of `bench splice`, run as pinned child processes.
+    #[command(hide = true)]
+    BenchPeer {
+        #[command(subcommand)]
+        role: bench_peer::Role,
+    },
     /// Build the eBPF object, then run the workspace test suite.
     Test {
         /// Extra arguments passed to `cargo test` (after `--`).
@@ -65,6 +73,26 @@ enum BenchKind {
         #[arg(long, default_value_t = 50)]
         connections: u32,
     },
+    /// Upgraded (WebSocket) flows: SpeedMimi spliced and copied, nginx, HAProxy with and without
+    /// splice, and direct: ping-pong latency, CPU per GB, bulk throughput, memory per idle flow.
+    Splice {
+        /// Interleaved rounds (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per throughput measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// 1 KiB round trips per latency measurement.
+        #[arg(long, default_value_t = 20_000)]
+        pings: usize,
+        /// Concurrent flows of the many-streams measurement.
+        #[arg(long, default_value_t = 64)]
+        streams: usize,
+        /// Idle upgraded flows held open for the memory measurement (a few hundred undercount:
+        /// the proxy first reuses heap it freed at startup).
+        #[arg(long, default_value_t = 2_000)]
+        idle_flows: usize,
+    },
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -77,6 +105,14 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Test { args } => test::test(&args),
         Command::Bench { which: BenchKind::Http { rounds, seconds, connections } } => {
             bench::http(&bench::Options { rounds, seconds, connections })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { which: BenchKind::Splice { rounds, seconds, pings, streams, idle_flows } } => {
+            bench_splice::splice(&bench_splice::Options { rounds, seconds, pings, streams, idle_flows })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchPeer { role } => {
+            bench_peer::run(role)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -8,7 +8,7 @@ pub mod headers;
 mod io;
 pub mod server;
 mod service;
-mod splice;
+pub mod splice;
 mod sse;
 mod upgrade;
 pub mod upstream;

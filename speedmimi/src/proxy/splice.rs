@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use speedmimi_common::splice::Control;
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
 
@@ -32,19 +32,24 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// Read buffer for bytes the kernel passed to userspace (allocated only while copying).
 const COPY_BUF: usize = 64 * 1024;
+/// Read buffer of a bulk stream (KERNEL-NOTES: 256 KiB copies at 2.4-2.7 GB/s where 8 KiB
+/// manages 0.9).
+const BULK_BUF: usize = 256 * 1024;
 
-/// A flow moving more than this many bytes per second (over at least `BULK_AFTER`) is bulk.
-const BULK_RATE: u64 = 200 << 20;
+/// A flow is judged bulk or not (`Policy::bulk_rate`) once it has run this long.
 const BULK_AFTER: Duration = Duration::from_millis(500);
 /// Bulk flows copied at once: one core's worth each; beyond that, splicing's lower CPU per
 /// byte wins over copying's higher single-stream speed (KERNEL-NOTES' measurements).
 const BULK_COPIES_MAX: usize = 2;
 
+/// Flows moved from splicing to copying because they were bulk streams (since start).
+pub static BULK_SWITCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Bulk flows currently moved to userspace copy.
-pub static BULK_COPIES: AtomicUsize = AtomicUsize::new(0);
+static BULK_COPIES: AtomicUsize = AtomicUsize::new(0);
 
 /// A slot among `BULK_COPIES_MAX`, released on drop.
-pub struct BulkSlot(());
+struct BulkSlot(());
 
 impl BulkSlot {
     fn take() -> Option<BulkSlot> {
@@ -66,6 +71,8 @@ pub struct Policy {
     /// A response stream (SSE): only upstream bytes are spliced; the client is expected to send
     /// nothing more, and the flow ends if it does.
     pub one_way: bool,
+    /// Bytes per second above which a flow is copied instead; 0 = never.
+    pub bulk_rate: u64,
 }
 
 /// One direction's bookkeeping.
@@ -83,6 +90,10 @@ struct Direction {
     started: Instant,
     /// Set once this direction was found to be bulk (the switch is tried once).
     bulk_seen: bool,
+    /// The kernel passes everything (a bulk flow): we copy with a large buffer, and once all
+    /// redirected bytes had left there is nothing to wait for before each write.
+    copy_only: bool,
+    flushed: bool,
 }
 
 /// Why a flow ended.
@@ -96,7 +107,7 @@ pub enum End {
     Disconnected,
     /// The peer did not take the bytes within the drain limit.
     Stalled,
-    /// A bulk stream, better copied: the sockets left the maps with nothing in flight.
+    /// A bulk stream, better copied (an internal step: the flow goes on, copied).
     Bulk,
 }
 
@@ -104,9 +115,9 @@ pub enum End {
 pub enum Outcome {
     /// The flow ended while spliced.
     Ended(End),
-    /// Copy from here on (splicing unavailable, or a bulk stream): nothing is in flight between
-    /// the sockets, and bytes still queued in them are the next to copy. `bulk` holds the slot.
-    Copy { client: TcpStream, upstream: TcpStream, reason: io::Error, bulk: Option<BulkSlot> },
+    /// Splicing was not possible: copy from here on. Nothing entered the kernel path; the
+    /// prefixes were written.
+    Copy { client: TcpStream, upstream: TcpStream, reason: io::Error },
 }
 
 /// The two sockets of an upgraded flow, with what hyper had already read from each.
@@ -128,9 +139,18 @@ pub async fn run(
     backend_slot: u32,
     mut closer: watch::Receiver<u64>,
 ) -> Outcome {
-    let Policy { budget, one_way } = policy;
+    let Policy { budget, one_way, .. } = policy;
     let Flow { mut client, client_ahead, mut upstream, upstream_ahead } = flow;
-    let copy = |reason, client, upstream| Outcome::Copy { client, upstream, reason, bulk: None };
+    // Measured here: an skb that userspace had read only part of is handed to the verdict
+    // whole on insertion, so its first bytes arrive twice. Reading each socket dry first
+    // leaves only whole skbs (or none) for the kernel.
+    let (client_ahead, upstream_ahead) = match (drain(&client, client_ahead), drain(&upstream, upstream_ahead)) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => {
+            return Outcome::Copy { client, upstream, reason: e };
+        }
+    };
+    let copy = |reason, client, upstream| Outcome::Copy { client, upstream, reason };
     // Baselines before anything more is written: the prefixes count as bytes sent to each side.
     let (ca, ua) = match (entered(client.as_fd()), entered(upstream.as_fd())) {
         (Ok(c), Ok(u)) => (c, u),
@@ -151,6 +171,8 @@ pub async fn run(
     // client -> upstream, and upstream -> client.
     let started = Instant::now();
     let (up_prefix, down_prefix) = (client_ahead.len() as u64, upstream_ahead.len() as u64);
+    // Not kept for the flow's life: an idle flow should hold no buffers.
+    drop((client_ahead, upstream_ahead));
     let mut up = Direction {
         src: pair.a,
         consumed: 0,
@@ -159,6 +181,8 @@ pub async fn run(
         done: false,
         started,
         bulk_seen: false,
+        copy_only: false,
+        flushed: false,
     };
     let mut down = Direction {
         src: pair.b,
@@ -168,39 +192,60 @@ pub async fn run(
         done: false,
         started,
         bulk_seen: false,
+        copy_only: false,
+        flushed: false,
     };
-    let (end, slot) = loop {
+    let mut bulk: Option<BulkSlot> = None;
+    let end = loop {
         match watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, policy, &mut closer).await {
-            // All copy slots taken meanwhile: stay spliced.
-            End::Bulk => match BulkSlot::take() {
-                Some(slot) => break (End::Bulk, Some(slot)),
-                None => continue,
-            },
-            end => break (end, None),
+            End::Bulk => {
+                // The kernel stops redirecting and passes everything; we copy with large
+                // buffers. The sockets stay in the maps: leaving them would drop what the
+                // kernel passed but we have not read yet.
+                if bulk.is_none() {
+                    bulk = BulkSlot::take();
+                }
+                if bulk.is_some() && !up.copy_only {
+                    let _ = dp.set_control(pair.a, Control { limit: 0, consumed: up.consumed });
+                    let _ = dp.set_control(pair.b, Control { limit: 0, consumed: down.consumed });
+                    up.copy_only = true;
+                    down.copy_only = true;
+                    BULK_SWITCHES.fetch_add(1, SeqCst);
+                    tracing::debug!("bulk flow: copying in userspace from here");
+                }
+            }
+            end => break end,
         }
     };
-    if let Some(slot) = slot {
-        // Stop redirecting, let everything redirected so far leave, then leave the maps: what
-        // arrives from now on queues in the sockets themselves, in order, for the copier.
-        let _ = dp.set_control(pair.a, Control { limit: 0, consumed: up.consumed });
-        let _ = dp.set_control(pair.b, Control { limit: 0, consumed: down.consumed });
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        if wait_flushed(&*dp, &upstream, &up).await.is_ok() && wait_flushed(&*dp, &client, &down).await.is_ok() {
-            let _ = dp.unsplice(pair);
-            tracing::debug!("bulk flow moved from splice to copy");
-            return Outcome::Copy { client, upstream, reason: io::Error::other("bulk stream"), bulk: Some(slot) };
-        }
-        let _ = dp.unsplice(pair);
-        reset(&client);
-        reset(&upstream);
-        return Outcome::Ended(End::Stalled);
-    }
+    drop(bulk);
     let _ = dp.unsplice(pair);
     if end != End::Closed {
         reset(&client);
         reset(&upstream);
     }
     Outcome::Ended(end)
+}
+
+/// `ahead` plus everything `s` has received so far (without waiting for more).
+fn drain(s: &TcpStream, ahead: Bytes) -> io::Result<Bytes> {
+    let mut buf = BytesMut::from(&ahead[..]);
+    loop {
+        buf.reserve(16 * 1024);
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: try_read only writes initialised bytes into the slice and reports how many.
+        let slice = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
+        match s.try_read(slice) {
+            // A FIN before splicing: leave it for the kernel path to see.
+            Ok(0) => return Ok(buf.freeze()),
+            Ok(n) => {
+                // SAFETY: try_read wrote n bytes into the spare capacity.
+                unsafe { buf.set_len(buf.len() + n) };
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(buf.freeze()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 async fn write_prefix(s: &mut TcpStream, prefix: &[u8]) -> io::Result<()> {
@@ -219,7 +264,7 @@ async fn watch(
     policy: Policy,
     closer: &mut watch::Receiver<u64>,
 ) -> End {
-    let Policy { budget, one_way } = policy;
+    let Policy { budget, one_way, bulk_rate } = policy;
     loop {
         // A response stream is over when the backend's side is: the client was told
         // `Connection: close`.
@@ -237,14 +282,15 @@ async fn watch(
                         _ => return End::Reset,
                     }
                 }
-                match pump(dp, client, upstream, up, budget).await {
+                // Boxed: the (large) copy state exists only while copying, not in idle flows.
+                match Box::pin(pump(dp, client, upstream, up, budget, bulk_rate)).await {
                     Ok(()) => {}
                     Err(end) => return end,
                 }
             }
             r = upstream.readable(), if !down.done => {
                 if r.is_err() { return End::Reset; }
-                match pump(dp, upstream, client, down, budget).await {
+                match Box::pin(pump(dp, upstream, client, down, budget, bulk_rate)).await {
                     Ok(()) => {}
                     Err(end) => return end,
                 }
@@ -262,10 +308,12 @@ async fn pump(
     dst: &mut TcpStream,
     dir: &mut Direction,
     budget: u64,
+    bulk_rate: u64,
 ) -> Result<(), End> {
     let mut buf: Option<Vec<u8>> = None;
+    let size = if dir.copy_only { BULK_BUF } else { COPY_BUF };
     loop {
-        let b = buf.get_or_insert_with(|| vec![0; COPY_BUF]);
+        let b = buf.get_or_insert_with(|| vec![0; size]);
         match src.try_read(b) {
             Ok(0) => {
                 // FIN: everything from src must have entered dst's send queue first.
@@ -275,17 +323,25 @@ async fn pump(
                 return Ok(());
             }
             Ok(n) => {
-                wait_flushed(dp, dst, dir).await?;
+                if !dir.flushed {
+                    wait_flushed(dp, dst, dir).await?;
+                    // Redirecting stopped for good: no more kernel bytes to wait for.
+                    dir.flushed = dir.copy_only;
+                }
                 if tokio::time::timeout(DRAIN_LIMIT, dst.write_all(&b[..n])).await.map_or(true, |r| r.is_err()) {
                     return Err(End::Stalled);
                 }
                 dir.consumed += n as u64;
+                if dir.copy_only {
+                    continue;
+                }
                 let elapsed = dir.started.elapsed();
-                if elapsed >= BULK_AFTER
+                if bulk_rate > 0
+                    && elapsed >= BULK_AFTER
                     && !dir.bulk_seen
                     && BULK_COPIES.load(SeqCst) < BULK_COPIES_MAX
                     && let Some(peer) = dp.peer(dir.src)
-                    && (peer.redirected_bytes + dir.consumed) as f64 / elapsed.as_secs_f64() > BULK_RATE as f64
+                    && (peer.redirected_bytes + dir.consumed) as f64 / elapsed.as_secs_f64() > bulk_rate as f64
                 {
                     dir.bulk_seen = true;
                     return Err(End::Bulk);

@@ -97,21 +97,21 @@ pub async fn relay<B>(
         if client.write_all(&head.bytes).await.is_err() {
             return;
         }
+        drop(head);
         let flow = splice::Flow { client, client_ahead: Bytes::new(), upstream, upstream_ahead: body_ahead };
         let dp = splicer.datapath.clone();
-        let policy = splice::Policy { budget: splicer.budget, one_way: true };
+        let policy = splice::Policy { budget: splicer.budget, one_way: true, bulk_rate: splicer.bulk_rate };
         match splice::run(dp, flow, policy, backend.slot, closer.clone()).await {
             splice::Outcome::Ended(end) => {
                 server.spliced_flows.fetch_add(1, Relaxed);
                 backend.spliced_flows.fetch_add(1, Relaxed);
                 tracing::debug!(route = %route_name, ?end, "spliced sse stream ended");
             }
-            splice::Outcome::Copy { client, upstream, reason, bulk } => {
+            splice::Outcome::Copy { client, upstream, reason } => {
                 tracing::debug!(route = %route_name, %reason, "copying this sse stream");
                 server.copied_flows.fetch_add(1, Relaxed);
                 backend.copied_flows.fetch_add(1, Relaxed);
                 copy_one_way(upstream, client, closer).await;
-                drop(bulk);
             }
         }
     });

@@ -33,9 +33,6 @@ use crate::{
 
 /// Copy buffer per direction: small enough for many idle flows.
 const COPY_BUF: usize = 64 * 1024;
-/// Copy buffer of a bulk stream moved off the kernel path (KERNEL-NOTES: 256 KiB copies at
-/// 2.4-2.7 GB/s where 8 KiB manages 0.9).
-const BULK_BUF: usize = 256 * 1024;
 
 pub async fn relay(
     snap: &Snapshot,
@@ -129,6 +126,7 @@ pub async fn relay(
 pub struct Splicer {
     pub datapath: Arc<dyn Datapath>,
     pub budget: u64,
+    pub bulk_rate: u64,
 }
 
 /// Joins the two upgraded connections until the flow ends: in the kernel when it can, by
@@ -167,47 +165,31 @@ async fn join(
     let (client_tcp, client_ahead) = (client.io.into_inner().into_inner(), client.read_buf);
     let dp = splicer.datapath.clone();
     let flow = splice::Flow { client: client_tcp, client_ahead, upstream: up_tcp, upstream_ahead: up_ahead };
-    let policy = splice::Policy { budget: splicer.budget, one_way: false };
+    let policy = splice::Policy { budget: splicer.budget, one_way: false, bulk_rate: splicer.bulk_rate };
     match splice::run(dp, flow, policy, backend.slot, closer.clone()).await {
         splice::Outcome::Ended(end) => {
             server.spliced_flows.fetch_add(1, Relaxed);
             backend.spliced_flows.fetch_add(1, Relaxed);
             tracing::debug!(route, ?end, "spliced flow ended");
         }
-        splice::Outcome::Copy { client, upstream, reason, bulk } => {
+        splice::Outcome::Copy { client, upstream, reason } => {
             // Prefixes were written already and nothing is in flight: copy on from here.
             tracing::debug!(route, %reason, "copying this flow");
             server.copied_flows.fetch_add(1, Relaxed);
             backend.copied_flows.fetch_add(1, Relaxed);
-            let buf = if bulk.is_some() { BULK_BUF } else { COPY_BUF };
-            copy_with(client, Bytes::new(), UpstreamIo::Tcp(upstream), Bytes::new(), closer, route, buf).await;
-            drop(bulk);
+            copy(client, Bytes::new(), UpstreamIo::Tcp(upstream), Bytes::new(), closer, route).await;
         }
     }
 }
 
 /// Userspace copy in both directions, after writing what each side had already sent.
 async fn copy<C>(
-    client: C,
-    client_ahead: Bytes,
-    upstream: UpstreamIo,
-    upstream_ahead: Bytes,
-    closer: watch::Receiver<u64>,
-    route: &str,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    copy_with(client, client_ahead, upstream, upstream_ahead, closer, route, COPY_BUF).await
-}
-
-async fn copy_with<C>(
     mut client: C,
     client_ahead: Bytes,
     mut upstream: UpstreamIo,
     upstream_ahead: Bytes,
     mut closer: watch::Receiver<u64>,
     route: &str,
-    buf: usize,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -218,7 +200,7 @@ async fn copy_with<C>(
         if !upstream_ahead.is_empty() {
             client.write_all(&upstream_ahead).await?;
         }
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, buf, buf).await
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF).await
     };
     tokio::select! {
         r = copied => match r {

@@ -23,6 +23,23 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+pub mod tls;
+
+/// True when the test may run (running as root, so it can load eBPF). Without root: under
+/// CI=true it panics, because CI must run these tests; otherwise it prints why the test is
+/// skipped and returns false.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test} needs root to load eBPF, and CI must run it");
+    }
+    eprintln!("skipping {test}: needs root to load eBPF");
+    false
+}
+
 /// A demo origin serving on 127.0.0.1:<ephemeral>; stops when dropped.
 pub struct Origin {
     pub backend: Arc<DemoBackend>,
