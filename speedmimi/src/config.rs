@@ -345,19 +345,11 @@ pub struct EbpfSection {
     /// Bytes a spliced flow may have in kernel queues per direction; beyond it the sender is
     /// throttled by TCP's own window until the receiver catches up. (new)
     pub splice_budget: ByteSize,
-    /// A spliced flow moving more than this many bytes per second is a bulk stream and is
-    /// copied in userspace instead (at most 2 at once); 0 = never. (new)
-    pub splice_bulk_rate: ByteSize,
 }
 
 impl Default for EbpfSection {
     fn default() -> Self {
-        EbpfSection {
-            enabled: EbpfMode::Auto,
-            splice: true,
-            splice_budget: ByteSize(4 << 20),
-            splice_bulk_rate: ByteSize(200 << 20),
-        }
+        EbpfSection { enabled: EbpfMode::Auto, splice: true, splice_budget: ByteSize(4 << 20) }
     }
 }
 

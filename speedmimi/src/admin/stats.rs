@@ -29,7 +29,6 @@ pub async fn server(AxState(admin): AxState<Admin>) -> Json<Value> {
             "total": s.spliced_flows.load(Relaxed),
         },
         "copied_flows_total": s.copied_flows.load(Relaxed),
-        "bulk_flows_moved_to_copy_total": crate::proxy::splice::BULK_SWITCHES.load(Relaxed),
         "datapath": admin.state.datapath.describe(),
     }))
 }

@@ -73,7 +73,6 @@ impl Handler {
         (config.file.ebpf.splice && self.state.datapath.can_splice()).then(|| upgrade::Splicer {
             datapath: self.state.datapath.clone(),
             budget: config.file.ebpf.splice_budget.0,
-            bulk_rate: config.file.ebpf.splice_bulk_rate.0,
         })
     }
 

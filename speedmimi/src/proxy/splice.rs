@@ -14,16 +14,17 @@
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering::SeqCst},
-    },
-    time::{Duration, Instant},
+    sync::Arc,
+    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
 use speedmimi_common::splice::Control;
-use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
+use tokio::{
+    io::{AsyncWriteExt, Interest, Ready},
+    net::TcpStream,
+    sync::watch,
+};
 
 use crate::datapath::{Datapath, Limits};
 
@@ -32,36 +33,6 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// Read buffer for bytes the kernel passed to userspace (allocated only while copying).
 const COPY_BUF: usize = 64 * 1024;
-/// Read buffer of a bulk stream (KERNEL-NOTES: 256 KiB copies at 2.4-2.7 GB/s where 8 KiB
-/// manages 0.9).
-const BULK_BUF: usize = 256 * 1024;
-
-/// A flow is judged bulk or not (`Policy::bulk_rate`) once it has run this long.
-const BULK_AFTER: Duration = Duration::from_millis(500);
-/// Bulk flows copied at once: one core's worth each; beyond that, splicing's lower CPU per
-/// byte wins over copying's higher single-stream speed (KERNEL-NOTES' measurements).
-const BULK_COPIES_MAX: usize = 2;
-
-/// Flows moved from splicing to copying because they were bulk streams (since start).
-pub static BULK_SWITCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Bulk flows currently moved to userspace copy.
-static BULK_COPIES: AtomicUsize = AtomicUsize::new(0);
-
-/// A slot among `BULK_COPIES_MAX`, released on drop.
-struct BulkSlot(());
-
-impl BulkSlot {
-    fn take() -> Option<BulkSlot> {
-        BULK_COPIES.fetch_update(SeqCst, SeqCst, |n| (n < BULK_COPIES_MAX).then_some(n + 1)).ok().map(|_| BulkSlot(()))
-    }
-}
-
-impl Drop for BulkSlot {
-    fn drop(&mut self) {
-        BULK_COPIES.fetch_sub(1, SeqCst);
-    }
-}
 
 /// How a flow is spliced.
 #[derive(Clone, Copy)]
@@ -71,8 +42,6 @@ pub struct Policy {
     /// A response stream (SSE): only upstream bytes are spliced; the client is expected to send
     /// nothing more, and the flow ends if it does.
     pub one_way: bool,
-    /// Bytes per second above which a flow is copied instead; 0 = never.
-    pub bulk_rate: u64,
 }
 
 /// One direction's bookkeeping.
@@ -87,13 +56,6 @@ struct Direction {
     /// Bytes written into dst before splicing began (read-ahead handed over by hyper).
     dst_prefix: u64,
     done: bool,
-    started: Instant,
-    /// Set once this direction was found to be bulk (the switch is tried once).
-    bulk_seen: bool,
-    /// The kernel passes everything (a bulk flow): we copy with a large buffer, and once all
-    /// redirected bytes had left there is nothing to wait for before each write.
-    copy_only: bool,
-    flushed: bool,
 }
 
 /// Why a flow ended.
@@ -107,8 +69,6 @@ pub enum End {
     Disconnected,
     /// The peer did not take the bytes within the drain limit.
     Stalled,
-    /// A bulk stream, better copied (an internal step: the flow goes on, copied).
-    Bulk,
 }
 
 /// How a splice attempt turned out.
@@ -131,7 +91,7 @@ pub struct Flow {
 }
 
 /// Splices the flow until it ends, counting its kernel bytes for `backend_slot`. When it
-/// cannot be spliced (or turns out to be a bulk stream) the sockets come back for copying.
+/// cannot be spliced the sockets come back for copying.
 pub async fn run(
     dp: Arc<dyn Datapath>,
     flow: Flow,
@@ -169,55 +129,12 @@ pub async fn run(
         Err(e) => return copy(io::Error::other(e.to_string()), client, upstream),
     };
     // client -> upstream, and upstream -> client.
-    let started = Instant::now();
     let (up_prefix, down_prefix) = (client_ahead.len() as u64, upstream_ahead.len() as u64);
     // Not kept for the flow's life: an idle flow should hold no buffers.
     drop((client_ahead, upstream_ahead));
-    let mut up = Direction {
-        src: pair.a,
-        consumed: 0,
-        dst_acked_base: ua,
-        dst_prefix: up_prefix,
-        done: false,
-        started,
-        bulk_seen: false,
-        copy_only: false,
-        flushed: false,
-    };
-    let mut down = Direction {
-        src: pair.b,
-        consumed: 0,
-        dst_acked_base: ca,
-        dst_prefix: down_prefix,
-        done: false,
-        started,
-        bulk_seen: false,
-        copy_only: false,
-        flushed: false,
-    };
-    let mut bulk: Option<BulkSlot> = None;
-    let end = loop {
-        match watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, policy, &mut closer).await {
-            End::Bulk => {
-                // The kernel stops redirecting and passes everything; we copy with large
-                // buffers. The sockets stay in the maps: leaving them would drop what the
-                // kernel passed but we have not read yet.
-                if bulk.is_none() {
-                    bulk = BulkSlot::take();
-                }
-                if bulk.is_some() && !up.copy_only {
-                    let _ = dp.set_control(pair.a, Control { limit: 0, consumed: up.consumed });
-                    let _ = dp.set_control(pair.b, Control { limit: 0, consumed: down.consumed });
-                    up.copy_only = true;
-                    down.copy_only = true;
-                    BULK_SWITCHES.fetch_add(1, SeqCst);
-                    tracing::debug!("bulk flow: copying in userspace from here");
-                }
-            }
-            end => break end,
-        }
-    };
-    drop(bulk);
+    let mut up = Direction { src: pair.a, consumed: 0, dst_acked_base: ua, dst_prefix: up_prefix, done: false };
+    let mut down = Direction { src: pair.b, consumed: 0, dst_acked_base: ca, dst_prefix: down_prefix, done: false };
+    let end = watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, policy, &mut closer).await;
     let _ = dp.unsplice(pair);
     if end != End::Closed {
         reset(&client);
@@ -264,7 +181,7 @@ async fn watch(
     policy: Policy,
     closer: &mut watch::Receiver<u64>,
 ) -> End {
-    let Policy { budget, one_way, bulk_rate } = policy;
+    let Policy { budget, one_way } = policy;
     loop {
         // A response stream is over when the backend's side is: the client was told
         // `Connection: close`.
@@ -272,25 +189,28 @@ async fn watch(
             return End::Closed;
         }
         tokio::select! {
-            r = client.readable(), if !up.done => {
-                if r.is_err() { return End::Reset; }
+            r = client.ready(Interest::READABLE), if !up.done => {
+                let Ok(ready) = r else { return End::Reset };
                 if one_way {
                     // Anything from the client after its request ends a response stream.
-                    match client.try_read(&mut [0u8; 1]) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        Ok(0) => return End::Closed,
-                        _ => return End::Reset,
+                    if dp.peer(up.src).is_some_and(|p| p.passed_bytes > 0) {
+                        return End::Reset;
                     }
+                    if ready.is_read_closed() {
+                        return End::Closed;
+                    }
+                    clear_read_readiness(client);
+                    continue;
                 }
                 // Boxed: the (large) copy state exists only while copying, not in idle flows.
-                match Box::pin(pump(dp, client, upstream, up, budget, bulk_rate)).await {
+                match Box::pin(pump(dp, client, upstream, up, ready, budget)).await {
                     Ok(()) => {}
                     Err(end) => return end,
                 }
             }
-            r = upstream.readable(), if !down.done => {
-                if r.is_err() { return End::Reset; }
-                match Box::pin(pump(dp, upstream, client, down, budget, bulk_rate)).await {
+            r = upstream.ready(Interest::READABLE), if !down.done => {
+                let Ok(ready) = r else { return End::Reset };
+                match Box::pin(pump(dp, upstream, client, down, ready, budget)).await {
                     Ok(()) => {}
                     Err(end) => return end,
                 }
@@ -302,60 +222,78 @@ async fn watch(
 
 /// Handles readiness of `src`: copies what the kernel passed, or finishes the direction on
 /// FIN, or reports a reset.
+///
+/// Only bytes the verdict passed are read (`passed_bytes - consumed`), never more: a read
+/// beyond them would fall through to the socket's own queue and take part of an skb the
+/// verdict has not seen yet, which the kernel then hands to the verdict whole, so those bytes
+/// would go out twice (seen as surplus bytes at the receiver in the splice benchmark).
 async fn pump(
     dp: &dyn Datapath,
     src: &mut TcpStream,
     dst: &mut TcpStream,
     dir: &mut Direction,
+    ready: Ready,
     budget: u64,
-    bulk_rate: u64,
 ) -> Result<(), End> {
     let mut buf: Option<Vec<u8>> = None;
-    let size = if dir.copy_only { BULK_BUF } else { COPY_BUF };
+    let mut eof_waits = 0u32;
     loop {
-        let b = buf.get_or_insert_with(|| vec![0; size]);
-        match src.try_read(b) {
-            Ok(0) => {
+        let passed = match dp.peer(dir.src) {
+            Some(p) => p.passed_bytes,
+            None => return Err(End::Reset),
+        };
+        let avail = passed.saturating_sub(dir.consumed);
+        if avail == 0 {
+            if ready.is_read_closed() || ready.is_error() {
+                if let Ok(Some(_)) = src.take_error() {
+                    return Err(End::Reset);
+                }
                 // FIN: everything from src must have entered dst's send queue first.
                 wait_flushed(dp, dst, dir).await?;
                 let _ = dst.shutdown().await;
                 dir.done = true;
                 return Ok(());
             }
-            Ok(n) => {
-                if !dir.flushed {
-                    wait_flushed(dp, dst, dir).await?;
-                    // Redirecting stopped for good: no more kernel bytes to wait for.
-                    dir.flushed = dir.copy_only;
+            clear_read_readiness(src);
+            return Ok(());
+        }
+        let b = buf.get_or_insert_with(|| vec![0; COPY_BUF]);
+        let want = (avail as usize).min(b.len());
+        match src.try_read(&mut b[..want]) {
+            Ok(0) => {
+                // Passed bytes still on their way to the socket (the kernel may queue them from
+                // a worker) while the FIN is already seen: wait for them, boundedly.
+                eof_waits += 1;
+                if eof_waits > 5_000 {
+                    return Err(End::Reset);
                 }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Ok(n) => {
+                wait_flushed(dp, dst, dir).await?;
                 if tokio::time::timeout(DRAIN_LIMIT, dst.write_all(&b[..n])).await.map_or(true, |r| r.is_err()) {
                     return Err(End::Stalled);
                 }
                 dir.consumed += n as u64;
-                if dir.copy_only {
-                    continue;
-                }
-                let elapsed = dir.started.elapsed();
-                if bulk_rate > 0
-                    && elapsed >= BULK_AFTER
-                    && !dir.bulk_seen
-                    && BULK_COPIES.load(SeqCst) < BULK_COPIES_MAX
-                    && let Some(peer) = dp.peer(dir.src)
-                    && (peer.redirected_bytes + dir.consumed) as f64 / elapsed.as_secs_f64() > bulk_rate as f64
-                {
-                    dir.bulk_seen = true;
-                    return Err(End::Bulk);
-                }
                 let acked = bytes_acked(dst.as_fd()).unwrap_or(dir.dst_acked_base);
                 let delivered = acked.saturating_sub(dir.dst_acked_base).saturating_sub(dir.dst_prefix);
                 let limit = (delivered + budget).saturating_sub(dir.consumed);
                 let _ = dp.set_control(dir.src, Control { limit, consumed: dir.consumed });
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                clear_read_readiness(src);
+                return Ok(());
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return Err(End::Reset),
         }
     }
+}
+
+/// Tells tokio the socket's read readiness was consumed, so the watcher sleeps until the next
+/// wake-up (a spliced socket wakes for bytes the kernel passed, FIN and errors).
+fn clear_read_readiness(s: &TcpStream) {
+    let _ = s.try_io(Interest::READABLE, || Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock)));
 }
 
 /// Waits until every byte src sent (redirected by the kernel or copied by us) has entered

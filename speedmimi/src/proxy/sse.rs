@@ -100,7 +100,7 @@ pub async fn relay<B>(
         drop(head);
         let flow = splice::Flow { client, client_ahead: Bytes::new(), upstream, upstream_ahead: body_ahead };
         let dp = splicer.datapath.clone();
-        let policy = splice::Policy { budget: splicer.budget, one_way: true, bulk_rate: splicer.bulk_rate };
+        let policy = splice::Policy { budget: splicer.budget, one_way: true };
         match splice::run(dp, flow, policy, backend.slot, closer.clone()).await {
             splice::Outcome::Ended(end) => {
                 server.spliced_flows.fetch_add(1, Relaxed);

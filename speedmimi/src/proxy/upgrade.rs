@@ -126,7 +126,6 @@ pub async fn relay(
 pub struct Splicer {
     pub datapath: Arc<dyn Datapath>,
     pub budget: u64,
-    pub bulk_rate: u64,
 }
 
 /// Joins the two upgraded connections until the flow ends: in the kernel when it can, by
@@ -165,7 +164,7 @@ async fn join(
     let (client_tcp, client_ahead) = (client.io.into_inner().into_inner(), client.read_buf);
     let dp = splicer.datapath.clone();
     let flow = splice::Flow { client: client_tcp, client_ahead, upstream: up_tcp, upstream_ahead: up_ahead };
-    let policy = splice::Policy { budget: splicer.budget, one_way: false, bulk_rate: splicer.bulk_rate };
+    let policy = splice::Policy { budget: splicer.budget, one_way: false };
     match splice::run(dp, flow, policy, backend.slot, closer.clone()).await {
         splice::Outcome::Ended(end) => {
             server.spliced_flows.fetch_add(1, Relaxed);
