@@ -38,6 +38,8 @@ pub struct Options {
     pub pings: usize,
     pub streams: usize,
     pub idle_flows: usize,
+    /// SpeedMimi's `ebpf.splice_budget` for the run.
+    pub splice_budget: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -108,7 +110,7 @@ pub fn splice(opts: &Options) -> anyhow::Result<()> {
     let mut samples: Vec<Vec<Sample>> = TARGETS.iter().map(|_| Vec::new()).collect();
     for round in 0..opts.rounds {
         for (t, out) in TARGETS.iter().zip(samples.iter_mut()) {
-            let mut proxy = match start(t.proxy, &bin, &dir)? {
+            let mut proxy = match start(t.proxy, &bin, &dir, &opts.splice_budget)? {
                 Some(child) => {
                     let mut child = Guard(child);
                     bench::wait_port(PROXY_PORT, &mut child.0)?;
@@ -393,10 +395,10 @@ impl Peer {
 // ---------------------------------------------------------------------------------------------
 // Proxies
 
-fn start(proxy: Proxy, bin: &Path, dir: &Path) -> anyhow::Result<Option<std::process::Child>> {
+fn start(proxy: Proxy, bin: &Path, dir: &Path, budget: &str) -> anyhow::Result<Option<std::process::Child>> {
     let child = match proxy {
         Proxy::Direct => return Ok(None),
-        Proxy::SpeedMimi { splice } => start_speedmimi(bin, dir, splice)?,
+        Proxy::SpeedMimi { splice } => start_speedmimi(bin, dir, splice, budget)?,
         Proxy::Nginx => start_nginx(dir)?,
         Proxy::Haproxy { splice } => start_haproxy(dir, splice)?,
     };
@@ -408,11 +410,11 @@ fn write_config(path: PathBuf, text: String) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn start_speedmimi(bin: &Path, dir: &Path, splice: bool) -> anyhow::Result<std::process::Child> {
+fn start_speedmimi(bin: &Path, dir: &Path, splice: bool, budget: &str) -> anyhow::Result<std::process::Child> {
     let config = write_config(
         dir.join(if splice { "splice-speedmimi-splice.yaml" } else { "splice-speedmimi-copy.yaml" }),
         format!(
-            "server:\n  host: 127.0.0.1\n  port: {PROXY_PORT}\n  workers: 1\nadmin:\n  host: 127.0.0.1\n  port: {ADMIN_PORT}\nbackends:\n  b:\n    - id: b1\n      host: 127.0.0.1\n      port: {BACKEND_PORT}\n      max_conn: 100000\nrouting:\n  all:\n    path: /\n    upstream: b\nebpf:\n  enabled: true\n  splice: {splice}\n"
+            "server:\n  host: 127.0.0.1\n  port: {PROXY_PORT}\n  workers: 1\nadmin:\n  host: 127.0.0.1\n  port: {ADMIN_PORT}\nbackends:\n  b:\n    - id: b1\n      host: 127.0.0.1\n      port: {BACKEND_PORT}\n      max_conn: 100000\nrouting:\n  all:\n    path: /\n    upstream: b\nebpf:\n  enabled: true\n  splice: {splice}\n  splice_budget: {budget}\n"
         ),
     )?;
     Command::new("taskset")

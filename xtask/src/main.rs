@@ -92,6 +92,9 @@ enum BenchKind {
         /// the proxy first reuses heap it freed at startup).
         #[arg(long, default_value_t = 2_000)]
         idle_flows: usize,
+        /// SpeedMimi's `ebpf.splice_budget` (per flow and direction).
+        #[arg(long, default_value = "4MiB")]
+        splice_budget: String,
     },
 }
 
@@ -107,8 +110,15 @@ fn main() -> anyhow::Result<ExitCode> {
             bench::http(&bench::Options { rounds, seconds, connections })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { which: BenchKind::Splice { rounds, seconds, pings, streams, idle_flows } } => {
-            bench_splice::splice(&bench_splice::Options { rounds, seconds, pings, streams, idle_flows })?;
+        Command::Bench { which: BenchKind::Splice { rounds, seconds, pings, streams, idle_flows, splice_budget } } => {
+            bench_splice::splice(&bench_splice::Options {
+                rounds,
+                seconds,
+                pings,
+                streams,
+                idle_flows,
+                splice_budget,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchPeer { role } => {
