@@ -25,8 +25,4 @@ impl Shutdown {
         let mut rx = self.0.clone();
         let _ = rx.wait_for(|&v| v).await;
     }
-
-    pub fn is_fired(&self) -> bool {
-        *self.0.borrow()
-    }
 }
