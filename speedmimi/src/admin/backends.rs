@@ -85,7 +85,11 @@ pub async fn add(
         serde_json::from_value(req.backend).map_err(|e| AdminError::BadRequest(format!("backend: {e}")))?;
     let id = backend.id.clone();
     admin.state.apply(Command::AddBackend { upstream: req.upstream.clone(), backend })?;
-    let b = admin.state.backend(&req.upstream, &id).expect("just added");
+    // Another call may have removed it since: report what is true now.
+    let b = admin
+        .state
+        .backend(&req.upstream, &id)
+        .ok_or_else(|| AdminError::NotFound(format!("backend {id:?} was removed meanwhile")))?;
     tracing::info!(upstream = %req.upstream, backend = %id, "backend added");
     Ok((StatusCode::CREATED, Json(view(&b, &*admin.state.datapath))))
 }
@@ -108,7 +112,11 @@ pub async fn update(AxState(admin): AxState<Admin>, Body(req): Body<UpdateBody>)
         return Err(AdminError::BadRequest("backend.id: required, a string".into()));
     };
     admin.state.apply(Command::UpdateBackend { upstream: req.upstream.clone(), id: id.clone(), patch: req.backend })?;
-    let b = admin.state.backend(&req.upstream, &id).expect("just updated");
+    // Another call may have removed it since: report what is true now.
+    let b = admin
+        .state
+        .backend(&req.upstream, &id)
+        .ok_or_else(|| AdminError::NotFound(format!("backend {id:?} was removed meanwhile")))?;
     tracing::info!(upstream = %req.upstream, backend = %id, "backend updated");
     Ok(Json(view(&b, &*admin.state.datapath)))
 }
