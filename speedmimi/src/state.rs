@@ -106,7 +106,6 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub read_timeout: Duration,
-    pub write_timeout: Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub real_ip_header: HeaderName,
     /// Responses carry which backend answered (for the access log).
@@ -480,7 +479,6 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
         connect_timeout: s.connect_timeout.get(),
         upstream_timeout: s.upstream_timeout.get(),
         read_timeout: s.read_timeout.get(),
-        write_timeout: s.write_timeout.get(),
         trusted_proxies: config.trusted_proxies.clone(),
         real_ip_header: HeaderName::from_bytes(s.real_ip_header.as_bytes()).expect("validated header name"),
         tag_backend: !s.access_log.is_empty(),

@@ -70,17 +70,17 @@ async fn splice_program_moves_bytes_between_real_sockets() {
     let _client_b = writer.await.unwrap();
 
     // The verdict program counted what it moved, per socket.
-    assert_eq!(kernel.redirected_bytes(pair.b), Some(big.len() as u64));
-    assert!(kernel.redirected_bytes(pair.a).unwrap() >= 9, "late bytes counted");
+    assert_eq!(kernel.peer(pair.b).map(|p| p.redirected_bytes), Some(big.len() as u64));
+    assert!(kernel.peer(pair.a).unwrap().redirected_bytes >= 9, "late bytes counted");
     // ...and per backend, per direction, summed over CPUs.
     let c = kernel.counters(7).expect("counters for the flow's backend slot");
     assert_eq!(c.bytes_to_client, big.len() as u64);
-    assert_eq!(c.bytes_to_backend, kernel.redirected_bytes(pair.a).unwrap());
+    assert_eq!(c.bytes_to_backend, kernel.peer(pair.a).unwrap().redirected_bytes);
     assert_eq!(kernel.counters(8), None, "no other backend moved bytes");
 
     kernel.unsplice(pair).unwrap();
     assert_eq!(kernel.spliced_sockets(), 0, "SOCKHASH empty after unsplice");
-    assert_eq!(kernel.redirected_bytes(pair.a), None);
+    assert_eq!(kernel.peer(pair.a).map(|p| p.redirected_bytes), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,6 @@
 use std::{
     fmt::Write as _,
     fs,
-    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -62,7 +61,7 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
             .spawn()
             .context("start the demo backend")?,
     );
-    wait_port(BACKEND_PORT, &mut backend.0)?;
+    workspace::wait_port(BACKEND_PORT, &mut backend.0)?;
 
     let targets = [
         Target { name: "direct", start: None, port: BACKEND_PORT },
@@ -76,7 +75,7 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
             let mut proxy = match t.start {
                 Some(start) => {
                     let mut child = Guard(start(&bin, &dir)?);
-                    wait_port(t.port, &mut child.0)?;
+                    workspace::wait_port(t.port, &mut child.0)?;
                     Some(child)
                 }
                 None => None,
@@ -317,21 +316,6 @@ pub(crate) fn ensure_packages(pkgs: &[&str]) -> anyhow::Result<()> {
 pub(crate) fn build_release() -> anyhow::Result<PathBuf> {
     workspace::run_checked(workspace::cargo().args(["build", "--release", "-p", "speedmimi"]))?;
     Ok(workspace::target_dir().join("release/speedmimi"))
-}
-
-pub(crate) fn wait_port(port: u16, child: &mut Child) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait()? {
-            bail!("process exited before listening on {port} ({status})");
-        }
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    bail!("nothing listens on port {port} after 10 s")
 }
 
 pub(crate) fn stop(child: &mut Child) {

@@ -103,8 +103,8 @@ pub fn splice(opts: &Options) -> anyhow::Result<()> {
         "backend",
         &["backend", "--port", &BACKEND_PORT.to_string(), "--control", &CONTROL_PORT.to_string()],
     )?;
-    bench::wait_port(BACKEND_PORT, &mut backend.child.0)?;
-    bench::wait_port(CONTROL_PORT, &mut backend.child.0)?;
+    workspace::wait_port(BACKEND_PORT, &mut backend.child.0)?;
+    workspace::wait_port(CONTROL_PORT, &mut backend.child.0)?;
     let mut control = Control::connect()?;
 
     let mut samples: Vec<Vec<Sample>> = TARGETS.iter().map(|_| Vec::new()).collect();
@@ -113,7 +113,7 @@ pub fn splice(opts: &Options) -> anyhow::Result<()> {
             let mut proxy = match start(t.proxy, &bin, &dir, &opts.splice_budget)? {
                 Some(child) => {
                     let mut child = Guard(child);
-                    bench::wait_port(PROXY_PORT, &mut child.0)?;
+                    workspace::wait_port(PROXY_PORT, &mut child.0)?;
                     Some(child)
                 }
                 None => None,

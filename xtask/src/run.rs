@@ -1,11 +1,8 @@
 //! `cargo xtask run`: builds everything and runs the daemon, with three demo backends by default.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode},
-    thread,
-    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
@@ -16,8 +13,6 @@ use crate::{build_ebpf, workspace};
 const DEMO_BACKENDS: [(u16, &str); 3] = [(8081, "backend1"), (8082, "backend2"), (8083, "backend3")];
 /// Config used with the demo backends, relative to the workspace root.
 const DEMO_CONFIG: &str = "configs/config.yaml";
-/// How long a demo backend may take to accept connections.
-const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds the eBPF object and the daemon, then runs the daemon until it exits.
 pub fn run(release: bool, daemon_args: &[String]) -> anyhow::Result<ExitCode> {
@@ -99,21 +94,9 @@ fn daemon_command(bin: &Path, demo: bool, args: &[String]) -> Command {
 
 /// Waits until every demo backend accepts TCP connections, failing if one exits.
 fn wait_for_backends(backends: &mut Children) -> anyhow::Result<()> {
-    let deadline = Instant::now() + BACKEND_READY_TIMEOUT;
     for ((port, id), child) in DEMO_BACKENDS.iter().zip(backends.0.iter_mut()) {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
-        loop {
-            if let Some(status) = child.try_wait()? {
-                bail!("demo backend {id} exited early ({status}); is port {port} already in use?");
-            }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                bail!("demo backend {id} is not listening on {addr} after {BACKEND_READY_TIMEOUT:?}");
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        workspace::wait_port(*port, child)
+            .with_context(|| format!("demo backend {id} (is port {port} already in use?)"))?;
     }
     println!("xtask: demo backends listening on ports 8081, 8082, 8083");
     Ok(())

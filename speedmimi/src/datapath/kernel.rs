@@ -230,10 +230,6 @@ impl Datapath for Kernel {
         self.peers.lock().expect("peers lock").get(&cookie, 0).ok()
     }
 
-    fn redirected_bytes(&self, cookie: u64) -> Option<u64> {
-        self.peers.lock().expect("peers lock").get(&cookie, 0).ok().map(|p| p.redirected_bytes)
-    }
-
     fn spliced_sockets(&self) -> usize {
         self.socks.lock().expect("socks lock").keys().filter(Result::is_ok).count()
     }

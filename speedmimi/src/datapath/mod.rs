@@ -65,9 +65,6 @@ pub trait Datapath: Send + Sync {
     /// Stops splicing a pair (idempotent).
     fn unsplice(&self, pair: SplicedPair) -> Result<(), DatapathError>;
 
-    /// Bytes the kernel redirected from the socket with this cookie.
-    fn redirected_bytes(&self, cookie: u64) -> Option<u64>;
-
     /// Sockets currently in the splice map.
     fn spliced_sockets(&self) -> usize;
 
@@ -106,9 +103,6 @@ impl Datapath for Userspace {
     }
     fn unsplice(&self, _pair: SplicedPair) -> Result<(), DatapathError> {
         Ok(())
-    }
-    fn redirected_bytes(&self, _cookie: u64) -> Option<u64> {
-        None
     }
     fn spliced_sockets(&self) -> usize {
         0
