@@ -5,5 +5,6 @@
 #![no_std]
 
 pub mod hash;
+pub mod l4;
 pub mod maglev;
 pub mod splice;

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod l4;
 mod maps;
 mod splice;
 

@@ -346,11 +346,14 @@ pub struct EbpfSection {
     /// Bytes a spliced flow may have in kernel queues per direction; beyond it the sender is
     /// throttled by TCP's own window until the receiver catches up. (new)
     pub splice_budget: ByteSize,
+    /// Entries of the XDP per-flow tables (client flows, and NAT replies), allocated at startup
+    /// when `l4:` has services: about 80 bytes each per table. (new)
+    pub l4_flows: u32,
 }
 
 impl Default for EbpfSection {
     fn default() -> Self {
-        EbpfSection { enabled: EbpfMode::Auto, splice: false, splice_budget: ByteSize(4 << 20) }
+        EbpfSection { enabled: EbpfMode::Auto, splice: false, splice_budget: ByteSize(4 << 20), l4_flows: 1 << 20 }
     }
 }
 
@@ -362,7 +365,10 @@ pub enum L4Mode {
     Dsr,
 }
 
-/// A kernel-steered TCP service (XDP, served from the L4 issue on).
+/// Services the XDP program can steer at once.
+pub const L4_MAX_SERVICES: u32 = speedmimi_common::l4::MAX_SERVICES;
+
+/// A kernel-steered TCP service (XDP).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct L4Section {
@@ -513,7 +519,14 @@ impl FileConfig {
             }
         }
 
+        if !(1024..=1 << 24).contains(&self.ebpf.l4_flows) {
+            bad("ebpf.l4_flows".into(), format!("{} is out of range 1024-16777216", self.ebpf.l4_flows));
+        }
+        if self.l4.len() > L4_MAX_SERVICES as usize {
+            bad("l4".into(), format!("{} services; at most {L4_MAX_SERVICES} are steered", self.l4.len()));
+        }
         let mut l4_names = HashSet::new();
+        let mut l4_addrs = HashSet::new();
         for (i, l) in self.l4.iter().enumerate() {
             let at = format!("l4[{i}]");
             if !l4_names.insert(l.name.as_str()) {
@@ -522,11 +535,41 @@ impl FileConfig {
             if l.port == 0 {
                 bad(format!("{at}.port"), "must be 1-65535".into());
             }
-            if l.interface.is_empty() {
-                bad(format!("{at}.interface"), "must name a network interface".into());
+            if !l4_addrs.insert((l.vip, l.port)) {
+                bad(format!("{at}.vip"), format!("another l4 service already has {}:{}", l.vip, l.port));
             }
-            if !self.backends.contains_key(&l.upstream) {
+            if !l.vip.is_ipv4() || l.vip.is_unspecified() {
+                bad(format!("{at}.vip"), format!("{} is not a unicast IPv4 address (IPv6 is not steered yet)", l.vip));
+            }
+            for (field, name) in
+                [("interface", Some(&l.interface)), ("backend_interface", l.backend_interface.as_ref())]
+            {
+                if let Some(n) = name
+                    && (n.is_empty() || n.len() > 15 || n.contains(['/', ' ']))
+                {
+                    bad(format!("{at}.{field}"), format!("{n:?} is not a network interface name"));
+                }
+            }
+            let Some(list) = self.backends.get(&l.upstream) else {
                 bad(format!("{at}.upstream"), format!("unknown upstream {:?}", l.upstream));
+                continue;
+            };
+            for (j, b) in list.iter().enumerate() {
+                if b.host.parse::<std::net::Ipv4Addr>().is_err() {
+                    bad(
+                        format!("backends.{}[{j}].host", l.upstream),
+                        format!("{:?} must be an IPv4 address: l4 service {:?} steers to it", b.host, l.name),
+                    );
+                }
+                if l.mode == L4Mode::Dsr && b.port != l.port {
+                    bad(
+                        format!("backends.{}[{j}].port", l.upstream),
+                        format!(
+                            "{} differs from port {} of dsr service {:?} (DSR keeps ports)",
+                            b.port, l.port, l.name
+                        ),
+                    );
+                }
             }
         }
 

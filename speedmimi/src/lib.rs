@@ -79,7 +79,7 @@ pub async fn run(
     shutdown: Shutdown,
     config_path: Option<PathBuf>,
 ) -> Result<(), RunError> {
-    let datapath = datapath::start(&config.file.ebpf)?;
+    let datapath = datapath::start(&config)?;
     run_with(config, listeners, datapath, shutdown, config_path).await
 }
 
@@ -98,8 +98,10 @@ pub async fn run_with(
     if listeners.https.is_some() != (ssl.enabled && ssl.port.is_some()) {
         tracing::warn!(enabled = ssl.enabled, port = ?ssl.port, "HTTPS listener given does not match ssl.enabled/ssl.port");
     }
-    for l4 in &config.file.l4 {
-        tracing::warn!(service = %l4.name, "l4 services are not in this build yet: {} is not served", l4.name);
+    if !datapath.steers() {
+        for l4 in &config.file.l4 {
+            tracing::warn!(service = %l4.name, "this datapath does not steer: l4 service {} is not served", l4.name);
+        }
     }
     let workers = match config.file.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -109,6 +111,9 @@ pub async fn run_with(
     let state = Arc::new(State::new(config, datapath)?);
     health::spawn(state.clone(), shutdown.clone());
     spawn_sampler(state.clone(), shutdown.clone());
+    if state.datapath.steers() {
+        spawn_steering_checker(state.datapath.clone(), shutdown.clone());
+    }
     if let Some(path) = config_path {
         spawn_reloader(state.clone(), path, shutdown.clone());
     }
@@ -188,6 +193,20 @@ fn spawn_sampler(state: Arc<State>, shutdown: Shutdown) {
                     b.traffic.sample();
                 }
             }
+        }
+    });
+}
+
+/// Health changes make no snapshot: every 100 ms the XDP rings catch up with them.
+fn spawn_steering_checker(datapath: Arc<dyn Datapath>, shutdown: Shutdown) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait() => return,
+            }
+            datapath.recheck();
         }
     });
 }

@@ -30,6 +30,12 @@ enum Command {
         #[arg(long)]
         id: String,
     },
+    /// On a DSR backend whose kernel lacks IPIP: strip the IPIP header SpeedMimi adds (XDP on
+    /// the interface), so the stack sees the client's packet to the VIP. Runs until a signal.
+    XdpDecap {
+        #[arg(long)]
+        interface: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,6 +84,13 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {host}:{port}"))?;
             tracing::info!(%id, addr = %listener.local_addr()?, "demo backend listening");
             DemoBackend::new(id).serve(listener, stop).await;
+            Ok(())
+        }
+        Some(Command::XdpDecap { interface }) => {
+            let attached = speedmimi::datapath::kernel::Decap::attach(&interface)?;
+            tracing::info!(%interface, mode = attached.mode(), "XDP IPIP decapsulation attached");
+            stop.wait().await;
+            drop(attached);
             Ok(())
         }
         None => {

@@ -4,13 +4,14 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{SocketAddr, ToSocketAddrs},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
 use ipnet::IpNet;
+use speedmimi_common::maglev::Member;
 
 use crate::{
     access_log::AccessLog,
@@ -57,6 +58,9 @@ pub enum Protocol {
 pub struct Upstream {
     pub name: String,
     pub backends: Backends,
+    /// Backends removed since startup, still holding their Maglev places as down backends, so
+    /// that a removal moves only the removed backend's clients (`ip_hash` and XDP rings).
+    pub ghosts: Arc<[Member]>,
 }
 
 pub struct Route {
@@ -162,6 +166,26 @@ pub struct State {
 #[derive(Default)]
 struct Registry {
     route_stats: HashMap<(String, String, String), Arc<RouteBackendStats>>,
+    /// Per upstream: the Maglev members of its backends last time, and its ghosts.
+    members: HashMap<String, (Vec<Member>, Arc<[Member]>)>,
+}
+
+/// Ghosts kept per upstream; past this many removals the oldest ghost's slots are rebuilt.
+const MAX_GHOSTS: usize = 64;
+
+/// The ghosts of an upstream whose members become `now`: every member it had before (and every
+/// earlier ghost) that is gone now, newest last. A backend that comes back stops being a ghost.
+fn ghosts_after(before: Option<&(Vec<Member>, Arc<[Member]>)>, now: &[Member]) -> Arc<[Member]> {
+    let Some((members, ghosts)) = before else { return Arc::from([]) };
+    let mut out: Vec<Member> = Vec::new();
+    for m in ghosts.iter().chain(members) {
+        if now.iter().all(|n| n.id_hash != m.id_hash) && out.iter().all(|g| g.id_hash != m.id_hash) {
+            out.push(*m);
+        }
+    }
+    let excess = out.len().saturating_sub(MAX_GHOSTS);
+    out.drain(..excess);
+    out.into()
 }
 
 /// What `apply` did, for the caller's answer.
@@ -429,6 +453,7 @@ fn prepare(config: &Config, previous: &HashMap<(String, String), Arc<Backend>>) 
 fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snapshot {
     let file = &config.file;
     let mut upstreams = BTreeMap::new();
+    let mut members = HashMap::new();
     for (name, list) in prepared.upstreams {
         let backends: Vec<Arc<Backend>> = list
             .into_iter()
@@ -437,8 +462,12 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
                 b
             })
             .collect();
-        upstreams.insert(name.clone(), Arc::new(Upstream { name, backends: backends.into() }));
+        let now: Vec<Member> = backends.iter().map(|b| Member { weight: b.weight.load(Relaxed), ..b.maglev }).collect();
+        let ghosts = ghosts_after(registry.members.get(&name), &now);
+        members.insert(name.clone(), (now, ghosts.clone()));
+        upstreams.insert(name.clone(), Arc::new(Upstream { name, backends: backends.into(), ghosts }));
     }
+    registry.members = members;
 
     let mut live_stats = HashMap::new();
     let mut routes: Vec<Route> = file
@@ -446,7 +475,7 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
         .iter()
         .map(|(name, r)| {
             let upstream = upstreams[&r.upstream].clone();
-            let make = |a: Option<Algorithm>| balance::build(a.unwrap_or(r.load_balancer), upstream.backends.clone());
+            let make = |a: Option<Algorithm>| balance::build(a.unwrap_or(r.load_balancer), &upstream);
             let stats = upstream
                 .backends
                 .iter()

@@ -7,7 +7,7 @@ mod support;
 use std::{os::fd::AsFd, sync::Arc, time::Duration};
 
 use speedmimi::{
-    config::{EbpfMode, EbpfSection},
+    config::Config,
     datapath::{self, Datapath, Limits, kernel::Kernel},
 };
 use support::{Origin, Proxy, client, one_route, root_or_skip, who};
@@ -38,7 +38,8 @@ async fn splice_program_moves_bytes_between_real_sockets() {
     if !root_or_skip("splice_program_moves_bytes_between_real_sockets") {
         return;
     }
-    let kernel = Kernel::load().expect("the embedded eBPF object loads and attaches (run `cargo xtask build-ebpf`)");
+    let kernel = Kernel::load(&Default::default(), &[])
+        .expect("the embedded eBPF object loads and attaches (run `cargo xtask build-ebpf`)");
     assert!(kernel.can_splice());
 
     // Two flows: client A <-> proxy end A, client B <-> proxy end B. Splicing the proxy ends
@@ -88,10 +89,11 @@ async fn daemon_starts_with_ebpf_required_and_serves() {
     if !root_or_skip("daemon_starts_with_ebpf_required_and_serves") {
         return;
     }
-    let dp: Arc<dyn Datapath> = datapath::start(&EbpfSection { enabled: EbpfMode::True, ..Default::default() })
-        .expect("ebpf.enabled: true starts as root");
-    assert!(dp.can_splice());
     let o = Origin::start("b1").await;
-    let proxy = Proxy::start_with(&one_route(&o.yaml(1), "round_robin", ""), dp).await;
+    let yaml = format!("{}ebpf:\n  enabled: true\n", one_route(&o.yaml(1), "round_robin", ""));
+    let dp: Arc<dyn Datapath> =
+        datapath::start(&Config::parse(&yaml).unwrap()).expect("ebpf.enabled: true starts as root");
+    assert!(dp.can_splice());
+    let proxy = Proxy::start_with(&yaml, dp).await;
     assert_eq!(who(&client(), &proxy.url("/"), &[]).await, "b1");
 }

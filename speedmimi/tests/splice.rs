@@ -17,7 +17,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// The two modes: the kernel datapath (splicing) and userspace copy.
 fn modes() -> Vec<(&'static str, Arc<dyn Datapath>)> {
-    vec![("splice", Arc::new(Kernel::load().expect("eBPF loads"))), ("copy", Arc::new(Userspace))]
+    vec![
+        ("splice", Arc::new(Kernel::load(&Default::default(), &[]).expect("eBPF loads"))),
+        ("copy", Arc::new(Userspace)),
+    ]
 }
 
 /// Deterministic content.

@@ -34,8 +34,10 @@ async fn sse_stream_of_10000_events_is_exact_in_both_modes() {
     if !root_or_skip("sse_stream_of_10000_events_is_exact_in_both_modes") {
         return;
     }
-    let modes: [(&str, Arc<dyn Datapath>); 2] =
-        [("splice", Arc::new(Kernel::load().expect("eBPF loads"))), ("copy", Arc::new(Userspace))];
+    let modes: [(&str, Arc<dyn Datapath>); 2] = [
+        ("splice", Arc::new(Kernel::load(&Default::default(), &[]).expect("eBPF loads"))),
+        ("copy", Arc::new(Userspace)),
+    ];
     for (mode, dp) in modes {
         let o = Origin::start("b1").await;
         let proxy = Proxy::start_with(&one_route(&o.yaml(1), "round_robin", ""), dp.clone()).await;

@@ -173,6 +173,6 @@ async fn a_stalled_receiver_bounds_kernel_memory() {
     if !root_or_skip("a_stalled_receiver_bounds_kernel_memory") {
         return;
     }
-    run("splice", Arc::new(Kernel::load().expect("eBPF loads"))).await;
+    run("splice", Arc::new(Kernel::load(&Default::default(), &[]).expect("eBPF loads"))).await;
     run("copy", Arc::new(Userspace)).await;
 }

@@ -4,6 +4,7 @@ mod bench;
 mod bench_peer;
 mod bench_splice;
 mod build_ebpf;
+mod lab;
 mod run;
 mod test;
 mod workspace;
@@ -57,7 +58,30 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// A network-namespace lab (client, load balancer, switch, backends) for L4 work by hand (needs root).
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
 }
+
+#[derive(Debug, Subcommand)]
+enum LabAction {
+    /// Build the `smlab*` namespaces, start a demo backend in each backend namespace, and leave it all running.
+    Up {
+        /// Extra client source addresses (10.200.X.Y/32) on the client namespace's `lo`.
+        #[arg(long, default_value_t = 0)]
+        clients: usize,
+        /// Backend namespaces, each running `speedmimi demo-backend` on port 8080.
+        #[arg(long, default_value_t = 3)]
+        backends: usize,
+    },
+    /// Stop the lab's processes and delete every `smlab*` namespace.
+    Down,
+}
+
+/// Namespace prefix of the lab `cargo xtask lab` manages.
+const LAB_PREFIX: &str = "smlab";
 
 #[derive(Debug, Subcommand)]
 enum BenchKind {
@@ -121,9 +145,61 @@ fn main() -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Lab { action: LabAction::Up { clients, backends } } => {
+            lab_up(clients, backends)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab { action: LabAction::Down } => {
+            let deleted = lab::cleanup_stale(LAB_PREFIX).map_err(anyhow::Error::msg)?;
+            if deleted.is_empty() {
+                println!("xtask: no {LAB_PREFIX}* namespaces");
+            } else {
+                println!("xtask: deleted {}", deleted.join(" "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::BenchPeer { role } => {
             bench_peer::run(role)?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `cargo xtask lab up`: builds the daemon (for its demo backends), brings the lab up and leaves it running.
+fn lab_up(clients: usize, backends: usize) -> anyhow::Result<()> {
+    let existing = lab::list_namespaces(LAB_PREFIX).map_err(anyhow::Error::msg)?;
+    if !existing.is_empty() {
+        anyhow::bail!("a lab is already up ({}): run `cargo xtask lab down` first", existing.join(" "));
+    }
+    workspace::run_checked(workspace::cargo().args(["build", "-p", "speedmimi", "--bin", "speedmimi"]))?;
+    let bin = workspace::target_dir().join("debug").join("speedmimi");
+    let spec = lab::LabSpec { prefix: LAB_PREFIX.into(), clients, backends, speedmimi: Some(bin) };
+    let lab = lab::Lab::up(spec).map_err(anyhow::Error::msg)?;
+    println!("xtask: lab up");
+    println!(
+        "  client   {:<8} {} dev {}, {clients} source address(es) 10.200.X.Y/32 on lo",
+        lab.ns_client(),
+        lab::CLIENT_IP,
+        lab::CLIENT_IF
+    );
+    println!(
+        "  lb       {:<8} {} dev {}, {} dev {}",
+        lab.ns_lb(),
+        lab::LB_FRONT_IP,
+        lab::LB_FRONT_IF,
+        lab::LB_BACK_IP,
+        lab::LB_BACK_IF
+    );
+    println!("  switch   {:<8} br0", lab.ns_switch());
+    for i in 0..backends {
+        println!("  backend  {:<8} {}:{} (demo backend b{i})", lab.ns_backend(i), lab::backend_addr(i), lab::DEMO_PORT);
+    }
+    println!(
+        "\ntry:  ip netns exec {} curl -s http://{}:{}/\nstop: cargo xtask lab down",
+        lab.ns_client(),
+        lab::backend_addr(0),
+        lab::DEMO_PORT
+    );
+    lab.detach();
+    Ok(())
 }

@@ -39,12 +39,32 @@ pub fn view(b: &Backend, dp: &dyn Datapath) -> Value {
             "spliced": b.spliced_flows.load(Relaxed),
             "copied": b.copied_flows.load(Relaxed),
         },
-        // What the kernel moved for this backend's spliced flows (null without eBPF).
-        "kernel": dp.counters(b.slot).map(|c| json!({
-            "spliced_bytes_to_backend": c.bytes_to_backend,
-            "spliced_bytes_to_client": c.bytes_to_client,
-        })),
+        // What the kernel moved for this backend: spliced bytes, and with `l4:` services what
+        // XDP steered (null without eBPF).
+        "kernel": kernel_view(b, dp),
     })
+}
+
+fn kernel_view(b: &Backend, dp: &dyn Datapath) -> Option<Value> {
+    let splice = dp.counters(b.slot);
+    let xdp = dp.l4_counters(b.slot);
+    if splice.is_none() && xdp.is_none() {
+        return None;
+    }
+    let mut v = json!({
+        "spliced_bytes_to_backend": splice.map_or(0, |c| c.bytes_to_backend),
+        "spliced_bytes_to_client": splice.map_or(0, |c| c.bytes_to_client),
+    });
+    if let Some(x) = xdp {
+        v["xdp"] = json!({
+            "packets": x.packets,
+            "bytes": x.bytes,
+            "reply_packets": x.reply_packets,
+            "reply_bytes": x.reply_bytes,
+            "new_flows": x.new_flows,
+        });
+    }
+    Some(v)
 }
 
 #[derive(Deserialize)]

@@ -135,6 +135,28 @@ pub fn text(state: &State) -> String {
             let _ = writeln!(out, "speedmimi_spliced_bytes_total{{{l},direction=\"to_client\"}} {}", c.bytes_to_client);
         }
     }
+    let xdp: Vec<_> = backends.iter().filter_map(|b| Some((label(b), state.datapath.l4_counters(b.slot)?))).collect();
+    if !xdp.is_empty() {
+        family(
+            &mut out,
+            "speedmimi_xdp_packets_total",
+            "counter",
+            "Packets XDP steered, by direction (per-CPU, summed).",
+        );
+        for (l, c) in &xdp {
+            let _ = writeln!(out, "speedmimi_xdp_packets_total{{{l},direction=\"to_backend\"}} {}", c.packets);
+            let _ = writeln!(out, "speedmimi_xdp_packets_total{{{l},direction=\"to_client\"}} {}", c.reply_packets);
+        }
+        family(&mut out, "speedmimi_xdp_bytes_total", "counter", "IP bytes XDP steered, by direction.");
+        for (l, c) in &xdp {
+            let _ = writeln!(out, "speedmimi_xdp_bytes_total{{{l},direction=\"to_backend\"}} {}", c.bytes);
+            let _ = writeln!(out, "speedmimi_xdp_bytes_total{{{l},direction=\"to_client\"}} {}", c.reply_bytes);
+        }
+        family(&mut out, "speedmimi_xdp_new_flows_total", "counter", "Flows XDP gave a backend from the Maglev ring.");
+        for (l, c) in &xdp {
+            let _ = writeln!(out, "speedmimi_xdp_new_flows_total{{{l}}} {}", c.new_flows);
+        }
+    }
     family(
         &mut out,
         "speedmimi_request_duration_seconds",

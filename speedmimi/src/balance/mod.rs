@@ -14,7 +14,7 @@ pub use least_conn::{LeastConnections, Score};
 pub use round_robin::RoundRobin;
 pub use weighted::SmoothWeighted;
 
-use crate::{backend::Backend, config::Algorithm};
+use crate::{backend::Backend, config::Algorithm, state::Upstream};
 
 /// The backends of one upstream, shared by all its selectors.
 pub type Backends = Arc<[Arc<Backend>]>;
@@ -25,14 +25,15 @@ pub trait Balancer: Send + Sync {
     fn pick(&self, client_hash: u64, accept: &mut dyn FnMut(&Backend) -> bool) -> Option<usize>;
 }
 
-/// The selector for `algorithm` over `backends`.
-pub fn build(algorithm: Algorithm, backends: Backends) -> Arc<dyn Balancer> {
+/// The selector for `algorithm` over an upstream's backends (and, for `ip_hash`, its ghosts).
+pub fn build(algorithm: Algorithm, upstream: &Upstream) -> Arc<dyn Balancer> {
+    let backends = upstream.backends.clone();
     match algorithm {
         Algorithm::RoundRobin => Arc::new(RoundRobin::new(backends)),
         Algorithm::Weight => Arc::new(SmoothWeighted::new(backends)),
         Algorithm::LeastConnections => Arc::new(LeastConnections::new(backends, Score::Connections)),
         Algorithm::LeastConnectionsWeight => Arc::new(LeastConnections::new(backends, Score::PerWeight)),
         Algorithm::PerformanceLeastConnectionsWeight => Arc::new(LeastConnections::new(backends, Score::Performance)),
-        Algorithm::IpHash => Arc::new(IpHash::new(backends)),
+        Algorithm::IpHash => Arc::new(IpHash::new(backends, upstream.ghosts.clone())),
     }
 }

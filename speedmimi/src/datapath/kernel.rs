@@ -7,14 +7,15 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuHashMap, SockHash},
-    programs::SkSkb,
+    programs::{SkSkb, Xdp, XdpMode},
 };
-use speedmimi_common::splice;
+use speedmimi_common::{l4, splice};
 use tokio::io::unix::AsyncFd;
 
-use super::{Datapath, DatapathError, Limits, SplicedPair};
+use super::{Datapath, DatapathError, Limits, SplicedPair, err, steer::Steering};
+use crate::config::{EbpfSection, L4Section};
 
 /// The object `cargo xtask build-ebpf` built, or empty when it had not been built.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/speedmimi-ebpf.o"));
@@ -24,17 +25,21 @@ pub struct Kernel {
     peers: Mutex<HashMap<MapData, u64, splice::Peer>>,
     control: Mutex<HashMap<MapData, u64, splice::Control>>,
     counters: PerCpuHashMap<MapData, u32, splice::Counters>,
+    /// XDP steering of the `l4:` services, when there are any.
+    steering: Option<Steering>,
     /// Keeps the programs loaded and attached; dropping it detaches them.
     _ebpf: Ebpf,
 }
 
-fn err(context: &str, e: impl std::fmt::Display) -> DatapathError {
-    DatapathError::Ebpf(format!("{context}: {e}"))
+/// The embedded kernel object (empty when it was not built).
+pub fn object() -> &'static [u8] {
+    OBJECT
 }
 
 impl Kernel {
-    /// Loads and attaches everything, or says why not.
-    pub fn load() -> Result<Kernel, DatapathError> {
+    /// Loads and attaches everything, or says why not: the splice verdict always, the XDP
+    /// steering program when `l4` has services (its flow tables are sized by `conf.l4_flows`).
+    pub fn load(conf: &EbpfSection, services: &[L4Section]) -> Result<Kernel, DatapathError> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
@@ -43,7 +48,14 @@ impl Kernel {
         if uid != 0 {
             return Err(DatapathError::NotRoot(uid));
         }
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| err("loading the object", e))?;
+        let mut loader = EbpfLoader::new();
+        if services.is_empty() {
+            // Nothing to steer: keep the XDP tables at their smallest.
+            loader.map_max_entries(l4::RING, 1).map_max_entries(l4::FLOWS, 1024).map_max_entries(l4::REVERSE, 1024);
+        } else {
+            loader.map_max_entries(l4::FLOWS, conf.l4_flows).map_max_entries(l4::REVERSE, conf.l4_flows);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| err("loading the object", e))?;
         start_log_bridge(&mut ebpf);
 
         let socks: SockHash<MapData, u64> = ebpf
@@ -75,13 +87,60 @@ impl Kernel {
         // Attach before any socket is inserted (KERNEL-NOTES).
         verdict.attach(socks.fd()).map_err(|e| err("attaching splice_verdict", e))?;
         tracing::info!("sk_skb splice verdict loaded and attached to {}", splice::SOCKS);
+        let steering = if services.is_empty() { None } else { Some(Steering::start(&mut ebpf, services)?) };
         Ok(Kernel {
             socks: Mutex::new(socks),
             peers: Mutex::new(peers),
             control: Mutex::new(control),
             counters,
+            steering,
             _ebpf: ebpf,
         })
+    }
+}
+
+/// The `l4_decap` program attached to an interface (a DSR backend's half); detached on drop.
+pub struct Decap {
+    mode: &'static str,
+    _ebpf: Ebpf,
+}
+
+impl Decap {
+    pub fn attach(interface: &str) -> Result<Decap, DatapathError> {
+        if OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(l4::RING, 1)
+            .map_max_entries(l4::FLOWS, 1024)
+            .map_max_entries(l4::REVERSE, 1024)
+            .load(OBJECT)
+            .map_err(|e| err("loading the object", e))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("l4_decap")
+            .ok_or_else(|| err("object", "no l4_decap program"))?
+            .try_into()
+            .map_err(|e| err("l4_decap", e))?;
+        prog.load().map_err(|e| err("loading l4_decap (verifier)", e))?;
+        let mode = attach_xdp(prog, interface)?;
+        Ok(Decap { mode, _ebpf: ebpf })
+    }
+
+    /// "native" or "generic".
+    pub fn mode(&self) -> &'static str {
+        self.mode
+    }
+}
+
+/// Attaches in native mode, falling back to generic with a log line; returns which.
+pub(super) fn attach_xdp(prog: &mut Xdp, interface: &str) -> Result<&'static str, DatapathError> {
+    match prog.attach(interface, XdpMode::Driver) {
+        Ok(_) => Ok("native"),
+        Err(native) => {
+            prog.attach(interface, XdpMode::Skb).map_err(|e| err(&format!("attaching XDP to {interface}"), e))?;
+            tracing::warn!(interface, reason = %native, "native XDP unavailable; using generic XDP");
+            Ok("generic")
+        }
     }
 }
 
@@ -141,7 +200,31 @@ fn set_rcvlowat(fd: BorrowedFd<'_>) {
 
 impl Datapath for Kernel {
     fn describe(&self) -> &'static str {
-        "kernel (sk_skb splice loaded)"
+        if self.steering.is_some() {
+            "kernel (sk_skb splice and XDP l4 steering loaded)"
+        } else {
+            "kernel (sk_skb splice loaded)"
+        }
+    }
+
+    fn steers(&self) -> bool {
+        self.steering.is_some()
+    }
+
+    fn backends_changed(&self, snapshot: &crate::state::Snapshot) {
+        if let Some(s) = &self.steering {
+            s.refresh(snapshot);
+        }
+    }
+
+    fn recheck(&self) {
+        if let Some(s) = &self.steering {
+            s.recheck();
+        }
+    }
+
+    fn l4_counters(&self, backend_slot: u32) -> Option<l4::Counters> {
+        self.steering.as_ref()?.counters(backend_slot)
     }
 
     fn can_splice(&self) -> bool {

@@ -2,12 +2,17 @@
 //! kernel; `kernel::Kernel` implements it with aya, `Userspace` when eBPF is off or unavailable.
 
 pub mod kernel;
+mod steer;
 
 use std::{os::fd::BorrowedFd, sync::Arc};
 
 pub use speedmimi_common::splice::{Control, Counters, Peer};
 
-use crate::config::{EbpfMode, EbpfSection};
+use crate::config::{Config, EbpfMode};
+
+fn err(context: &str, e: impl std::fmt::Display) -> DatapathError {
+    DatapathError::Ebpf(format!("{context}: {e}"))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -19,6 +24,8 @@ pub enum DatapathError {
     Ebpf(String),
     #[error("splicing is not available in this datapath")]
     NoSplice,
+    #[error("l4 services need the eBPF datapath: {0}")]
+    L4NeedsKernel(String),
 }
 
 /// Initial flow-control limits of a spliced pair, per direction (0 = never redirect).
@@ -71,6 +78,20 @@ pub trait Datapath: Send + Sync {
     /// Called with every new routing snapshot (startup, admin API, reload), before it is
     /// published: the kernel's backend maps follow the userspace pools here.
     fn backends_changed(&self, _snapshot: &crate::state::Snapshot) {}
+
+    /// Called on a short timer while `steers()`: the kernel's rings follow backends' health,
+    /// which changes without a new snapshot.
+    fn recheck(&self) {}
+
+    /// Whether XDP steers `l4:` services.
+    fn steers(&self) -> bool {
+        false
+    }
+
+    /// What XDP steered to a backend (summed over CPUs); None when nothing is steered.
+    fn l4_counters(&self, _backend_slot: u32) -> Option<speedmimi_common::l4::Counters> {
+        None
+    }
 }
 
 /// No kernel programs: everything runs in userspace.
@@ -110,13 +131,20 @@ impl Datapath for Userspace {
 }
 
 /// The datapath `ebpf.enabled` asks for: `auto` falls back to userspace (logged once),
-/// `true` makes a failure to load a startup error.
-pub fn start(conf: &EbpfSection) -> Result<Arc<dyn Datapath>, DatapathError> {
+/// `true` makes a failure to load a startup error, and so do `l4:` services, which only the
+/// kernel can steer.
+pub fn start(config: &Config) -> Result<Arc<dyn Datapath>, DatapathError> {
+    let conf = &config.file.ebpf;
+    let services = &config.file.l4;
     let dp: Arc<dyn Datapath> = match conf.enabled {
+        EbpfMode::False if !services.is_empty() => {
+            return Err(DatapathError::L4NeedsKernel("ebpf.enabled is false".into()));
+        }
         EbpfMode::False => Arc::new(Userspace),
-        EbpfMode::True => Arc::new(kernel::Kernel::load()?),
-        EbpfMode::Auto => match kernel::Kernel::load() {
+        EbpfMode::True => Arc::new(kernel::Kernel::load(conf, services)?),
+        EbpfMode::Auto => match kernel::Kernel::load(conf, services) {
             Ok(k) => Arc::new(k),
+            Err(e) if !services.is_empty() => return Err(DatapathError::L4NeedsKernel(e.to_string())),
             Err(e) => {
                 tracing::warn!(reason = %e, "eBPF unavailable; running the L7 path only");
                 Arc::new(Userspace)
