@@ -262,7 +262,7 @@ impl Fixture {
             .map(|&(i, w)| Member::from_addr(format!("{}:{BACKEND_PORT}", backend_ip(i)).as_bytes(), w))
             .collect();
         let mut table = vec![EMPTY; TABLE_SIZE];
-        maglev::build(&members, &mut vec![Cursor::default(); 3], &mut table);
+        maglev::build(&members, &mut [Cursor::default(); 3], &mut table);
 
         let mut services: HashMap<_, ServiceKey, Service> =
             HashMap::try_from(ebpf.map_mut(l4::SERVICES).unwrap()).unwrap();
