@@ -384,6 +384,45 @@ fn every_bad_field_is_reported_at_once() {
     assert_eq!(errs.len(), 4, "{errs:?}");
 }
 
+/// An `l4:` service over the MINIMAL upstream.
+fn l4(extra: &str) -> String {
+    format!(
+        "{MINIMAL}l4:\n  - name: s1\n    interface: eth0\n    vip: 10.0.0.10\n    port: 8081\n    upstream: default\n{extra}"
+    )
+}
+
+#[test]
+fn l4_backends_must_be_ipv4_addresses() {
+    let text = l4("").replace("      host: 127.0.0.1\n", "      host: backend.local\n");
+    assert_one_field_error(&text, "backends.default[0].host", &["backend.local", "IPv4 address", "\"s1\""]);
+}
+
+#[test]
+fn l4_dsr_needs_the_backend_port_to_equal_the_vip_port() {
+    let text = l4("    mode: dsr\n").replace("    port: 8081\n    upstream", "    port: 80\n    upstream");
+    assert_one_field_error(&text, "backends.default[0].port", &["8081 differs from port 80", "DSR keeps ports"]);
+    Config::parse(&l4("    mode: dsr\n")).expect("same port is fine");
+}
+
+#[test]
+fn l4_vip_must_be_ipv4_and_unique() {
+    assert_one_field_error(&l4("").replace("vip: 10.0.0.10", "vip: \"fd00::10\""), "l4[0].vip", &["IPv6"]);
+    let twice = format!(
+        "{}  - name: s2\n    interface: eth1\n    vip: 10.0.0.10\n    port: 8081\n    upstream: default\n",
+        l4("")
+    );
+    assert_one_field_error(&twice, "l4[1].vip", &["already has 10.0.0.10:8081"]);
+}
+
+#[test]
+fn l4_flow_table_size_is_bounded() {
+    let text = format!("ebpf:\n  l4_flows: 10\n{MINIMAL}");
+    assert_one_field_error(&text, "ebpf.l4_flows", &["out of range"]);
+    let c = Config::parse(&format!("ebpf:\n  l4_flows: 2000000\n{MINIMAL}")).unwrap();
+    assert_eq!(c.file.ebpf.l4_flows, 2_000_000);
+    assert_eq!(Config::parse(MINIMAL).unwrap().file.ebpf.l4_flows, 1 << 20);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // 4. Value syntaxes
 
