@@ -524,6 +524,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn removed_members_become_ghosts_until_they_return() {
+        let m = |id: u64| Member { id_hash: id, weight: 10 };
+        let first = (vec![m(1), m(2), m(3)], Arc::from([]));
+        let g = ghosts_after(Some(&first), &[m(1), m(3)]);
+        assert_eq!(&*g, &[m(2)]);
+        let second = (vec![m(1), m(3)], g);
+        let g = ghosts_after(Some(&second), &[m(1)]);
+        assert_eq!(&*g, &[m(2), m(3)], "older ghosts first");
+        let third = (vec![m(1)], g);
+        assert_eq!(&*ghosts_after(Some(&third), &[m(1), m(2)]), &[m(3)], "a returning backend is no ghost");
+        assert!(ghosts_after(None, &[m(1)]).is_empty());
+        let many = (vec![], (0..100).map(m).collect::<Vec<_>>().into());
+        let g = ghosts_after(Some(&many), &[]);
+        assert_eq!(g.len(), MAX_GHOSTS);
+        assert_eq!(g[0], m(100 - MAX_GHOSTS as u64), "the oldest ghosts go first");
+    }
+
+    #[test]
     fn ports_are_stripped_from_hosts() {
         assert_eq!(strip_port("example.com:8080"), "example.com");
         assert_eq!(strip_port("example.com"), "example.com");
