@@ -23,6 +23,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+pub mod lab;
 pub mod tls;
 
 /// True when the test may run (running as root, so it can load eBPF). Without root: under
