@@ -32,6 +32,8 @@ const ETH_P_IP: u16 = 0x0800;
 const IPPROTO_IPIP: u8 = 4;
 const AF_INET: u8 = 2;
 const TCP_RST: u8 = 0x04;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 // Offsets from the start of the frame (Ethernet, then IPv4 without options, then TCP).
 const ETH_TYPE: usize = 12;
@@ -113,9 +115,18 @@ fn steer(ctx: &XdpContext) -> u32 {
 /// A client packet for a service: find its backend, then rewrite or encapsulate it.
 #[inline(always)]
 fn to_backend(ctx: &XdpContext, f: &Frame, key: &FlowKey, service: &Service) -> u32 {
-    let rst = f.get::<u8>(TCP_FLAGS) & TCP_RST != 0;
-    // SAFETY: plain data, copied out.
-    let flow = match unsafe { L4_FLOWS.get(key) }.copied() {
+    let flags = f.get::<u8>(TCP_FLAGS);
+    let rst = flags & TCP_RST != 0;
+    // A connection's first packet takes its backend from the ring even when the table still
+    // remembers its 4-tuple: closed flows stay until the LRU evicts them, and a reused tuple
+    // must not follow a backend that has since left (Katran does the same).
+    let known = if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        None
+    } else {
+        // SAFETY: plain data, copied out.
+        unsafe { L4_FLOWS.get(key) }.copied()
+    };
+    let flow = match known {
         Some(flow) => flow,
         None => {
             let Some(flow) = pick(service, key.src) else { return XDP_PASS };

@@ -396,6 +396,15 @@ fn established_flows_keep_their_backend_when_the_ring_changes_and_rst_forgets_th
         let (_, out) = fx.run("l4_steer", &Tcp::new(client, 5001, VIP, 80, SYN).frame(MAC_IN), "eth0");
         assert_eq!(out[30..34], backend_ip(other).octets(), "new flow goes to backend {other}");
 
+        // A new connection reusing a remembered 4-tuple (its SYN) takes the ring's backend.
+        let (_, out) = fx.run("l4_steer", &Tcp::new(client, 5002, VIP, 80, SYN).frame(MAC_IN), "eth0");
+        assert_eq!(out[30..34], backend_ip(other).octets());
+        fx.set_slot(0, slot, SLOTS[b]);
+        let (_, out) = fx.run("l4_steer", &Tcp::new(client, 5002, VIP, 80, ACK).frame(MAC_IN), "eth0");
+        assert_eq!(out[30..34], backend_ip(other).octets(), "the flow stays where its SYN went");
+        let (_, out) = fx.run("l4_steer", &Tcp::new(client, 5002, VIP, 80, SYN).frame(MAC_IN), "eth0");
+        assert_eq!(out[30..34], backend_ip(b).octets(), "a reused tuple's SYN follows the ring");
+
         // A reset from the client still reaches the backend, and both table entries go.
         let key = flow_key(client, 5000, VIP, 80);
         let back = flow_key(backend_ip(b), BACKEND_PORT, client, 5000);
