@@ -1,6 +1,7 @@
 //! Command-line entry point of `cargo xtask`: parses the subcommand and dispatches to its module.
 
 mod bench;
+mod bench_l4;
 mod bench_peer;
 mod bench_splice;
 mod build_ebpf;
@@ -120,6 +121,20 @@ enum BenchKind {
         #[arg(long, default_value = "4MiB")]
         splice_budget: String,
     },
+    /// L4 in the netns lab: connections/s and keep-alive requests/s through XDP (NAT and DSR), nftables DNAT
+    /// (IPVS's stand-in), HAProxy in TCP mode, SpeedMimi's L7 proxy and direct forwarding, with the CPU each
+    /// costs; and l4_steer's ns per packet through BPF_PROG_TEST_RUN.
+    L4 {
+        /// Interleaved rounds (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per measurement (each row is measured twice per round: connections, keep-alive).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Client source addresses per row (each row has its own block on the client's `lo`).
+        #[arg(long, default_value_t = 500)]
+        clients: usize,
+    },
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -143,6 +158,10 @@ fn main() -> anyhow::Result<ExitCode> {
                 idle_flows,
                 splice_budget,
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { which: BenchKind::L4 { rounds, seconds, clients } } => {
+            bench_l4::l4(&bench_l4::Options { rounds, seconds, clients })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab { action: LabAction::Up { clients, backends } } => {
