@@ -86,11 +86,11 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
             };
             // Warm up connections and caches.
             wrk(t.port, 1, opts.connections)?;
-            let cpu0 = cpu_seconds(&pids);
+            let cpu0 = workspace::cpu_seconds(&pids);
             let started = Instant::now();
             let (rps, p99_ms) = wrk(t.port, opts.seconds, opts.connections)?;
             let wall = started.elapsed().as_secs_f64();
-            let cores = if pids.is_empty() { 0.0 } else { (cpu_seconds(&pids) - cpu0) / wall };
+            let cores = if pids.is_empty() { 0.0 } else { (workspace::cpu_seconds(&pids) - cpu0) / wall };
             println!(
                 "bench: round {} {:<10} {:>9.0} req/s  proxy {:.2} cores  p99 {:.2} ms",
                 round + 1,
@@ -121,12 +121,7 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 
 fn report(targets: &[Target], samples: &[Vec<Sample>], opts: &Options) -> String {
     let machine = machine_line();
-    let date = Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let date = utc_date();
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -153,6 +148,15 @@ fn report(targets: &[Target], samples: &[Vec<Sample>], opts: &Options) -> String
         }
     }
     s
+}
+
+/// Today's date in UTC (YYYY-MM-DD), for the tables' headers; empty if `date` fails.
+pub(crate) fn utc_date() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 pub(crate) fn machine_line() -> String {
@@ -263,30 +267,6 @@ pub(crate) fn process_tree(root: u32) -> Vec<u32> {
         i += 1;
     }
     pids
-}
-
-/// utime + stime of the processes, in seconds.
-fn cpu_seconds(pids: &[u32]) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { sysconf_clk_tck() } as f64;
-    pids.iter()
-        .filter_map(|p| fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .filter_map(|stat| {
-            let rest = stat.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            // Fields after the command: state is index 0, so utime (14th field) is index 11.
-            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
-        })
-        .sum()
-}
-
-pub(crate) unsafe fn sysconf_clk_tck() -> i64 {
-    unsafe extern "C" {
-        fn sysconf(name: i32) -> i64;
-    }
-    const SC_CLK_TCK: i32 = 2;
-    // SAFETY: libc's sysconf with a valid name.
-    unsafe { sysconf(SC_CLK_TCK) }
 }
 
 pub(crate) fn ensure_packages(pkgs: &[&str]) -> anyhow::Result<()> {

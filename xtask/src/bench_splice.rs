@@ -193,9 +193,9 @@ fn stream(exe: &Path, port: u16, flows: usize, seconds: u64, control: &mut Contr
     let mut p = Peer::spawn(exe, "push client", &["push", "--port", &port.to_string(), "--flows", &flows.to_string()])?;
     p.expect("ready", Duration::from_secs(30))?;
     thread::sleep(Duration::from_millis((seconds * 250).min(1000)));
-    let (c0, m0, t0) = (control.count()?, machine_busy_seconds()?, Instant::now());
+    let (c0, m0, t0) = (control.count()?, workspace::machine_busy_seconds()?, Instant::now());
     thread::sleep(Duration::from_secs(seconds));
-    let (c1, m1) = (control.count()?, machine_busy_seconds()?);
+    let (c1, m1) = (control.count()?, workspace::machine_busy_seconds()?);
     let wall = t0.elapsed().as_secs_f64();
     p.say("stop")?;
     let line = p.line(Duration::from_secs(30))?;
@@ -261,25 +261,6 @@ fn rss_kib(root: u32) -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .sum()
-}
-
-/// user + nice + system + irq + softirq + steal of the whole machine, in seconds.
-fn machine_busy_seconds() -> anyhow::Result<f64> {
-    let stat = fs::read_to_string("/proc/stat").context("read /proc/stat")?;
-    let f: Vec<u64> = stat
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .context("no cpu line in /proc/stat")?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    if f.len() < 8 {
-        bail!("short cpu line in /proc/stat");
-    }
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { bench::sysconf_clk_tck() } as f64;
-    Ok((f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) as f64 / ticks)
 }
 
 /// `speedmimi_spliced_flows_open` from SpeedMimi's metrics: proof the flows really are spliced.
@@ -522,11 +503,7 @@ fn report(samples: &[Vec<Sample>], opts: &Options) -> String {
     let at = |name: &str| TARGETS.iter().position(|t| t.name == name).map(|i| &rows[i]).expect("known target");
     let (ours, copy, hs) = (at(OURS), at(COPY), at(HAPROXY_SPLICE));
 
-    let date = Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let date = bench::utc_date();
     let machine = bench::machine_line();
     let mut s = String::new();
     let _ = writeln!(

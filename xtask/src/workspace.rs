@@ -1,8 +1,10 @@
-//! Shared facts about the environment: workspace root, cargo binary, target and cargo-home dirs, privileges.
+//! Shared facts about the environment: workspace root, cargo binary, target and cargo-home dirs, privileges, CPU
+//! time used (per process and whole machine).
 
 use std::{
     env,
     ffi::OsString,
+    fs,
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, ExitStatus},
@@ -114,4 +116,41 @@ pub fn wait_port(port: u16, child: &mut Child) -> anyhow::Result<()> {
         thread::sleep(Duration::from_millis(50));
     }
     bail!("nothing listens on port {port} after 10 s")
+}
+
+/// utime + stime of the processes, in seconds.
+pub fn cpu_seconds(pids: &[u32]) -> f64 {
+    let ticks = clock_ticks();
+    pids.iter()
+        .filter_map(|p| fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|stat| {
+            let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            // After the command, the state is index 0, so utime (field 14) is index 11.
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .sum()
+}
+
+/// user + nice + system + irq + softirq + steal of the whole machine, in seconds: softirq is where kernel
+/// forwarding, splicing and XDP run, on whichever core the packets arrive.
+pub fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let f: Vec<u64> = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if f.len() < 8 {
+        bail!("short cpu line in /proc/stat");
+    }
+    Ok((f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) as f64 / clock_ticks())
+}
+
+/// The kernel's clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of /proc CPU times.
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
