@@ -150,6 +150,7 @@ impl Steering {
         let wanted: Vec<u32> =
             effective.iter().map(|&i| if i == EMPTY { EMPTY } else { upstream.backends[i as usize].slot }).collect();
         match self.write_ring(ring, &wanted) {
+            Ok(0) => ring.source = Some((upstream.clone(), table, usable)),
             Ok(changed) => {
                 tracing::info!(service = %ring.conf.name, changed, "XDP ring updated");
                 ring.source = Some((upstream.clone(), table, usable));
