@@ -65,6 +65,7 @@ struct Rig {
     lab: Lab,
     config: PathBuf,
     log: PathBuf,
+    daemon_pid: u32,
     /// Every connection gets a source port no earlier connection of the test used, so no 4-tuple repeats and
     /// the kernel's flow table cannot steer a new connection by what it remembers of an old one.
     next_port: AtomicU16,
@@ -107,7 +108,7 @@ impl Rig {
         let config = std::env::temp_dir().join(format!("{}.yaml", lab.prefix));
         let log = std::env::temp_dir().join(format!("{}-speedmimi.log", lab.prefix));
         fs::write(&config, config_yaml(&setup)).expect("write the config");
-        // Tracing writes to stdout, a failed start to stderr: both go into the log.
+        // Logs and a failed start both go to stderr; stdout goes into the log too, in case.
         let stdout = fs::File::create(&log).expect("create the daemon log");
         let stderr = stdout.try_clone().expect("clone the log's handle");
         let daemon = lab::command_in(&lab.ns_lb(), &[bin, "-c", &config.to_string_lossy()])
@@ -119,8 +120,9 @@ impl Rig {
             .stderr(stderr)
             .spawn()
             .expect("start the daemon");
+        let daemon_pid = daemon.id();
         lab.adopt(daemon);
-        let rig = Rig { lab, config, log, next_port: AtomicU16::new(FIRST_PORT) };
+        let rig = Rig { lab, config, log, daemon_pid, next_port: AtomicU16::new(FIRST_PORT) };
         rig.wait_ready(setup.weights.len());
         rig
     }
@@ -150,15 +152,20 @@ impl Rig {
 
     /// `method path` on the admin API; the status and the JSON answer.
     fn admin(&self, method: &str, path: &str) -> Result<(u16, Value), String> {
+        let (status, body) = self.admin_text(method, path)?;
+        let json =
+            serde_json::from_str(&body).map_err(|e| format!("{status} with a body that is not JSON ({e}): {body}"))?;
+        Ok((status, json))
+    }
+
+    /// `method path` on the admin API; the status and the body as text.
+    fn admin_text(&self, method: &str, path: &str) -> Result<(u16, String), String> {
         lab::in_netns(&self.lab.ns_lb(), || {
             let mut s = TcpStream::connect_timeout(&ADMIN.into(), IO_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
             s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
             let req = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
             s.write_all(req.as_bytes()).map_err(|e| format!("write: {e}"))?;
-            let (status, body) = read_response(&mut s).map_err(|e| format!("read: {e}"))?;
-            let json = serde_json::from_str(&body)
-                .map_err(|e| format!("{status} with a body that is not JSON ({e}): {body}"))?;
-            Ok((status, json))
+            read_response(&mut s).map_err(|e| format!("read: {e}"))
         })?
     }
 
@@ -456,8 +463,8 @@ fn assert_keep_alive(conns: &mut [(usize, String, TcpStream)], what: &str) {
 }
 
 #[test]
-fn nat_vip_serves_500_clients_each_on_its_l7_ip_hash_backend() {
-    if !root_or_skip("nat_vip_serves_500_clients_each_on_its_l7_ip_hash_backend") {
+fn nat_vip_serves_500_clients_each_on_its_l7_ip_hash_backend_counts_them_and_detaches_on_stop() {
+    if !root_or_skip("nat_vip_serves_500_clients_each_on_its_l7_ip_hash_backend_counts_them_and_detaches_on_stop") {
         return;
     }
     let rig = Rig::start(Setup::default());
@@ -473,6 +480,27 @@ fn nat_vip_serves_500_clients_each_on_its_l7_ip_hash_backend() {
         // Each connection was one new flow (no 4-tuple repeats), counted on the backend that served it.
         assert_eq!(x.new_flows, 3 * n as u64, "new_flows of {id}, which served {n} clients 3 times: {x:?}");
         assert!(x.packets > 0 && x.reply_packets > 0, "{id}: NAT rewrites both directions: {x:?}");
+    }
+
+    // /metrics shows the same kernel counters.
+    let (status, metrics) = rig.admin_text("GET", "/metrics").unwrap_or_else(|e| panic!("metrics: {e}"));
+    assert_eq!(status, 200);
+    for (id, x) in &xdp {
+        let line = format!("speedmimi_xdp_new_flows_total{{upstream=\"web\",backend=\"{id}\"}} {}", x.new_flows);
+        assert!(metrics.lines().any(|l| l == line), "/metrics lacks {line:?}");
+    }
+
+    // A stop detaches the XDP program from both interfaces.
+    let kill = std::process::Command::new("kill").args(["-TERM", &rig.daemon_pid.to_string()]).status();
+    assert!(kill.is_ok_and(|s| s.success()), "SIGTERM to the daemon");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let links = lab::run_in(&rig.lab.ns_lb(), &["ip", "link", "show"]).unwrap_or_else(|e| panic!("{e}"));
+        if !links.contains("xdp") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "XDP still attached {WAIT:?} after SIGTERM:\n{links}");
+        thread::sleep(Duration::from_millis(100));
     }
 }
 
