@@ -76,6 +76,9 @@ pub struct ServerSection {
     pub connect_timeout: Dur,
     /// Bounds waiting for a backend's response head; past it the client gets 504. (new)
     pub upstream_timeout: Dur,
+    /// An upgraded flow (WebSocket) or SSE stream with no bytes in either direction for this
+    /// long is closed, spliced or copied (HAProxy's `timeout tunnel`). (new)
+    pub tunnel_timeout: Dur,
     /// Client connections served at once; more wait in the listen backlog.
     pub max_conn: u32,
     /// Event-loop threads serving the HTTP listener, each with its own upstream connection
@@ -100,6 +103,7 @@ impl Default for ServerSection {
             write_timeout: Dur::secs(30),
             connect_timeout: Dur::secs(5),
             upstream_timeout: Dur::secs(60),
+            tunnel_timeout: Dur::secs(3600),
             max_conn: 10_000,
             workers: 0,
             max_header_bytes: 32 * 1024,
@@ -429,6 +433,7 @@ impl FileConfig {
             ("write_timeout", s.write_timeout),
             ("connect_timeout", s.connect_timeout),
             ("upstream_timeout", s.upstream_timeout),
+            ("tunnel_timeout", s.tunnel_timeout),
         ] {
             if d.get().is_zero() {
                 bad(format!("server.{field}"), "must be longer than 0".into());

@@ -110,6 +110,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub read_timeout: Duration,
+    /// Idle limit of upgraded flows and SSE streams.
+    pub tunnel_timeout: Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub real_ip_header: HeaderName,
     /// Responses carry which backend answered (for the access log).
@@ -508,6 +510,7 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
         connect_timeout: s.connect_timeout.get(),
         upstream_timeout: s.upstream_timeout.get(),
         read_timeout: s.read_timeout.get(),
+        tunnel_timeout: s.tunnel_timeout.get(),
         trusted_proxies: config.trusted_proxies.clone(),
         real_ip_header: HeaderName::from_bytes(s.real_ip_header.as_bytes()).expect("validated header name"),
         tag_backend: !s.access_log.is_empty(),

@@ -216,6 +216,7 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(s.write_timeout.get(), Duration::from_secs(30));
     assert_eq!(s.connect_timeout.get(), Duration::from_secs(5));
     assert_eq!(s.upstream_timeout.get(), Duration::from_secs(60));
+    assert_eq!(s.tunnel_timeout.get(), Duration::from_secs(3600));
     assert_eq!(s.max_conn, 10_000);
     assert_eq!(s.max_header_bytes, 32 * 1024);
     assert_eq!(s.real_ip_header, "X-Real-IP");

@@ -823,3 +823,35 @@ async fn one_gib_stream_arrives_with_matching_checksum_in_both_modes() {
         proxy.stop().await;
     }
 }
+
+/// 8. `server.tunnel_timeout`: a flow without a byte in either direction for that long is closed;
+/// a flow with traffic is not, however long it lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_flows_close_after_the_tunnel_timeout_in_both_modes() {
+    if !root_or_skip("idle_flows_close_after_the_tunnel_timeout_in_both_modes") {
+        return;
+    }
+    for (mode, dp) in modes() {
+        let backend = RawBackend::start("raw", Then::Echo).await;
+        let yaml = one_route(&backend.yaml(""), "round_robin", "  tunnel_timeout: 1s");
+        let proxy = Proxy::start_with(&yaml, dp.clone()).await;
+        let mut idle = raw_upgrade(proxy.addr, b"").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let mut busy = raw_upgrade(proxy.addr, b"").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+        idle.echo(b"hello", "idle flow's only message").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert_spliced(mode, &dp, 2);
+        // Three idle limits with a message every 250 ms: the busy flow stays open throughout.
+        for i in 0..12u8 {
+            busy.echo(&[i; 100], "busy flow").await.unwrap_or_else(|e| panic!("{mode}: message {i}: {e}"));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        match idle.read_end(Duration::from_secs(5)).await {
+            Ending::Eof | Ending::Error(_) => {}
+            other => panic!("{mode}: the idle flow should have been closed, got {other:?}"),
+        }
+        assert_spliced(mode, &dp, 1);
+        busy.echo(b"still here", "busy flow after").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+        drop((idle, busy));
+        assert_unspliced(mode, &dp).await;
+        proxy.stop().await;
+    }
+}

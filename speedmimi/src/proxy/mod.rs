@@ -5,6 +5,7 @@ pub mod body;
 mod error;
 mod framing;
 pub mod headers;
+mod idle;
 mod io;
 pub mod server;
 mod service;

@@ -26,6 +26,7 @@ use tokio::{
     sync::watch,
 };
 
+use super::idle::check_period;
 use crate::datapath::{Datapath, Limits};
 
 /// How long a FIN or a copy may wait for the peer to take the bytes before the flow is reset.
@@ -42,6 +43,8 @@ pub struct Policy {
     /// A response stream (SSE): only upstream bytes are spliced; the client is expected to send
     /// nothing more, and the flow ends if it does.
     pub one_way: bool,
+    /// The flow is closed after this long without a byte in either direction.
+    pub idle: Duration,
 }
 
 /// One direction's bookkeeping.
@@ -69,6 +72,8 @@ pub enum End {
     Disconnected,
     /// The peer did not take the bytes within the drain limit.
     Stalled,
+    /// No byte moved in either direction for the idle limit; both sides were closed.
+    Idle,
 }
 
 /// How a splice attempt turned out.
@@ -136,7 +141,7 @@ pub async fn run(
     let mut down = Direction { src: pair.b, consumed: 0, dst_acked_base: ca, dst_prefix: down_prefix, done: false };
     let end = watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, policy, &mut closer).await;
     let _ = dp.unsplice(pair);
-    if end != End::Closed {
+    if !matches!(end, End::Closed | End::Idle) {
         reset(&client);
         reset(&upstream);
     }
@@ -181,7 +186,8 @@ async fn watch(
     policy: Policy,
     closer: &mut watch::Receiver<u64>,
 ) -> End {
-    let Policy { budget, one_way } = policy;
+    let Policy { budget, one_way, idle } = policy;
+    let mut activity = Activity::new(idle);
     loop {
         // A response stream is over when the backend's side is: the client was told
         // `Connection: close`.
@@ -216,7 +222,47 @@ async fn watch(
                 }
             }
             _ = closer.changed() => return End::Disconnected,
+            _ = tokio::time::sleep_until(activity.next_check) => {
+                // The kernel's counters of both sockets, plus what we copied, say whether
+                // anything moved since the last look.
+                let moved = [up.src, down.src]
+                    .iter()
+                    .filter_map(|c| dp.peer(*c))
+                    .map(|p| p.redirected_bytes + p.passed_bytes)
+                    .sum::<u64>()
+                    + up.consumed
+                    + down.consumed;
+                if activity.idle_after(moved) {
+                    return End::Idle;
+                }
+            }
         }
+    }
+}
+
+/// The idle clock of a spliced flow: looks at the byte counters a few times per idle limit.
+struct Activity {
+    idle: Duration,
+    last_total: u64,
+    last_change: tokio::time::Instant,
+    next_check: tokio::time::Instant,
+}
+
+impl Activity {
+    fn new(idle: Duration) -> Activity {
+        let now = tokio::time::Instant::now();
+        Activity { idle, last_total: 0, last_change: now, next_check: now + check_period(idle) }
+    }
+
+    /// Records the flow's byte total now; true when it has not changed for the idle limit.
+    fn idle_after(&mut self, total: u64) -> bool {
+        let now = tokio::time::Instant::now();
+        if total != self.last_total {
+            self.last_total = total;
+            self.last_change = now;
+        }
+        self.next_check = now + check_period(self.idle);
+        now.duration_since(self.last_change) >= self.idle
     }
 }
 

@@ -91,6 +91,7 @@ pub async fn relay<B>(
     let route_name = route.name.clone();
     let (server, splicer) = (server.clone(), splicer.clone());
     let closer = backend.closer.subscribe();
+    let idle = settings.tunnel_timeout;
     tokio::spawn(async move {
         let _guard = guard;
         let _open = server.upgraded();
@@ -100,7 +101,7 @@ pub async fn relay<B>(
         drop(head);
         let flow = splice::Flow { client, client_ahead: Bytes::new(), upstream, upstream_ahead: body_ahead };
         let dp = splicer.datapath.clone();
-        let policy = splice::Policy { budget: splicer.budget, one_way: true };
+        let policy = splice::Policy { budget: splicer.budget, one_way: true, idle };
         match splice::run(dp, flow, policy, backend.slot, closer.clone()).await {
             splice::Outcome::Ended(end) => {
                 server.spliced_flows.fetch_add(1, Relaxed);
@@ -111,7 +112,7 @@ pub async fn relay<B>(
                 tracing::debug!(route = %route_name, %reason, "copying this sse stream");
                 server.copied_flows.fetch_add(1, Relaxed);
                 backend.copied_flows.fetch_add(1, Relaxed);
-                copy_one_way(upstream, client, closer).await;
+                copy_one_way(upstream, client, closer, idle).await;
             }
         }
     });
@@ -119,9 +120,17 @@ pub async fn relay<B>(
     Some(Response::new(ResponseBody::Local(None)))
 }
 
-/// Copies the stream to the client until it ends; the client sending anything ends it too.
-async fn copy_one_way(mut upstream: TcpStream, mut client: TcpStream, mut closer: tokio::sync::watch::Receiver<u64>) {
-    let (mut up_rd, _up_wr) = upstream.split();
+/// Copies the stream to the client until it ends; the client sending anything ends it too, and
+/// so does the idle limit.
+async fn copy_one_way(
+    mut upstream: TcpStream,
+    mut client: TcpStream,
+    mut closer: tokio::sync::watch::Receiver<u64>,
+    idle: std::time::Duration,
+) {
+    let clock = super::idle::Clock::new();
+    let (up_rd, _up_wr) = upstream.split();
+    let mut up_rd = super::idle::Stamped::new(up_rd, &clock);
     let (mut cl_rd, mut cl_wr) = client.split();
     let mut probe = [0u8; 1];
     tokio::select! {
@@ -130,6 +139,7 @@ async fn copy_one_way(mut upstream: TcpStream, mut client: TcpStream, mut closer
         }
         _ = cl_rd.read(&mut probe) => {}
         _ = closer.changed() => {}
+        _ = clock.expired(idle) => {}
     }
 }
 

@@ -3,7 +3,10 @@
 //! datapath can, copied in userspace otherwise (TLS, no eBPF, `ebpf.splice: false`, a failed
 //! insertion), with the same behaviour seen from outside.
 
-use std::sync::{Arc, atomic::Ordering::Relaxed};
+use std::{
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -17,7 +20,7 @@ use tokio::{
 
 use super::{
     body::{InFlight, RequestBody, ResponseBody},
-    error, headers,
+    error, headers, idle,
     io::ClientIo,
     service::pick,
     splice,
@@ -103,6 +106,7 @@ pub async fn relay(
         let server = server.clone();
         // Subscribed before the 101 goes out, so a disconnect from now on reaches this flow.
         let closer = backend.closer.subscribe();
+        let idle = settings.tunnel_timeout;
         let backend_for_flow = backend.clone();
         tokio::spawn(async move {
             let _guard = guard;
@@ -114,7 +118,8 @@ pub async fn relay(
                 }
             };
             let _open = server.upgraded();
-            join(client, upstream, splicer, &server, &backend_for_flow, closer, &route_name).await;
+            let ends = Ends { closer, idle };
+            join(client, upstream, splicer, &server, &backend_for_flow, ends, &route_name).await;
         });
         return Response::from_parts(p, ResponseBody::Local(None));
     }
@@ -128,6 +133,13 @@ pub struct Splicer {
     pub budget: u64,
 }
 
+/// What ends a flow besides its sockets: a disconnect or drain, and the idle limit.
+#[derive(Clone)]
+pub struct Ends {
+    pub closer: watch::Receiver<u64>,
+    pub idle: Duration,
+}
+
 /// Joins the two upgraded connections until the flow ends: in the kernel when it can, by
 /// copying otherwise.
 async fn join(
@@ -136,7 +148,7 @@ async fn join(
     splicer: Option<Splicer>,
     server: &ServerStats,
     backend: &Backend,
-    closer: watch::Receiver<u64>,
+    ends: Ends,
     route: &str,
 ) {
     // Our upstream connections are always `UpstreamIo`; only plain TCP on both sides splices.
@@ -150,7 +162,7 @@ async fn join(
         (_, up_io) => {
             server.copied_flows.fetch_add(1, Relaxed);
             backend.copied_flows.fetch_add(1, Relaxed);
-            return copy(TokioIo::new(client), Bytes::new(), up_io, up_ahead, closer, route).await;
+            return copy(TokioIo::new(client), Bytes::new(), up_io, up_ahead, ends, route).await;
         }
     };
     let client = match client.downcast::<TokioIo<ClientIo<TcpStream>>>() {
@@ -158,14 +170,14 @@ async fn join(
         Err(client) => {
             server.copied_flows.fetch_add(1, Relaxed);
             backend.copied_flows.fetch_add(1, Relaxed);
-            return copy(TokioIo::new(client), Bytes::new(), UpstreamIo::Tcp(up_tcp), up_ahead, closer, route).await;
+            return copy(TokioIo::new(client), Bytes::new(), UpstreamIo::Tcp(up_tcp), up_ahead, ends, route).await;
         }
     };
     let (client_tcp, client_ahead) = (client.io.into_inner().into_inner(), client.read_buf);
     let dp = splicer.datapath.clone();
     let flow = splice::Flow { client: client_tcp, client_ahead, upstream: up_tcp, upstream_ahead: up_ahead };
-    let policy = splice::Policy { budget: splicer.budget, one_way: false };
-    match splice::run(dp, flow, policy, backend.slot, closer.clone()).await {
+    let policy = splice::Policy { budget: splicer.budget, one_way: false, idle: ends.idle };
+    match splice::run(dp, flow, policy, backend.slot, ends.closer.clone()).await {
         splice::Outcome::Ended(end) => {
             server.spliced_flows.fetch_add(1, Relaxed);
             backend.spliced_flows.fetch_add(1, Relaxed);
@@ -176,22 +188,19 @@ async fn join(
             tracing::debug!(route, %reason, "copying this flow");
             server.copied_flows.fetch_add(1, Relaxed);
             backend.copied_flows.fetch_add(1, Relaxed);
-            copy(client, Bytes::new(), UpstreamIo::Tcp(upstream), Bytes::new(), closer, route).await;
+            copy(client, Bytes::new(), UpstreamIo::Tcp(upstream), Bytes::new(), ends, route).await;
         }
     }
 }
 
 /// Userspace copy in both directions, after writing what each side had already sent.
-async fn copy<C>(
-    mut client: C,
-    client_ahead: Bytes,
-    mut upstream: UpstreamIo,
-    upstream_ahead: Bytes,
-    mut closer: watch::Receiver<u64>,
-    route: &str,
-) where
+async fn copy<C>(client: C, client_ahead: Bytes, upstream: UpstreamIo, upstream_ahead: Bytes, ends: Ends, route: &str)
+where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    let Ends { mut closer, idle } = ends;
+    let clock = idle::Clock::new();
+    let (mut client, mut upstream) = (idle::Stamped::new(client, &clock), idle::Stamped::new(upstream, &clock));
     let copied = async {
         if !client_ahead.is_empty() {
             upstream.write_all(&client_ahead).await?;
@@ -207,5 +216,6 @@ async fn copy<C>(
             Err(e) => tracing::debug!(route, error = %e, "upgraded flow ended with error"),
         },
         _ = closer.changed() => tracing::info!(route, "upgraded flow closed by disconnect or drain"),
+        _ = clock.expired(idle) => tracing::debug!(route, ?idle, "idle upgraded flow closed"),
     }
 }
