@@ -48,14 +48,7 @@ impl Kernel {
         if uid != 0 {
             return Err(DatapathError::NotRoot(uid));
         }
-        let mut loader = EbpfLoader::new();
-        if services.is_empty() {
-            // Nothing to steer: keep the XDP tables at their smallest.
-            loader.map_max_entries(l4::RING, 1).map_max_entries(l4::FLOWS, 1024).map_max_entries(l4::REVERSE, 1024);
-        } else {
-            loader.map_max_entries(l4::FLOWS, conf.l4_flows).map_max_entries(l4::REVERSE, conf.l4_flows);
-        }
-        let mut ebpf = loader.load(OBJECT).map_err(|e| err("loading the object", e))?;
+        let mut ebpf = load_object((!services.is_empty()).then_some(conf.l4_flows))?;
         start_log_bridge(&mut ebpf);
 
         let socks: SockHash<MapData, u64> = ebpf
@@ -110,12 +103,7 @@ impl Decap {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(l4::RING, 1)
-            .map_max_entries(l4::FLOWS, 1024)
-            .map_max_entries(l4::REVERSE, 1024)
-            .load(OBJECT)
-            .map_err(|e| err("loading the object", e))?;
+        let mut ebpf = load_object(None)?;
         let prog: &mut Xdp = ebpf
             .program_mut("l4_decap")
             .ok_or_else(|| err("object", "no l4_decap program"))?
@@ -130,6 +118,17 @@ impl Decap {
     pub fn mode(&self) -> &'static str {
         self.mode
     }
+}
+
+/// Loads the object with XDP flow tables of `l4_flows` entries, or, when nothing is steered, with
+/// the XDP tables at their smallest.
+fn load_object(l4_flows: Option<u32>) -> Result<Ebpf, DatapathError> {
+    let mut loader = EbpfLoader::new();
+    match l4_flows {
+        Some(n) => loader.map_max_entries(l4::FLOWS, n).map_max_entries(l4::REVERSE, n),
+        None => loader.map_max_entries(l4::RING, 1).map_max_entries(l4::FLOWS, 1024).map_max_entries(l4::REVERSE, 1024),
+    };
+    loader.load(OBJECT).map_err(|e| err("loading the object", e))
 }
 
 /// Attaches in native mode, falling back to generic with a log line; returns which.
