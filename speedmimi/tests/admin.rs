@@ -5,27 +5,13 @@ mod support;
 
 use std::{collections::HashMap, time::Duration};
 
-use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Origin, Proxy, client, one_route, who};
+use support::{Origin, Proxy, admin_call, client, one_route, who};
 
 /// One admin call; returns status and the JSON answer.
 async fn call(method: Method, url: &str, body: Option<&str>, token: Option<&str>) -> (StatusCode, Value) {
-    let mut b = Request::builder().method(method).uri(url);
-    if body.is_some() {
-        b = b.header("content-type", "application/json");
-    }
-    if let Some(t) = token {
-        b = b.header("authorization", format!("Bearer {t}"));
-    }
-    let req = b.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), client().request(req)).await.unwrap().unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-    (status, v)
+    admin_call(method, url, body, token, Duration::from_secs(10)).await
 }
 
 /// The running config and backends, to prove a rejected call changed nothing.

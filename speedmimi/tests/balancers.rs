@@ -6,7 +6,10 @@ mod support;
 use std::{collections::HashMap, time::Duration};
 
 use http::StatusCode;
-use support::{Origin, Proxy, backend_yaml, client, dead_addr, get, one_route, who};
+use support::{Origin, Proxy, admin_call, backend_yaml, client, dead_addr, get, one_route, who};
+
+/// Bound on one admin call.
+const ADMIN_WAIT: Duration = Duration::from_secs(10);
 
 async fn origins(n: usize) -> Vec<Origin> {
     let mut v = Vec::new();
@@ -122,17 +125,6 @@ async fn ip_hash_moves_only_the_clients_of_a_dead_backend() {
     assert!(moved > 0, "the dead backend had no clients");
 }
 
-/// An admin API call; returns the status.
-async fn admin(proxy: &Proxy, method: http::Method, path: &str, body: &str) -> StatusCode {
-    let req = http::Request::builder()
-        .method(method)
-        .uri(proxy.admin_url(path))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_owned())))
-        .unwrap();
-    client().request(req).await.unwrap().status()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ip_hash_removal_moves_only_the_removed_backends_clients_and_readding_restores_them() {
     // Ten backends: a plain Maglev rebuild without one would move a sliver (1-2%) of the other
@@ -155,7 +147,10 @@ async fn ip_hash_removal_moves_only_the_removed_backends_clients_and_readding_re
     let before = mapping(&proxy).await;
     let gone = o[2].backend.id.clone();
     let path = format!("/api/v1/backends/remove?upstream=default&backend_id={gone}");
-    assert_eq!(admin(&proxy, http::Method::DELETE, &path, "").await, StatusCode::OK);
+    assert_eq!(
+        admin_call(http::Method::DELETE, &proxy.admin_url(&path), None, None, ADMIN_WAIT).await.0,
+        StatusCode::OK
+    );
     let after = mapping(&proxy).await;
     let mut moved = 0;
     for (i, (was, now)) in before.iter().zip(&after).enumerate() {
@@ -173,7 +168,10 @@ async fn ip_hash_removal_moves_only_the_removed_backends_clients_and_readding_re
         r#"{{"upstream":"default","backend":{{"id":"{gone}","host":"127.0.0.1","port":{}}}}}"#,
         o[2].addr.port()
     );
-    assert_eq!(admin(&proxy, http::Method::POST, "/api/v1/backends/add", &body).await, StatusCode::CREATED);
+    assert_eq!(
+        admin_call(http::Method::POST, &proxy.admin_url("/api/v1/backends/add"), Some(&body), None, ADMIN_WAIT).await.0,
+        StatusCode::CREATED
+    );
     assert_eq!(mapping(&proxy).await, before, "re-adding restores every client's backend");
 }
 

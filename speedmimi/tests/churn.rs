@@ -12,12 +12,11 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
-use support::{Origin, Proxy, client};
+use support::{Origin, Proxy, admin_call, client};
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -27,16 +26,7 @@ const ITERATIONS: usize = 15;
 
 /// One admin call; returns status and the JSON answer.
 async fn call(method: Method, url: &str, body: Option<&str>) -> (StatusCode, Value) {
-    let mut b = Request::builder().method(method).uri(url);
-    if body.is_some() {
-        b = b.header("content-type", "application/json");
-    }
-    let req = b.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
-    let resp = tokio::time::timeout(WAIT, client().request(req)).await.expect("admin call timed out").unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-    (status, v)
+    admin_call(method, url, body, None, WAIT).await
 }
 
 /// An admin call that must answer `want`.

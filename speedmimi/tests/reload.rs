@@ -9,12 +9,11 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use support::{
-    Origin, Proxy, client, get, one_route,
+    Origin, Proxy, admin_call, client, get, one_route,
     tls::{Ca, TempDir, h1, peer_cert, send, ssl_yaml, tls_connect},
 };
 
@@ -22,12 +21,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// One admin call; returns status and the JSON answer.
 async fn call(method: Method, url: &str) -> (StatusCode, Value) {
-    let req = Request::builder().method(method).uri(url).body(Full::new(Bytes::new())).unwrap();
-    let resp = tokio::time::timeout(WAIT, client().request(req)).await.expect("admin call timed out").unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-    (status, v)
+    admin_call(method, url, None, None, WAIT).await
 }
 
 // ---- SIGHUP on the binary ----

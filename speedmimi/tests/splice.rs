@@ -730,14 +730,9 @@ async fn admin_disconnect_closes_the_flow_in_both_modes() {
         c.echo(&Rng(6).bytes(10_000), "before disconnect").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
         assert_spliced(mode, &dp, 1);
 
-        let req = http::Request::post(proxy.admin_url("/api/v1/backends/disconnect?upstream=default&backend_id=raw1"))
-            .body(http_body_util::Full::default())
-            .unwrap();
-        let resp = tokio::time::timeout(STEP, support::client().request(req))
-            .await
-            .expect("admin call timed out")
-            .expect("admin call failed");
-        assert_eq!(resp.status(), http::StatusCode::OK, "{mode}: disconnect answered");
+        let url = proxy.admin_url("/api/v1/backends/disconnect?upstream=default&backend_id=raw1");
+        let (status, _) = support::admin_call(http::Method::POST, &url, None, None, STEP).await;
+        assert_eq!(status, http::StatusCode::OK, "{mode}: disconnect answered");
 
         match c.read_end(Duration::from_secs(5)).await {
             Ending::Eof | Ending::Error(_) => {}

@@ -168,6 +168,31 @@ pub fn one_route(upstream_yaml: &str, balancer: &str, extra: &str) -> String {
     )
 }
 
+/// One admin API call, bounded by `within`: the status and the JSON answer (a body that is not
+/// JSON comes back as a JSON string).
+pub async fn admin_call(
+    method: http::Method,
+    url: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+    within: Duration,
+) -> (StatusCode, serde_json::Value) {
+    let mut b = Request::builder().method(method).uri(url);
+    if body.is_some() {
+        b = b.header("content-type", "application/json");
+    }
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    let req = b.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
+    let resp = tokio::time::timeout(within, client().request(req)).await.expect("admin call timed out").unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, v)
+}
+
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// A keep-alive HTTP/1.1 client.
