@@ -151,7 +151,7 @@ fn to_backend(ctx: &XdpContext, f: &Frame, key: &FlowKey, service: &Service) -> 
         c.bytes += ip_len;
     });
     if service.mode == MODE_DSR {
-        return encapsulate(ctx, service.encap_src, flow.addr);
+        return encapsulate(ctx, f.get(IP_TOS), ip_len as u16, service.encap_src, flow.addr);
     }
     rewrite_addr(f, IP_DST, flow.addr);
     rewrite_port(f, TCP_DPORT, flow.port);
@@ -228,12 +228,9 @@ fn rewrite_port(f: &Frame, off: usize, to: u16) {
 /// redirect; otherwise let the kernel forward it (it resolves neighbours and sends ICMP).
 #[inline(always)]
 fn forward(ctx: &XdpContext, f: &Frame, dst: u32) -> u32 {
-    let mut fib = fib_params(ctx, f.get(IP_TOS), f.get(IP_SRC), dst, u16::from_be(f.get(IP_TOT_LEN)));
-    // SAFETY: fib is a valid, initialised bpf_fib_lookup of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    let Some(fib) = next_hop(ctx, f.get(IP_TOS), f.get(IP_SRC), dst, u16::from_be(f.get(IP_TOT_LEN))) else {
         return XDP_PASS;
-    }
+    };
     let ttl_word: u16 = f.get(IP_TTL);
     // The TTL is the first byte of the word in memory, whatever the host order.
     let mut bytes = ttl_word.to_ne_bytes();
@@ -241,14 +238,13 @@ fn forward(ctx: &XdpContext, f: &Frame, dst: u32) -> u32 {
     let new_word = u16::from_ne_bytes(bytes);
     f.set(IP_TTL, new_word);
     f.set(IP_CHECK, csum_replace2(f.get(IP_CHECK), ttl_word, new_word));
-    f.set(0, fib.dmac);
-    f.set(6, fib.smac);
-    // SAFETY: plain helper call.
-    unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
+    send(f, &fib)
 }
 
+/// The route to `dst` with the next hop's MAC, or None when the kernel should forward the
+/// packet itself (no neighbour entry yet, not forwardable, or no route).
 #[inline(always)]
-fn fib_params(ctx: &XdpContext, tos: u8, src: u32, dst: u32, tot_len: u16) -> FibParams {
+fn next_hop(ctx: &XdpContext, tos: u8, src: u32, dst: u32, tot_len: u16) -> Option<FibParams> {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
@@ -258,17 +254,24 @@ fn fib_params(ctx: &XdpContext, tos: u8, src: u32, dst: u32, tot_len: u16) -> Fi
     fib.__bindgen_anon_2.tos = tos;
     fib.__bindgen_anon_3.ipv4_src = src;
     fib.__bindgen_anon_4.ipv4_dst = dst;
-    fib
+    // SAFETY: fib is a valid, initialised bpf_fib_lookup of the size passed.
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
+    (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(fib)
+}
+
+/// Sets the frame's MACs for the next hop and redirects it out of the hop's interface.
+#[inline(always)]
+fn send(f: &Frame, fib: &FibParams) -> u32 {
+    f.set(0, fib.dmac);
+    f.set(6, fib.smac);
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
 }
 
 /// DSR: prepends an outer IPv4 header (protocol 4, IPIP) addressed to the backend and sends it
-/// there; the inner packet is untouched.
+/// there; the inner packet (`tos`, `inner_len` from its header) is untouched.
 #[inline(always)]
-fn encapsulate(ctx: &XdpContext, src: u32, backend: u32) -> u32 {
-    let (tos, inner_len) = {
-        let Some(f) = Frame::new(ctx, HEADERS) else { return XDP_PASS };
-        (f.get::<u8>(IP_TOS), u16::from_be(f.get(IP_TOT_LEN)))
-    };
+fn encapsulate(ctx: &XdpContext, tos: u8, inner_len: u16, src: u32, backend: u32) -> u32 {
     // SAFETY: ctx is the program's context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IP_LEN as i32)) } != 0 {
         return XDP_PASS;
@@ -298,17 +301,11 @@ fn encapsulate(ctx: &XdpContext, src: u32, backend: u32) -> u32 {
         i += 1;
     }
     f.set(ETH_LEN + 10, !fold(sum));
-    let mut fib = fib_params(ctx, tos, src, backend, outer_len);
-    // SAFETY: fib is a valid, initialised bpf_fib_lookup of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    match next_hop(ctx, tos, src, backend, outer_len) {
+        Some(fib) => send(&f, &fib),
         // The kernel routes the encapsulated packet (and resolves the neighbour) itself.
-        return XDP_PASS;
+        None => XDP_PASS,
     }
-    f.set(0, fib.dmac);
-    f.set(6, fib.smac);
-    // SAFETY: plain helper call.
-    unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
 }
 
 /// The backend side of DSR where the kernel has no IPIP module: strips an outer IPv4 header of
