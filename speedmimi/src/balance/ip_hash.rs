@@ -38,10 +38,11 @@ impl IpHash {
         IpHash { table: build_table(&members), backends, ghosts, fallback: ArcSwapOption::empty() }
     }
 
-    /// The table with every slot of a backend that `usable` refuses (and of every ghost) moved to
-    /// its owner in the table without those: indexes into the upstream's backends, or `EMPTY`.
-    pub fn effective(&self, usable: impl Fn(&Backend) -> bool) -> Vec<u32> {
-        let down: Vec<bool> = self.backends.iter().map(|b| !usable(b)).collect();
+    /// The table with every slot of a backend not `usable` (one flag per backend, in the
+    /// upstream's order), and of every ghost, moved to its owner in the table without those:
+    /// indexes into the upstream's backends, or `EMPTY`.
+    pub fn effective(&self, usable: &[bool]) -> Vec<u32> {
+        let down: Vec<bool> = usable.iter().map(|u| !u).collect();
         let fallback = self.fallback_for(down);
         let mut table = self.table.clone();
         let n = self.backends.len() as u32;

@@ -146,7 +146,7 @@ impl Steering {
             tracing::error!(service = %ring.conf.name, error = %e, "cannot update XDP backends");
             return;
         }
-        let effective = table.effective(|b| usable[position(upstream, b)]);
+        let effective = table.effective(&usable);
         let wanted: Vec<u32> =
             effective.iter().map(|&i| if i == EMPTY { EMPTY } else { upstream.backends[i as usize].slot }).collect();
         match self.write_ring(ring, &wanted) {
@@ -200,10 +200,6 @@ impl Steering {
         });
         Some(sum)
     }
-}
-
-fn position(upstream: &Upstream, b: &Backend) -> usize {
-    upstream.backends.iter().position(|x| std::ptr::eq(&**x, b)).expect("backend of this upstream")
 }
 
 /// The first IPv4 address of an interface.
