@@ -18,8 +18,9 @@ use crate::workspace;
 
 const BACKEND_PORT: u16 = 18081;
 const PROXY_PORT: u16 = 18080;
-const PROXY_CORE: &str = "0";
-const LOAD_CORE: &str = "1";
+/// The core every benchmark pins the proxy under test to, and the one for load and backends.
+pub(crate) const PROXY_CORE: &str = "0";
+pub(crate) const LOAD_CORE: &str = "1";
 
 /// Options of one benchmark run.
 pub struct Options {

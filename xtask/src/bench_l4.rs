@@ -39,7 +39,7 @@ pub struct Options {
 }
 
 /// The daemon and HAProxy run here; the LB's softirq work does not follow them (see the module docs).
-const LB_CORE: &str = "0";
+const LB_CORE: &str = crate::bench::PROXY_CORE;
 /// The load generator and the backends.
 const LOAD_CORE: usize = 1;
 const BACKENDS: usize = 3;

@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, bail};
 
 use crate::{
-    bench::{self, Guard},
+    bench::{self, Guard, LOAD_CORE, PROXY_CORE},
     build_ebpf, workspace,
 };
 
@@ -28,8 +28,6 @@ const PROXY_PORT: u16 = 18180;
 const BACKEND_PORT: u16 = 18181;
 const CONTROL_PORT: u16 = 18182;
 const ADMIN_PORT: u16 = 18183;
-const PROXY_CORE: &str = "0";
-const LOAD_CORE: &str = "1";
 
 /// Options of one benchmark run.
 pub struct Options {
