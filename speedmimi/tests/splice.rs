@@ -238,6 +238,22 @@ impl Conn {
         }
     }
 
+    /// Panics with `what` unless the stream ends with EOF within `within`.
+    async fn expect_eof(&mut self, within: Duration, what: &str) {
+        match self.read_end(within).await {
+            Ending::Eof => {}
+            end => panic!("{what}, got {end:?}"),
+        }
+    }
+
+    /// Panics with `what` unless the stream ends (EOF or reset) within `within`.
+    async fn expect_closed(&mut self, within: Duration, what: &str) {
+        match self.read_end(within).await {
+            Ending::Eof | Ending::Error(_) => {}
+            end => panic!("{what}, got {end:?}"),
+        }
+    }
+
     async fn send(&mut self, data: &[u8], what: &str) -> Result<(), String> {
         match tokio::time::timeout(STEP, self.s.write_all(data)).await {
             Err(_) => Err(format!("{what}: write of {} bytes timed out", data.len())),
@@ -437,10 +453,7 @@ async fn raw_upgrade_keeps_bytes_sent_with_the_handshake_in_both_modes() {
         }
         assert_spliced(mode, &dp, 1);
         c.s.shutdown().await.unwrap();
-        match c.read_end(STEP).await {
-            Ending::Eof => {}
-            other => panic!("{mode}: expected EOF after the backend closed, got {other:?}"),
-        }
+        c.expect_eof(STEP, &format!("{mode}: expected EOF after the backend closed")).await;
         drop(c);
         assert_unspliced(mode, &dp).await;
         proxy.stop().await;
@@ -532,10 +545,7 @@ async fn half_close_keeps_the_other_direction_open(client_first: bool) {
         let ((mut first, closer), (mut second, other), seed) =
             if client_first { ((c, "client"), (b, "backend"), 3) } else { ((b, "backend"), (c, "client"), 4) };
         first.s.shutdown().await.unwrap();
-        match second.read_end(STEP).await {
-            Ending::Eof => {}
-            end => panic!("{mode}: the {other} should read EOF after the {closer}'s half-close, got {end:?}"),
-        }
+        second.expect_eof(STEP, &format!("{mode}: the {other} should read EOF after the {closer}'s half-close")).await;
         let late = Rng(seed).bytes(200_000);
         let what = format!("{other} data after the {closer}'s FIN");
         second.send(&late, &what).await.unwrap_or_else(|e| panic!("{mode}: {e}"));
@@ -543,10 +553,7 @@ async fn half_close_keeps_the_other_direction_open(client_first: bool) {
         let got = first.read_exact(late.len(), &what).await.unwrap_or_else(|e| panic!("{mode}: {e}"));
         assert!(got == late, "{mode}: data sent after the {closer}'s half-close differs");
         drop(second);
-        match first.read_end(STEP).await {
-            Ending::Eof => {}
-            end => panic!("{mode}: the {closer} should read EOF after the {other} closed, got {end:?}"),
-        }
+        first.expect_eof(STEP, &format!("{mode}: the {closer} should read EOF after the {other} closed")).await;
         drop(first);
         assert_unspliced(mode, &dp).await;
         proxy.stop().await;
@@ -734,10 +741,8 @@ async fn admin_disconnect_closes_the_flow_in_both_modes() {
         let (status, _) = support::admin_call(http::Method::POST, &url, None, None, STEP).await;
         assert_eq!(status, http::StatusCode::OK, "{mode}: disconnect answered");
 
-        match c.read_end(Duration::from_secs(5)).await {
-            Ending::Eof | Ending::Error(_) => {}
-            other => panic!("{mode}: the flow should end within 5 s of the disconnect, got {other:?}"),
-        }
+        let what = format!("{mode}: the flow should end within 5 s of the disconnect");
+        c.expect_closed(Duration::from_secs(5), &what).await;
         drop(c);
         assert_unspliced(mode, &dp).await;
         proxy.stop().await;
@@ -809,10 +814,7 @@ async fn one_gib_stream_arrives_with_matching_checksum_in_both_modes() {
         assert_eq!(got.0, want.0, "{mode}: byte count at the backend");
         assert_eq!(got.1, want.1, "{mode}: checksum at the backend");
         assert_eq!(c.read_exact(1, "the backend's answer").await.unwrap_or_else(|e| panic!("{mode}: {e}")), b"k");
-        match c.read_end(STEP).await {
-            Ending::Eof => {}
-            other => panic!("{mode}: expected EOF after the backend closed, got {other:?}"),
-        }
+        c.expect_eof(STEP, &format!("{mode}: expected EOF after the backend closed")).await;
         drop(c);
         assert_unspliced(mode, &dp).await;
         proxy.stop().await;
@@ -839,10 +841,7 @@ async fn idle_flows_close_after_the_tunnel_timeout_in_both_modes() {
             busy.echo(&[i; 100], "busy flow").await.unwrap_or_else(|e| panic!("{mode}: message {i}: {e}"));
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        match idle.read_end(Duration::from_secs(5)).await {
-            Ending::Eof | Ending::Error(_) => {}
-            other => panic!("{mode}: the idle flow should have been closed, got {other:?}"),
-        }
+        idle.expect_closed(Duration::from_secs(5), &format!("{mode}: the idle flow should have been closed")).await;
         assert_spliced(mode, &dp, 1);
         busy.echo(b"still here", "busy flow after").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
         drop((idle, busy));
