@@ -36,6 +36,17 @@ pub struct Peer {
     pub backend_slot: u32,
     /// 1 when this is the client's socket (its bytes go to the backend), 0 for the backend's.
     pub to_backend: u32,
+    /// TCP sequence number just past the last byte the verdict took (valid once `seq_known`).
+    pub next_seq: u32,
+    /// 1 once the verdict has seen a first segment and `next_seq` holds.
+    pub seq_known: u32,
+    /// Already-taken bytes cut from the head of overlapping segments (see the verdict program).
+    pub trimmed_bytes: u64,
+    /// 1 when an overlap could not be cut: the flow can no longer be kept exact and must be
+    /// reset by userspace (its skb was passed whole so that userspace wakes up).
+    pub broken: u32,
+    /// Segments that overlapped bytes already taken.
+    pub overlaps: u32,
 }
 
 /// Bytes the kernel moved for one backend's spliced flows (per CPU; userspace sums them).
@@ -44,6 +55,9 @@ pub struct Peer {
 pub struct Counters {
     pub bytes_to_backend: u64,
     pub bytes_to_client: u64,
+    /// Bytes cut from the head of segments that overlapped bytes already moved (retransmissions
+    /// the kernel would otherwise have forwarded twice).
+    pub overlap_bytes_cut: u64,
 }
 
 /// Userspace's flow control for one spliced socket.

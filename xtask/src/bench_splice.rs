@@ -80,6 +80,9 @@ struct Sample {
     /// Bytes the sink received minus bytes written, (many streams, bulk): negative = lost,
     /// positive = duplicated; must be 0.
     mismatch: (i64, i64),
+    /// Bytes SpeedMimi's verdict cut from retransmitted segments overlapping bytes already
+    /// spliced (each would otherwise have arrived twice); None for the others.
+    overlap_cut: Option<u64>,
 }
 
 pub fn splice(opts: &Options) -> anyhow::Result<()> {
@@ -120,7 +123,7 @@ pub fn splice(opts: &Options) -> anyhow::Result<()> {
             let root = proxy.as_ref().map(|p| p.0.id());
             let s = measure(t, port, root, opts, &exe, &mut control).with_context(|| format!("target {}", t.name))?;
             println!(
-                "bench: round {} {:<16} ping p50 {:>6.1} µs p99 {:>6.1} µs | {} streams {:>5.2} GB/s {:>5.2} CPU-s/GB | bulk {:>5.2} GB/s | idle {}{}{}",
+                "bench: round {} {:<16} ping p50 {:>6.1} µs p99 {:>6.1} µs | {} streams {:>5.2} GB/s {:>5.2} CPU-s/GB | bulk {:>5.2} GB/s | idle {}{}{}{}",
                 round + 1,
                 t.name,
                 s.p50_us,
@@ -132,6 +135,7 @@ pub fn splice(opts: &Options) -> anyhow::Result<()> {
                 s.idle_kib.map_or("–".into(), |k| format!("{k:.2} KiB/flow")),
                 s.spliced.map_or(String::new(), |n| format!(" ({n}/{} spliced)", opts.idle_flows)),
                 mismatch_text(s.mismatch, opts.streams).map_or(String::new(), |m| format!(" | sink − written: {m}")),
+                s.overlap_cut.filter(|n| *n > 0).map_or(String::new(), |n| format!(" | overlap bytes cut: {n}")),
             );
             out.push(s);
             if let Some(p) = proxy.as_mut() {
@@ -164,7 +168,11 @@ fn measure(
     let (many_gbps, many_cpu_per_gb, many_diff) = stream(exe, port, opts.streams, opts.seconds, control)?;
     let (bulk_gbps, _, bulk_diff) = stream(exe, port, 1, opts.seconds, control)?;
     let mismatch = (many_diff, bulk_diff);
-    Ok(Sample { p50_us, p99_us, many_gbps, many_cpu_per_gb, bulk_gbps, idle_kib, spliced, mismatch })
+    let overlap_cut = match t.proxy {
+        Proxy::SpeedMimi { .. } => metric("speedmimi_spliced_overlap_bytes_cut_total")?,
+        _ => None,
+    };
+    Ok(Sample { p50_us, p99_us, many_gbps, many_cpu_per_gb, bulk_gbps, idle_kib, spliced, mismatch, overlap_cut })
 }
 
 /// (1) One flow, 1 KiB ping-pong: (p50, p99) in µs.
@@ -239,7 +247,12 @@ fn idle(
     p.expect("ready", Duration::from_secs(30) + Duration::from_millis(5 * flows as u64))?;
     thread::sleep(Duration::from_secs(1));
     let after = root.map(rss_kib);
-    let spliced = if speedmimi { Some(spliced_flows_open()?) } else { None };
+    // Proof the flows really are spliced.
+    let spliced = if speedmimi {
+        Some(metric("speedmimi_spliced_flows_open")?.context("no speedmimi_spliced_flows_open in /metrics")?)
+    } else {
+        None
+    };
     p.finish();
     let kib = match (before, after) {
         (Some(b), Some(a)) => Some((a as f64 - b as f64) / flows as f64),
@@ -261,18 +274,20 @@ fn rss_kib(root: u32) -> u64 {
         .sum()
 }
 
-/// `speedmimi_spliced_flows_open` from SpeedMimi's metrics: proof the flows really are spliced.
-fn spliced_flows_open() -> anyhow::Result<u64> {
+/// A metric from SpeedMimi's `/metrics`, summed over its label sets (None when absent).
+fn metric(name: &str) -> anyhow::Result<Option<u64>> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, ADMIN_PORT));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).context("connect to the admin API")?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text).context("read /metrics")?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("speedmimi_spliced_flows_open "))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no speedmimi_spliced_flows_open in /metrics")
+    let values: Vec<u64> = text
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    Ok((!values.is_empty()).then(|| values.iter().sum()))
 }
 
 /// The backend's control connection: the total of bytes its sinks received.
@@ -577,6 +592,15 @@ fn report(samples: &[Vec<Sample>], opts: &Options) -> String {
         ours.idle_kib.map_or("–".into(), |k| format!("{k:.2} KiB")),
         check(ours.idle_kib.map(|k| k <= 1.0))
     );
+    let ours_samples = &samples[TARGETS.iter().position(|t| t.name == OURS).expect("known target")];
+    let cut: Vec<String> = ours_samples.iter().filter_map(|s| s.overlap_cut).map(|n| n.to_string()).collect();
+    if !cut.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nBytes {OURS}'s verdict cut from retransmitted segments that overlapped bytes already spliced, per round (each would otherwise have arrived twice): {}",
+            cut.join(", ")
+        );
+    }
     let lossy: Vec<String> = TARGETS
         .iter()
         .zip(&rows)

@@ -54,6 +54,7 @@ fn kernel_view(b: &Backend, dp: &dyn Datapath) -> Option<Value> {
     let mut v = json!({
         "spliced_bytes_to_backend": splice.map_or(0, |c| c.bytes_to_backend),
         "spliced_bytes_to_client": splice.map_or(0, |c| c.bytes_to_client),
+        "spliced_overlap_bytes_cut": splice.map_or(0, |c| c.overlap_bytes_cut),
     });
     if let Some(x) = xdp {
         v["xdp"] = json!({

@@ -135,6 +135,17 @@ pub fn text(state: &State) -> String {
             let _ = writeln!(out, "speedmimi_spliced_bytes_total{{{l},direction=\"to_client\"}} {}", c.bytes_to_client);
         }
     }
+    family(
+        &mut out,
+        "speedmimi_spliced_overlap_bytes_cut_total",
+        "counter",
+        "Bytes cut from retransmitted segments that overlapped bytes a spliced flow had already moved.",
+    );
+    for b in &backends {
+        if let Some(c) = state.datapath.counters(b.slot) {
+            let _ = writeln!(out, "speedmimi_spliced_overlap_bytes_cut_total{{{}}} {}", label(b), c.overlap_bytes_cut);
+        }
+    }
     let xdp: Vec<_> = backends.iter().filter_map(|b| Some((label(b), state.datapath.l4_counters(b.slot)?))).collect();
     if !xdp.is_empty() {
         family(

@@ -305,6 +305,7 @@ impl Datapath for Kernel {
         Some(per_cpu.iter().fold(splice::Counters::default(), |acc, c| splice::Counters {
             bytes_to_backend: acc.bytes_to_backend + c.bytes_to_backend,
             bytes_to_client: acc.bytes_to_client + c.bytes_to_client,
+            overlap_bytes_cut: acc.overlap_bytes_cut + c.overlap_bytes_cut,
         }))
     }
 

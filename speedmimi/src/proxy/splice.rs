@@ -285,6 +285,11 @@ async fn pump(
     let mut eof_waits = 0u32;
     loop {
         let passed = match dp.peer(dir.src) {
+            // An overlapping segment the kernel could not cut: bytes can no longer be kept exact.
+            Some(p) if p.broken != 0 => {
+                tracing::warn!(socket = dir.src, "splice: overlapping segment could not be cut; resetting the flow");
+                return Err(End::Reset);
+            }
             Some(p) => p.passed_bytes,
             None => return Err(End::Reset),
         };
