@@ -25,8 +25,8 @@ use aya::sys::{Stats, enable_stats};
 use crate::{bench, build_ebpf, lab, workspace};
 use load::{Pids, Probe, Sample, drive, errors_suffix, on_load_core, preflight};
 use setup::{
-    ensure_program, ipvs_note, nft_rules, pin_namespace, remove_stale, start_daemon, start_decap, start_haproxy,
-    sysctls, wait_listening, wait_xdp,
+    ipvs_note, nft_rules, pin_namespace, remove_stale, start_daemon, start_decap, start_haproxy, sysctls,
+    wait_listening, wait_xdp,
 };
 use testrun::{LOOP_REPEAT, SINGLE_CALLS, test_runs};
 
@@ -150,8 +150,8 @@ pub fn l4(opts: &Options) -> anyhow::Result<()> {
     }
     let ipvs = ipvs_note();
     println!("bench: {ipvs}");
-    let nft = ensure_program("nft", "nftables")?;
-    let haproxy = ensure_program("haproxy", "haproxy")?;
+    let nft = lab::program("nft", "nftables").map_err(anyhow::Error::msg)?;
+    let haproxy = lab::program("haproxy", "haproxy").map_err(anyhow::Error::msg)?;
     let object = build_ebpf::build_ebpf(true).context("the XDP rows need the eBPF object")?;
     let bin = bench::build_release()?;
     let dir = workspace::target_dir().join("bench");

@@ -22,7 +22,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
-        OnceLock,
+        Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     thread,
@@ -126,7 +126,7 @@ impl Lab {
         if euid() != 0 {
             return Err("the lab needs root (it creates network namespaces)".into());
         }
-        let ethtool = ethtool()?;
+        let ethtool = program("ethtool", "ethtool")?;
         let mut lab = Lab {
             prefix: spec.prefix.clone(),
             clients: spec.clients,
@@ -510,31 +510,34 @@ fn set_offloads(ethtool: &Path, ns: &str, dev: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The ethtool binary, installed with apt-get when missing (once per process, so parallel labs do not race dpkg).
-fn ethtool() -> Result<PathBuf, String> {
-    static ETHTOOL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    ETHTOOL
-        .get_or_init(|| {
-            if let Some(path) = find_program("ethtool") {
-                return Ok(path);
-            }
-            if find_program("apt-get").is_none() {
-                return Err("ethtool is missing and there is no apt-get to install it: install ethtool".into());
-            }
-            eprintln!("lab: installing ethtool (apt-get)");
-            let apt = |args: &[&str]| {
-                run(Command::new("apt-get")
-                    .args(["-q", "-y", "-o", "DPkg::Lock::Timeout=120"])
-                    .args(args)
-                    .env("DEBIAN_FRONTEND", "noninteractive"))
-                .map_err(|e| format!("installing ethtool: {e}"))
-            };
-            apt(&["update"])?;
-            apt(&["install", "--no-install-recommends", "ethtool"])?;
-            find_program("ethtool")
-                .ok_or_else(|| "apt-get installed ethtool but it is not on PATH or in /usr/sbin".into())
-        })
-        .clone()
+/// `program` from PATH or the sbin directories, installed from Debian package `package` with apt-get when
+/// missing (once per process; concurrent callers wait for the one installing).
+pub fn program(program: &str, package: &str) -> Result<PathBuf, String> {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    if let Some(path) = find_program(program) {
+        return Ok(path);
+    }
+    let _one_at_a_time = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = find_program(program) {
+        return Ok(path);
+    }
+    if find_program("apt-get").is_none() {
+        return Err(format!("{program} is missing and there is no apt-get to install it: install {package}"));
+    }
+    eprintln!("lab: installing {package} (apt-get)");
+    let apt = |args: &[&str]| {
+        run(Command::new("apt-get")
+            .args(["-q", "-y", "-o", "DPkg::Lock::Timeout=120"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .map_err(|e| format!("installing {package}: {e}"))
+    };
+    if apt(&["install", "--no-install-recommends", package]).is_err() {
+        apt(&["update"])?;
+        apt(&["install", "--no-install-recommends", package])?;
+    }
+    find_program(program)
+        .ok_or_else(|| format!("apt-get installed {package} but there is no {program} on PATH or in /usr/sbin"))
 }
 
 /// `name` on PATH or in the sbin directories (which a non-login PATH may lack).

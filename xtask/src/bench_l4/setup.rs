@@ -5,7 +5,7 @@
 use std::{
     fs,
     net::{SocketAddrV4, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -32,31 +32,6 @@ pub(super) fn ipvs_note() -> String {
             if tool { "; ipvsadm is installed but has nothing to drive" } else { ", no ipvsadm" }
         )
     }
-}
-
-/// `program` on PATH or in /usr/sbin, installed from Debian package `package` when missing (no services are
-/// started or stopped here).
-pub(super) fn ensure_program(program: &str, package: &str) -> anyhow::Result<PathBuf> {
-    let find = || {
-        workspace::find_on_path(program).or_else(|| Some(Path::new("/usr/sbin").join(program)).filter(|p| p.is_file()))
-    };
-    if let Some(path) = find() {
-        return Ok(path);
-    }
-    println!("xtask: installing {package} (apt-get)");
-    let apt = |args: &[&str]| {
-        workspace::run_checked(
-            Command::new("apt-get")
-                .args(["-q", "-y", "-o", "DPkg::Lock::Timeout=120"])
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
-    if apt(&["install", "--no-install-recommends", package]).is_err() {
-        apt(&["update"])?;
-        apt(&["install", "--no-install-recommends", package])?;
-    }
-    find().with_context(|| format!("apt-get installed {package} but there is no {program}"))
 }
 
 /// Removes the namespaces of earlier runs whose process is gone (a run killed before its cleanup).
