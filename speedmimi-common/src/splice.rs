@@ -47,6 +47,12 @@ pub struct Peer {
     pub broken: u32,
     /// Segments that overlapped bytes already taken.
     pub overlaps: u32,
+    /// 1 once the verdict has seen the socket's FIN (a segment whose sequence space is one more
+    /// than its bytes), written after the bytes before it were counted: from then on the counts
+    /// above are final, even though TCP marks the socket read-closed before the verdict runs.
+    pub fin_seen: u32,
+    /// Keeps the size a multiple of 8 without implicit padding.
+    pub _pad: u32,
 }
 
 /// Bytes the kernel moved for one backend's spliced flows (per CPU; userspace sums them).

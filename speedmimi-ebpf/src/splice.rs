@@ -25,18 +25,33 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
 
 #[inline(always)]
 fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
-    if ctx.len() == 0 {
-        // A bare FIN: TCP has recorded it already; redirecting it would break the peer.
-        return SK_DROP;
-    }
     // SAFETY: the context pointer is the skb the kernel handed to this program.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let Some(peer) = SPLICE_PEERS.get_ptr_mut(&cookie) else {
-        return SK_PASS;
+        return if ctx.len() == 0 { SK_DROP } else { SK_PASS };
     };
     // SAFETY: map values stay valid for the program's run; this socket's verdicts are
     // serialised by its lock, so no other kernel writer races on this entry.
     let peer = unsafe { &mut *peer };
+    // cb[0] and cb[1] of an sk_skb context are the TCP control block's `seq` and `end_seq`; a
+    // FIN takes one sequence number more than the segment's bytes.
+    let fin = ctx.cb()[1].wrapping_sub(ctx.cb()[0]) != ctx.len();
+    let verdict = if ctx.len() == 0 {
+        // A bare FIN: TCP has recorded it already; redirecting it would break the peer.
+        SK_DROP
+    } else {
+        move_bytes(ctx, cookie, peer)
+    };
+    if fin {
+        // Last, so that userspace seeing it also sees the counts of every byte before the FIN.
+        peer.fin_seen = 1;
+    }
+    verdict
+}
+
+/// Redirects the skb's new bytes to the peer within the budget, or passes them to userspace.
+#[inline(always)]
+fn move_bytes(ctx: &SkBuffContext, cookie: u64, peer: &mut splice::Peer) -> u32 {
     match new_bytes_only(ctx, peer) {
         Segment::New => {}
         Segment::Old => return SK_DROP,
@@ -91,7 +106,7 @@ const TRIM_PIECE: u32 = 0xfff;
 /// TCP queues a retransmitted segment that partly overlaps bytes already received without
 /// trimming it (`tcp_recvmsg` skips such heads by sequence number; the verdict path does not):
 /// measured here as duplicated 64 KiB segments under loss. `cb[0]` of an sk_skb context is the
-/// TCP control block's `seq`.
+/// TCP control block's `seq`; the skb's own bytes are counted from `len` (`end_seq` would count a FIN).
 #[inline(always)]
 fn new_bytes_only(ctx: &SkBuffContext, peer: &mut splice::Peer) -> Segment {
     let seq = ctx.cb()[0];

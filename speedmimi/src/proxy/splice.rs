@@ -282,22 +282,28 @@ async fn pump(
     budget: u64,
 ) -> Result<(), End> {
     let mut buf: Option<Vec<u8>> = None;
-    let mut eof_waits = 0u32;
+    let mut waits = 0u32;
     loop {
-        let passed = match dp.peer(dir.src) {
+        let peer = match dp.peer(dir.src) {
             // An overlapping segment the kernel could not cut: bytes can no longer be kept exact.
             Some(p) if p.broken != 0 => {
                 tracing::warn!(socket = dir.src, "splice: overlapping segment could not be cut; resetting the flow");
                 return Err(End::Reset);
             }
-            Some(p) => p.passed_bytes,
+            Some(p) => p,
             None => return Err(End::Reset),
         };
-        let avail = passed.saturating_sub(dir.consumed);
+        let avail = peer.passed_bytes.saturating_sub(dir.consumed);
         if avail == 0 {
             if ready.is_read_closed() || ready.is_error() {
                 if let Ok(Some(_)) = src.take_error() {
                     return Err(End::Reset);
+                }
+                if peer.fin_seen == 0 {
+                    // TCP marks the socket read-closed before the verdict has run on the last
+                    // segments: their bytes are not counted yet. Wait for the verdict, boundedly.
+                    settle(&mut waits).await?;
+                    continue;
                 }
                 // FIN: everything from src must have entered dst's send queue first.
                 wait_flushed(dp, dst, dir).await?;
@@ -311,15 +317,9 @@ async fn pump(
         let b = buf.get_or_insert_with(|| vec![0; COPY_BUF]);
         let want = (avail as usize).min(b.len());
         match src.try_read(&mut b[..want]) {
-            Ok(0) => {
-                // Passed bytes still on their way to the socket (the kernel may queue them from
-                // a worker) while the FIN is already seen: wait for them, boundedly.
-                eof_waits += 1;
-                if eof_waits > 5_000 {
-                    return Err(End::Reset);
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            // Passed bytes still on their way to the socket (the kernel may queue them from a
+            // worker) while the FIN is already seen: wait for them, boundedly.
+            Ok(0) => settle(&mut waits).await?,
             Ok(n) => {
                 wait_flushed(dp, dst, dir).await?;
                 if tokio::time::timeout(DRAIN_LIMIT, dst.write_all(&b[..n])).await.map_or(true, |r| r.is_err()) {
@@ -339,6 +339,17 @@ async fn pump(
             Err(_) => return Err(End::Reset),
         }
     }
+}
+
+/// One millisecond's wait for the kernel to finish with a socket's last bytes; a flow whose
+/// kernel side has not settled after 5 s is reset.
+async fn settle(waits: &mut u32) -> Result<(), End> {
+    *waits += 1;
+    if *waits > 5_000 {
+        return Err(End::Reset);
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    Ok(())
 }
 
 /// Tells tokio the socket's read readiness was consumed, so the watcher sleeps until the next
