@@ -83,6 +83,9 @@ struct Sample {
     /// Bytes SpeedMimi's verdict cut from retransmitted segments overlapping bytes already
     /// spliced (each would otherwise have arrived twice); None for the others.
     overlap_cut: Option<u64>,
+    /// Share of the bytes written in the (many streams, bulk) phases that SpeedMimi's kernel path
+    /// redirected (the rest was passed to userspace and copied while a flow was over its budget).
+    kernel_share: Option<(f64, f64)>,
 }
 
 pub fn splice(opts: &Options) -> anyhow::Result<()> {
@@ -123,7 +126,7 @@ pub fn splice(opts: &Options) -> anyhow::Result<()> {
             let root = proxy.as_ref().map(|p| p.0.id());
             let s = measure(t, port, root, opts, &exe, &mut control).with_context(|| format!("target {}", t.name))?;
             println!(
-                "bench: round {} {:<16} ping p50 {:>6.1} µs p99 {:>6.1} µs | {} streams {:>5.2} GB/s {:>5.2} CPU-s/GB | bulk {:>5.2} GB/s | idle {}{}{}{}",
+                "bench: round {} {:<16} ping p50 {:>6.1} µs p99 {:>6.1} µs | {} streams {:>5.2} GB/s {:>5.2} CPU-s/GB | bulk {:>5.2} GB/s | idle {}{}{}{}{}",
                 round + 1,
                 t.name,
                 s.p50_us,
@@ -136,6 +139,11 @@ pub fn splice(opts: &Options) -> anyhow::Result<()> {
                 s.spliced.map_or(String::new(), |n| format!(" ({n}/{} spliced)", opts.idle_flows)),
                 mismatch_text(s.mismatch, opts.streams).map_or(String::new(), |m| format!(" | sink − written: {m}")),
                 s.overlap_cut.filter(|n| *n > 0).map_or(String::new(), |n| format!(" | overlap bytes cut: {n}")),
+                s.kernel_share.map_or(String::new(), |(m, b)| format!(
+                    " | in-kernel share: streams {:.1}%, bulk {:.1}%",
+                    m * 100.0,
+                    b * 100.0
+                )),
             );
             out.push(s);
             if let Some(p) = proxy.as_mut() {
@@ -165,14 +173,30 @@ fn measure(
     let (p50_us, p99_us) = ping(exe, port, opts.pings)?;
     // Idle memory before the throughput runs: buffers they leave in the allocator would absorb it.
     let (idle_kib, spliced) = idle(exe, port, opts.idle_flows, root, matches!(t.proxy, Proxy::SpeedMimi { .. }))?;
-    let (many_gbps, many_cpu_per_gb, many_diff) = stream(exe, port, opts.streams, opts.seconds, control)?;
-    let (bulk_gbps, _, bulk_diff) = stream(exe, port, 1, opts.seconds, control)?;
-    let mismatch = (many_diff, bulk_diff);
-    let overlap_cut = match t.proxy {
-        Proxy::SpeedMimi { .. } => metric("speedmimi_spliced_overlap_bytes_cut_total")?,
-        _ => None,
+    let speedmimi = matches!(t.proxy, Proxy::SpeedMimi { .. });
+    let spliced_bytes = || -> anyhow::Result<Option<u64>> {
+        if speedmimi { Ok(Some(metric("speedmimi_spliced_bytes_total")?.unwrap_or(0))) } else { Ok(None) }
     };
-    Ok(Sample { p50_us, p99_us, many_gbps, many_cpu_per_gb, bulk_gbps, idle_kib, spliced, mismatch, overlap_cut })
+    let k0 = spliced_bytes()?;
+    let many = stream(exe, port, opts.streams, opts.seconds, control)?;
+    let k1 = spliced_bytes()?;
+    let bulk = stream(exe, port, 1, opts.seconds, control)?;
+    let k2 = spliced_bytes()?;
+    let share = |a: Option<u64>, b: Option<u64>, written: u64| Some((b? - a?) as f64 / written.max(1) as f64);
+    let kernel_share = share(k0, k1, many.written).zip(share(k1, k2, bulk.written));
+    let overlap_cut = if speedmimi { metric("speedmimi_spliced_overlap_bytes_cut_total")? } else { None };
+    Ok(Sample {
+        p50_us,
+        p99_us,
+        many_gbps: many.gbps,
+        many_cpu_per_gb: many.cpu_per_gb,
+        bulk_gbps: bulk.gbps,
+        idle_kib,
+        spliced,
+        mismatch: (many.mismatch, bulk.mismatch),
+        overlap_cut,
+        kernel_share,
+    })
 }
 
 /// (1) One flow, 1 KiB ping-pong: (p50, p99) in µs.
@@ -191,10 +215,21 @@ fn ping(exe: &Path, port: u16, pings: usize) -> anyhow::Result<(f64, f64)> {
     }
 }
 
-/// (2), (3) `flows` flows pushing to the sink: (GB/s at the sink, whole-machine CPU-s per GB,
-/// bytes received minus bytes written). Measured in steady state after a warm-up; then the writers
-/// stop and exactly the bytes written must arrive within 10 s (a mismatch is reported, not fatal).
-fn stream(exe: &Path, port: u16, flows: usize, seconds: u64, control: &mut Control) -> anyhow::Result<(f64, f64, i64)> {
+/// What one streaming phase measured.
+struct Streamed {
+    /// GB/s at the sink.
+    gbps: f64,
+    /// Whole-machine CPU seconds per GB delivered.
+    cpu_per_gb: f64,
+    /// Bytes received minus bytes written.
+    mismatch: i64,
+    /// Bytes the writers wrote, warm-up included.
+    written: u64,
+}
+
+/// (2), (3) `flows` flows pushing to the sink. Measured in steady state after a warm-up; then the
+/// writers stop and exactly the bytes written must arrive within 10 s (a mismatch is reported, not fatal).
+fn stream(exe: &Path, port: u16, flows: usize, seconds: u64, control: &mut Control) -> anyhow::Result<Streamed> {
     let base = control.count()?;
     let mut p = Peer::spawn(exe, "push client", &["push", "--port", &port.to_string(), "--flows", &flows.to_string()])?;
     p.expect("ready", Duration::from_secs(30))?;
@@ -229,7 +264,7 @@ fn stream(exe: &Path, port: u16, flows: usize, seconds: u64, control: &mut Contr
     if gb <= 0.0 {
         bail!("{flows} flow(s) through port {port}: nothing reached the sink in {seconds} s");
     }
-    Ok((gb / wall, (m1 - m0) / gb, mismatch))
+    Ok(Streamed { gbps: gb / wall, cpu_per_gb: (m1 - m0) / gb, mismatch, written })
 }
 
 /// (4) `flows` idle upgraded flows: (proxy RSS KiB per flow, flows SpeedMimi reports spliced).
@@ -599,6 +634,18 @@ fn report(samples: &[Vec<Sample>], opts: &Options) -> String {
             s,
             "\nBytes {OURS}'s verdict cut from retransmitted segments that overlapped bytes already spliced, per round (each would otherwise have arrived twice): {}",
             cut.join(", ")
+        );
+    }
+    let shares: Vec<String> = ours_samples
+        .iter()
+        .filter_map(|s| s.kernel_share)
+        .map(|(m, b)| format!("{:.1}% / {:.1}%", m * 100.0, b * 100.0))
+        .collect();
+    if !shares.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nShare of the bytes written that {OURS}'s kernel path redirected (the rest was copied in userspace while a flow was over its budget), 64 streams / bulk, per round: {}",
+            shares.join(", ")
         );
     }
     let lossy: Vec<String> = TARGETS
