@@ -6,6 +6,9 @@
 //! all passed bytes (`Control::consumed == Peer::passed_bytes`), so a redirected skb never
 //! overtakes a passed one. Kernel traps (KERNEL-NOTES): a bare FIN arrives as a zero-length skb
 //! and must not be redirected; a redirect whose target is gone returns SK_DROP, so we pass instead.
+//! Found here: a segment overlapping bytes already received reaches the verdict whole, so its
+//! head is cut (see [`new_bytes_only`]); and TCP reports read-closed before the verdict has run on
+//! the segments before a FIN, so the verdict marks the FIN for userspace after counting them.
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},

@@ -344,8 +344,8 @@ pub enum EbpfMode {
 pub struct EbpfSection {
     #[serde(deserialize_with = "values::ebpf_mode")]
     pub enabled: EbpfMode,
-    /// Splice WebSocket/SSE flows in the kernel after setup. Off by default: under sustained
-    /// multi-GB load the benchmark saw whole skbs delivered twice (see README).
+    /// Splice WebSocket/SSE flows in the kernel after setup (where eBPF is loaded and both
+    /// sides are plain TCP).
     pub splice: bool,
     /// Bytes a spliced flow may have in kernel queues per direction; beyond it the sender is
     /// throttled by TCP's own window until the receiver catches up. (new)
@@ -357,7 +357,7 @@ pub struct EbpfSection {
 
 impl Default for EbpfSection {
     fn default() -> Self {
-        EbpfSection { enabled: EbpfMode::Auto, splice: false, splice_budget: ByteSize(4 << 20), l4_flows: 1 << 20 }
+        EbpfSection { enabled: EbpfMode::Auto, splice: true, splice_budget: ByteSize(4 << 20), l4_flows: 1 << 20 }
     }
 }
 

@@ -246,7 +246,7 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!((f.admin.host.as_str(), f.admin.port), ("127.0.0.1", 9091));
     assert_eq!(f.admin.token_env, "SPEEDMIMI_ADMIN_TOKEN");
     assert_eq!(f.ebpf.enabled, EbpfMode::Auto);
-    assert!(!f.ebpf.splice, "splicing is opt-in");
+    assert!(f.ebpf.splice, "splicing is on by default");
     assert_eq!(f.ebpf.splice_budget.0, 4 << 20);
     assert!(f.l4.is_empty());
 }

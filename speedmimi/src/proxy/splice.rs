@@ -7,7 +7,9 @@
 //!   write them to dst, but only once everything the kernel *redirected* earlier has entered
 //!   dst's send queue, so order holds; then we raise src's limit to what dst's receiver has
 //!   acknowledged plus the budget, which bounds kernel memory per direction by the budget;
-//! - FIN on src: once every byte from src has entered dst's send queue, shut down dst's write side;
+//! - FIN on src: once the verdict has marked it (TCP reports read-closed before the verdict has
+//!   run on the last segments) and every byte from src has entered dst's send queue, shut down
+//!   dst's write side;
 //! - RST on src: reset dst (zero linger) and end the flow;
 //! - when both directions are done, or on disconnect, the sockets leave the maps and close.
 

@@ -101,11 +101,8 @@ impl Proxy {
         Proxy::start_with(yaml, Arc::new(Userspace)).await
     }
 
-    /// Starts SpeedMimi with the given datapath. Splicing is opt-in in SpeedMimi's config; a
-    /// test that picks a datapath wants what that datapath does, so `ebpf.splice` is turned on
-    /// unless the YAML sets it.
+    /// Starts SpeedMimi with the given datapath.
     pub async fn start_with(yaml: &str, datapath: Arc<dyn Datapath>) -> Proxy {
-        let yaml = &with_splicing(yaml);
         let config = Config::parse(yaml).unwrap_or_else(|e| panic!("test config rejected: {e}\n{yaml}"));
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = if config.file.grpc.enabled { Some(TcpListener::bind("127.0.0.1:0").await.unwrap()) } else { None };
@@ -148,16 +145,6 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.fire();
-    }
-}
-
-fn with_splicing(yaml: &str) -> String {
-    if yaml.contains("splice:") {
-        yaml.to_owned()
-    } else if yaml.contains("\nebpf:\n") {
-        yaml.replacen("\nebpf:\n", "\nebpf:\n  splice: true\n", 1)
-    } else {
-        format!("{yaml}ebpf:\n  splice: true\n")
     }
 }
 
