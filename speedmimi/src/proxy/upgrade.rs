@@ -151,31 +151,16 @@ async fn join(
     ends: Ends,
     route: &str,
 ) {
-    // Our upstream connections are always `UpstreamIo`; only plain TCP on both sides splices.
-    let upstream = match upstream.downcast::<TokioIo<UpstreamIo>>() {
-        Ok(p) => p,
-        Err(_) => return tracing::error!(route, "upstream connection of unexpected type"),
-    };
-    let (up_io, up_ahead) = (upstream.io.into_inner(), upstream.read_buf);
-    let (splicer, up_tcp) = match (splicer, up_io) {
-        (Some(s), UpstreamIo::Tcp(tcp)) => (s, tcp),
-        (_, up_io) => {
+    let (flow, splicer) = match plan(client, upstream, splicer) {
+        Some(Plan::Splice(flow, splicer)) => (flow, splicer),
+        Some(Plan::Copy(client, upstream, upstream_ahead)) => {
             server.copied_flows.fetch_add(1, Relaxed);
             backend.copied_flows.fetch_add(1, Relaxed);
-            return copy(TokioIo::new(client), Bytes::new(), up_io, up_ahead, ends, route).await;
+            return copy(TokioIo::new(client), Bytes::new(), upstream, upstream_ahead, ends, route).await;
         }
+        None => return tracing::error!(route, "upstream connection of unexpected type"),
     };
-    let client = match client.downcast::<TokioIo<ClientIo<TcpStream>>>() {
-        Ok(p) => p,
-        Err(client) => {
-            server.copied_flows.fetch_add(1, Relaxed);
-            backend.copied_flows.fetch_add(1, Relaxed);
-            return copy(TokioIo::new(client), Bytes::new(), UpstreamIo::Tcp(up_tcp), up_ahead, ends, route).await;
-        }
-    };
-    let (client_tcp, client_ahead) = (client.io.into_inner().into_inner(), client.read_buf);
     let dp = splicer.datapath.clone();
-    let flow = splice::Flow { client: client_tcp, client_ahead, upstream: up_tcp, upstream_ahead: up_ahead };
     let policy = splice::Policy { budget: splicer.budget, one_way: false, idle: ends.idle };
     match splice::run(dp, flow, policy, backend.slot, ends.closer.clone()).await {
         splice::Outcome::Ended(end) => {
@@ -190,6 +175,35 @@ async fn join(
             backend.copied_flows.fetch_add(1, Relaxed);
             copy(client, Bytes::new(), UpstreamIo::Tcp(upstream), Bytes::new(), ends, route).await;
         }
+    }
+}
+
+/// How an upgraded flow is joined.
+enum Plan {
+    /// Both sides are plain TCP and splicing is on.
+    Splice(splice::Flow, Splicer),
+    /// The client connection, the upstream one and what hyper read ahead from the upstream.
+    Copy(Upgraded, UpstreamIo, Bytes),
+}
+
+/// Takes the sockets out of the upgraded connections. Not async, so that the connections' wrappers
+/// (large) never become part of the flow task's state, which an idle flow holds for its life.
+/// None when the upstream connection is not ours (never expected).
+fn plan(client: Upgraded, upstream: Upgraded, splicer: Option<Splicer>) -> Option<Plan> {
+    // Our upstream connections are always `UpstreamIo`; only plain TCP on both sides splices.
+    let upstream = upstream.downcast::<TokioIo<UpstreamIo>>().ok()?;
+    let (up_io, upstream_ahead) = (upstream.io.into_inner(), upstream.read_buf);
+    let (splicer, up_tcp) = match (splicer, up_io) {
+        (Some(s), UpstreamIo::Tcp(tcp)) => (s, tcp),
+        (_, up_io) => return Some(Plan::Copy(client, up_io, upstream_ahead)),
+    };
+    match client.downcast::<TokioIo<ClientIo<TcpStream>>>() {
+        Ok(client) => {
+            let (client_tcp, client_ahead) = (client.io.into_inner().into_inner(), client.read_buf);
+            let flow = splice::Flow { client: client_tcp, client_ahead, upstream: up_tcp, upstream_ahead };
+            Some(Plan::Splice(flow, splicer))
+        }
+        Err(client) => Some(Plan::Copy(client, UpstreamIo::Tcp(up_tcp), upstream_ahead)),
     }
 }
 
