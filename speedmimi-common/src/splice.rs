@@ -61,8 +61,8 @@ pub struct Peer {
 pub struct Counters {
     pub bytes_to_backend: u64,
     pub bytes_to_client: u64,
-    /// Bytes cut from the head of segments that overlapped bytes already moved (retransmissions
-    /// the kernel would otherwise have forwarded twice).
+    /// Bytes cut from the head of segments that overlapped bytes already moved (the kernel would
+    /// otherwise have forwarded them twice).
     pub overlap_bytes_cut: u64,
 }
 

@@ -929,7 +929,7 @@ async fn lossy_backend_leg_keeps_both_directions_exact_in_both_modes() {
         if mode == "splice" {
             assert!(
                 cut.unwrap_or(0) > 0,
-                "splice: no retransmitted segment overlapped in {flows} flows, so the overlap cut was not exercised"
+                "splice: no segment overlapped in {flows} flows, so the overlap cut was not exercised"
             );
         }
         drop(loss);

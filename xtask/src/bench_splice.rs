@@ -80,7 +80,7 @@ struct Sample {
     /// Bytes the sink received minus bytes written, (many streams, bulk): negative = lost,
     /// positive = duplicated; must be 0.
     mismatch: (i64, i64),
-    /// Bytes SpeedMimi's verdict cut from retransmitted segments overlapping bytes already
+    /// Bytes SpeedMimi's verdict cut from segments overlapping bytes already
     /// spliced (each would otherwise have arrived twice); None for the others.
     overlap_cut: Option<u64>,
     /// Share of the bytes written in the (many streams, bulk) phases that SpeedMimi's kernel path
@@ -632,7 +632,7 @@ fn report(samples: &[Vec<Sample>], opts: &Options) -> String {
     if !cut.is_empty() {
         let _ = writeln!(
             s,
-            "\nBytes {OURS}'s verdict cut from retransmitted segments that overlapped bytes already spliced, per round (each would otherwise have arrived twice): {}",
+            "\nBytes {OURS}'s verdict cut from segments that overlapped bytes already spliced, per round (each would otherwise have arrived twice): {}",
             cut.join(", ")
         );
     }

@@ -139,7 +139,7 @@ pub fn text(state: &State) -> String {
         &mut out,
         "speedmimi_spliced_overlap_bytes_cut_total",
         "counter",
-        "Bytes cut from retransmitted segments that overlapped bytes a spliced flow had already moved.",
+        "Bytes cut from received segments that overlapped bytes a spliced flow had already moved.",
     );
     for b in &backends {
         if let Some(c) = state.datapath.counters(b.slot) {
