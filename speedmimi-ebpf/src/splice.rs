@@ -108,8 +108,9 @@ const TRIM_PIECE: u32 = 0xfff;
 /// leaves once. The kernel hands whole receive-queue skbs to the verdict (`tcp_read_skb`), and
 /// TCP can queue a segment that partly overlaps bytes already received without trimming it
 /// (`tcp_recvmsg` skips such heads by sequence number; the verdict path does not): measured here
-/// as duplicated 64 KiB segments under sustained load, more often under loss. `cb[0]` of an sk_skb context is the
-/// TCP control block's `seq`; the skb's own bytes are counted from `len` (`end_seq` would count a FIN).
+/// as duplicated 64 KiB segments under sustained load, more often under loss. `cb[0]` of an
+/// sk_skb context is the TCP control block's `seq`; the skb's own bytes are counted from `len`
+/// (`end_seq` would count a FIN).
 #[inline(always)]
 fn new_bytes_only(ctx: &SkBuffContext, peer: &mut splice::Peer) -> Segment {
     let seq = ctx.cb()[0];
