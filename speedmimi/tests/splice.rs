@@ -1042,24 +1042,8 @@ impl Loss {
         out.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok()).unwrap_or(0)
     }
 
-    fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-        use std::io::Write as _;
-        let mut child = std::process::Command::new(&self.nft)
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("nft: {e}"))?;
-        if let Some(text) = stdin {
-            child.stdin.take().unwrap().write_all(text.as_bytes()).map_err(|e| format!("nft stdin: {e}"))?;
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("nft {args:?}: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    fn nft(&self, args: &[&str], input: Option<&str>) -> Result<String, String> {
+        support::lab::run_fed(std::process::Command::new(&self.nft).args(args), input)
     }
 }
 

@@ -428,9 +428,21 @@ fn euid() -> u32 {
 }
 
 /// Runs `cmd`, returning stdout on success and an error with the command line and its stderr otherwise.
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("cannot start {}: {e}", describe(cmd)))?;
-    if out.status.success() {
+pub fn run(cmd: &mut Command) -> Result<String, String> {
+    run_fed(cmd, None)
+}
+
+/// [`run`], with `input` (when given) written to the command's standard input.
+pub fn run_fed(cmd: &mut Command, input: Option<&str>) -> Result<String, String> {
+    let stdin = if input.is_some() { Stdio::piped() } else { Stdio::null() };
+    cmd.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", describe(cmd)))?;
+    let written = match (input, child.stdin.take()) {
+        (Some(text), Some(mut pipe)) => pipe.write_all(text.as_bytes()),
+        _ => Ok(()),
+    };
+    let out = child.wait_with_output().map_err(|e| format!("{}: {e}", describe(cmd)))?;
+    if out.status.success() && written.is_ok() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!("`{}` failed ({}): {}", describe(cmd), out.status, String::from_utf8_lossy(&out.stderr).trim()))
@@ -443,16 +455,7 @@ fn ip(args: &[&str]) -> Result<String, String> {
 
 /// Runs `ip -n ns -batch -` over `lines`; `ip` stops at the first failing line and names it.
 fn ip_batch(ns: &str, lines: &[String]) -> Result<(), String> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["-n", ns, "-batch", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", describe(&cmd)))?;
-    let input = lines.join("\n") + "\n";
-    let written = child.stdin.take().expect("stdin is piped").write_all(input.as_bytes());
-    let out = child.wait_with_output().map_err(|e| format!("{}: {e}", describe(&cmd)))?;
-    if !out.status.success() || written.is_err() {
-        return Err(format!("`{}` failed ({}): {}", describe(&cmd), out.status, String::from_utf8_lossy(&out.stderr)));
-    }
-    Ok(())
+    run_fed(Command::new("ip").args(["-n", ns, "-batch", "-"]), Some(&(lines.join("\n") + "\n"))).map(drop)
 }
 
 /// A veth pair whose ends are created directly as `a.0` in namespace `a.1` and `b.0` in `b.1`.
