@@ -66,6 +66,12 @@ struct Direction {
     done: bool,
 }
 
+impl Direction {
+    fn new(src: u64, dst_acked_base: u64, dst_prefix: u64) -> Direction {
+        Direction { src, consumed: 0, dst_acked_base, dst_prefix, flushed_redirected: u64::MAX, done: false }
+    }
+}
+
 /// Why a flow ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -144,22 +150,8 @@ pub async fn run(
     let (up_prefix, down_prefix) = (client_ahead.len() as u64, upstream_ahead.len() as u64);
     // Not kept for the flow's life: an idle flow should hold no buffers.
     drop((client_ahead, upstream_ahead));
-    let mut up = Direction {
-        src: pair.a,
-        consumed: 0,
-        dst_acked_base: ua,
-        dst_prefix: up_prefix,
-        flushed_redirected: u64::MAX,
-        done: false,
-    };
-    let mut down = Direction {
-        src: pair.b,
-        consumed: 0,
-        dst_acked_base: ca,
-        dst_prefix: down_prefix,
-        flushed_redirected: u64::MAX,
-        done: false,
-    };
+    let mut up = Direction::new(pair.a, ua, up_prefix);
+    let mut down = Direction::new(pair.b, ca, down_prefix);
     let end = watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, policy, &mut closer).await;
     let _ = dp.unsplice(pair);
     if !matches!(end, End::Closed | End::Idle) {
