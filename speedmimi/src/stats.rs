@@ -223,6 +223,8 @@ pub struct ServerStats {
     /// Upgraded flows that ended, by how they were joined.
     pub spliced_flows: AtomicU64,
     pub copied_flows: AtomicU64,
+    /// Spliced flows parked now: quiet, so watched by the parking lot instead of tokio.
+    pub spliced_parked: AtomicU64,
 }
 
 impl Default for ServerStats {
@@ -236,6 +238,7 @@ impl Default for ServerStats {
             upgraded_total: AtomicU64::new(0),
             spliced_flows: AtomicU64::new(0),
             copied_flows: AtomicU64::new(0),
+            spliced_parked: AtomicU64::new(0),
         }
     }
 }

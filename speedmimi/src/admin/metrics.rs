@@ -54,6 +54,13 @@ pub fn text(state: &State) -> String {
     let _ = writeln!(out, "speedmimi_upgraded_flows_open {}", s.upgraded_open.load(Relaxed));
     family(&mut out, "speedmimi_spliced_flows_open", "gauge", "Flows spliced in the kernel now.");
     let _ = writeln!(out, "speedmimi_spliced_flows_open {}", state.datapath.spliced_sockets() / 2);
+    family(
+        &mut out,
+        "speedmimi_spliced_flows_parked",
+        "gauge",
+        "Spliced flows parked now: quiet, watched by one epoll instead of a tokio task each.",
+    );
+    let _ = writeln!(out, "speedmimi_spliced_flows_parked {}", s.spliced_parked.load(Relaxed));
 
     family(
         &mut out,

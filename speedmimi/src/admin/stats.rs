@@ -27,6 +27,7 @@ pub async fn server(AxState(admin): AxState<Admin>) -> Json<Value> {
         "spliced_flows": {
             "open": admin.state.datapath.spliced_sockets() / 2,
             "total": s.spliced_flows.load(Relaxed),
+            "parked": s.spliced_parked.load(Relaxed),
         },
         "copied_flows_total": s.copied_flows.load(Relaxed),
         "datapath": admin.state.datapath.describe(),

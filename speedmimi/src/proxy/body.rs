@@ -166,6 +166,10 @@ impl InFlight {
         &self.backend
     }
 
+    pub fn server(&self) -> &Arc<ServerStats> {
+        &self.server
+    }
+
     pub fn set_conn(&mut self, conn: http1::SendRequest<RequestBody>) {
         self.conn = Some(conn);
     }

@@ -7,6 +7,7 @@ mod framing;
 pub mod headers;
 mod idle;
 mod io;
+mod park;
 pub mod server;
 mod service;
 pub mod splice;

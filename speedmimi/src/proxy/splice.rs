@@ -12,11 +12,17 @@
 //!   dst's write side;
 //! - RST on src: reset dst (zero linger) and end the flow;
 //! - when both directions are done, or on disconnect, the sockets leave the maps and close.
+//!
+//! A flow within its budget causes no socket event, so most spliced flows are quiet most of the
+//! time. After `PARK_AFTER` without one, a flow leaves tokio for the parking lot (`park`): its
+//! task then holds only a small future, and everything else it keeps sits in one box
+//! (`Spliced`). A socket event brings it back; its closer and idle limit are checked while
+//! parked.
 
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -28,14 +34,24 @@ use tokio::{
     sync::watch,
 };
 
-use super::idle::check_period;
-use crate::datapath::{Datapath, Limits};
+use super::body::InFlight;
+use super::{
+    idle::check_period,
+    park::{Parked, Wake},
+};
+use crate::{
+    datapath::{Datapath, Limits, SplicedPair},
+    stats::UpgradedGuard,
+};
 
 /// How long a FIN or a copy may wait for the peer to take the bytes before the flow is reset.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// Read buffer for bytes the kernel passed to userspace (allocated only while copying).
 const COPY_BUF: usize = 64 * 1024;
+
+/// A spliced flow without a socket event for this long leaves tokio for the parking lot (`park`).
+const PARK_AFTER: Duration = Duration::from_millis(200);
 
 /// How a flow is spliced.
 #[derive(Clone, Copy)]
@@ -47,6 +63,22 @@ pub struct Policy {
     pub one_way: bool,
     /// The flow is closed after this long without a byte in either direction.
     pub idle: Duration,
+}
+
+/// What the flow's task knows of a spliced flow, kept while it is parked.
+struct Spliced {
+    sockets: Sockets,
+    dp: Arc<dyn Datapath>,
+    /// Disconnect and drain.
+    closer: watch::Receiver<u64>,
+    /// client -> upstream, and upstream -> client.
+    up: Direction,
+    down: Direction,
+    policy: Policy,
+    activity: Activity,
+    tally: Tally,
+    /// False once parking failed (no parking lot in this process): the flow stays with tokio.
+    parkable: bool,
 }
 
 /// One direction's bookkeeping.
@@ -87,14 +119,39 @@ pub enum End {
     Idle,
 }
 
-/// How a splice attempt turned out.
-pub enum Outcome {
-    /// The flow ended while spliced.
-    Ended(End),
-    /// Splicing was not possible: copy from here on. Nothing entered the kernel path; the
-    /// prefixes were written.
-    Copy { client: TcpStream, upstream: TcpStream, reason: io::Error },
+/// Splicing was not possible: copy from here on. Nothing entered the kernel path; the prefixes
+/// were written.
+pub struct Unspliced {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    pub reason: io::Error,
+    pub tally: Tally,
 }
+
+/// What an upgraded flow holds for its life and counts: its place among the backend's and the
+/// server's open flows, and the counters of spliced and copied flows.
+pub struct Tally {
+    pub guard: InFlight,
+    pub open: UpgradedGuard,
+}
+
+impl Tally {
+    /// Counts a flow copied in userspace (when the copy begins).
+    pub fn copied(&self) {
+        self.guard.server().copied_flows.fetch_add(1, Relaxed);
+        self.guard.backend().copied_flows.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a spliced flow that ended.
+    fn spliced(self, end: End) {
+        self.guard.server().spliced_flows.fetch_add(1, Relaxed);
+        self.guard.backend().spliced_flows.fetch_add(1, Relaxed);
+        tracing::debug!(backend = %self.guard.backend().id, ?end, "spliced flow ended");
+    }
+}
+
+/// A flow the kernel splices now; `run` watches it to its end.
+pub struct Started(Box<Spliced>);
 
 /// The two sockets of an upgraded flow, with what hyper had already read from each.
 pub struct Flow {
@@ -106,15 +163,15 @@ pub struct Flow {
     pub upstream_ahead: Bytes,
 }
 
-/// Splices the flow until it ends, counting its kernel bytes for `backend_slot`. When it
-/// cannot be spliced the sockets come back for copying.
-pub async fn run(
+/// Hands the flow to the kernel, counting its bytes for its backend. When it cannot be spliced
+/// the sockets come back for copying.
+pub async fn start(
     dp: Arc<dyn Datapath>,
     flow: Flow,
     policy: Policy,
-    backend_slot: u32,
-    mut closer: watch::Receiver<u64>,
-) -> Outcome {
+    closer: watch::Receiver<u64>,
+    tally: Tally,
+) -> Result<Started, Box<Unspliced>> {
     let Policy { budget, one_way, .. } = policy;
     let Flow { mut client, client_ahead, mut upstream, upstream_ahead } = flow;
     forget_wakers(&client);
@@ -125,40 +182,174 @@ pub async fn run(
     let (client_ahead, upstream_ahead) = match (drain(&client, client_ahead), drain(&upstream, upstream_ahead)) {
         (Ok(c), Ok(u)) => (c, u),
         (Err(e), _) | (_, Err(e)) => {
-            return Outcome::Copy { client, upstream, reason: e };
+            return Err(Box::new(Unspliced { client, upstream, reason: e, tally }));
         }
     };
-    let copy = |reason, client, upstream| Outcome::Copy { client, upstream, reason };
+    let copy = |reason, client, upstream, tally| Err(Box::new(Unspliced { client, upstream, reason, tally }));
     // Baselines before anything more is written: the prefixes count as bytes sent to each side.
     let (ca, ua) = match (entered(client.as_fd()), entered(upstream.as_fd())) {
         (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) | (_, Err(e)) => return copy(e, client, upstream),
+        (Err(e), _) | (_, Err(e)) => return copy(e, client, upstream, tally),
     };
     // Bytes already read into userspace go first, before the kernel joins the sockets.
     if let Err(e) = write_prefix(&mut upstream, &client_ahead).await {
-        return copy(e, client, upstream);
+        return copy(e, client, upstream, tally);
     }
     if let Err(e) = write_prefix(&mut client, &upstream_ahead).await {
-        return copy(e, client, upstream);
+        return copy(e, client, upstream, tally);
     }
     let limits = Limits { to_backend: if one_way { 0 } else { budget }, to_client: budget };
-    let pair = match dp.splice(client.as_fd(), upstream.as_fd(), limits, backend_slot) {
+    let pair = match dp.splice(client.as_fd(), upstream.as_fd(), limits, tally.guard.backend().slot) {
         Ok(p) => p,
-        Err(e) => return copy(io::Error::other(e.to_string()), client, upstream),
+        Err(e) => return copy(io::Error::other(e.to_string()), client, upstream, tally),
     };
-    // client -> upstream, and upstream -> client.
     let (up_prefix, down_prefix) = (client_ahead.len() as u64, upstream_ahead.len() as u64);
     // Not kept for the flow's life: an idle flow should hold no buffers.
     drop((client_ahead, upstream_ahead));
-    let mut up = Direction::new(pair.a, ua, up_prefix);
-    let mut down = Direction::new(pair.b, ca, down_prefix);
-    let end = watch(&*dp, &mut client, &mut upstream, &mut up, &mut down, policy, &mut closer).await;
-    let _ = dp.unsplice(pair);
-    if !matches!(end, End::Closed | End::Idle) {
-        reset(&client);
-        reset(&upstream);
+    Ok(Started(Box::new(Spliced {
+        sockets: Sockets::Tokio(client, upstream),
+        dp,
+        closer,
+        up: Direction::new(pair.a, ua, up_prefix),
+        down: Direction::new(pair.b, ca, down_prefix),
+        policy,
+        activity: Activity::new(policy.idle),
+        tally,
+        parkable: true,
+    })))
+}
+
+impl Started {
+    /// Watches the flow until it ends: with tokio while it has socket events, parked while
+    /// quiet. All it keeps is in the box; this future adds little.
+    pub async fn run(self) {
+        let mut flow = self.0;
+        let end = loop {
+            // Boxed: the watcher's state (large) exists only while the flow is with tokio.
+            if let Watched::Ended(end) = Box::pin(watch(&mut flow)).await {
+                break end;
+            }
+            // Quiet: parked until a socket event, unless the closer or idle limit ends it.
+            let parked = match flow.park() {
+                Ok(parked) => parked,
+                Err(end) => break end,
+            };
+            if parked
+                && let Err(end) = async {
+                    flow.wait_parked().await?;
+                    flow.unpark()
+                }
+                .await
+            {
+                break end;
+            }
+        };
+        let end = flow.finish(end);
+        let Spliced { sockets, tally, .. } = *flow;
+        drop(sockets);
+        tally.spliced(end);
     }
-    Outcome::Ended(end)
+}
+
+/// A spliced flow's sockets: registered with tokio while the flow has socket events, in the
+/// parking lot while it is quiet.
+enum Sockets {
+    Tokio(TcpStream, TcpStream),
+    /// The place comes first: it must leave the lot's epoll before the sockets close.
+    Parked(Parked, std::net::TcpStream, std::net::TcpStream),
+    /// A socket could not move between tokio and the lot; the flow ends.
+    Lost,
+}
+
+impl Spliced {
+    /// Moves a quiet flow's sockets from tokio to the parking lot; false when the flow cannot
+    /// be parked (it stays with tokio).
+    fn park(&mut self) -> Result<bool, End> {
+        let Sockets::Tokio(client, upstream) = &self.sockets else { return Err(End::Reset) };
+        // The sockets whose direction is still open (a response stream's client stays open: the
+        // flow ends if it sends anything).
+        let open = [(!self.up.done, client.as_fd()), (!self.down.done, upstream.as_fd())];
+        let parked = match Parked::new(open.iter().filter(|(o, _)| *o).map(|(_, fd)| *fd), &self.closer) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "splice: cannot park a quiet flow; it stays with tokio");
+                self.parkable = false;
+                return Ok(false);
+            }
+        };
+        let Sockets::Tokio(client, upstream) = std::mem::replace(&mut self.sockets, Sockets::Lost) else {
+            unreachable!("matched above")
+        };
+        match (client.into_std(), upstream.into_std()) {
+            (Ok(c), Ok(u)) => {
+                self.sockets = Sockets::Parked(parked, c, u);
+                self.tally.guard.server().spliced_parked.fetch_add(1, Relaxed);
+                Ok(true)
+            }
+            // A socket that could not leave tokio's epoll was closed with it.
+            (c, u) => {
+                tracing::warn!("splice: a quiet flow's socket could not leave tokio; resetting the flow");
+                c.iter().chain(u.iter()).for_each(reset);
+                Err(End::Reset)
+            }
+        }
+    }
+
+    /// Waits while parked until a socket has an event; ends the flow on its closer or idle limit.
+    async fn wait_parked(&mut self) -> Result<(), End> {
+        loop {
+            let Sockets::Parked(parked, ..) = &self.sockets else { return Err(End::Reset) };
+            let why = parked.wait(self.activity.next_check.into_std()).await;
+            match why {
+                Wake::Event => return Ok(()),
+                Wake::Closer => return Err(End::Disconnected),
+                Wake::Due if self.idle_now() => return Err(End::Idle),
+                Wake::Due => {}
+            }
+        }
+    }
+
+    /// Brings a parked flow's sockets back to tokio.
+    fn unpark(&mut self) -> Result<(), End> {
+        let Sockets::Parked(parked, client, upstream) = std::mem::replace(&mut self.sockets, Sockets::Lost) else {
+            return Err(End::Reset);
+        };
+        drop(parked);
+        self.tally.guard.server().spliced_parked.fetch_sub(1, Relaxed);
+        match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
+            (Ok(c), Ok(u)) => {
+                self.sockets = Sockets::Tokio(c, u);
+                Ok(())
+            }
+            (c, u) => {
+                tracing::warn!("splice: a parked flow's socket could not return to tokio; resetting the flow");
+                c.iter().chain(u.iter()).for_each(reset);
+                Err(End::Reset)
+            }
+        }
+    }
+
+    /// Ends the flow: its sockets leave the maps, and unless it ended normally both sides are
+    /// reset. The sockets close when the flow is dropped.
+    fn finish(&self, end: End) -> End {
+        let _ = self.dp.unsplice(SplicedPair { a: self.up.src, b: self.down.src });
+        if let Sockets::Parked(..) = self.sockets {
+            self.tally.guard.server().spliced_parked.fetch_sub(1, Relaxed);
+        }
+        if !matches!(end, End::Closed | End::Idle) {
+            match &self.sockets {
+                Sockets::Tokio(c, u) => [c.as_fd(), u.as_fd()].iter().for_each(reset),
+                Sockets::Parked(_, c, u) => [c.as_fd(), u.as_fd()].iter().for_each(reset),
+                Sockets::Lost => {}
+            }
+        }
+        end
+    }
+
+    /// Looks at the flow's byte total for the idle clock: true when it is idle now.
+    fn idle_now(&mut self) -> bool {
+        self.activity.idle_after(moved(&*self.dp, &self.up, &self.down), self.policy.idle)
+    }
 }
 
 /// Drops the wakers the sockets' previous users (hyper's connection tasks, now finished) left in
@@ -201,72 +392,78 @@ async fn write_prefix(s: &mut TcpStream, prefix: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-async fn watch(
-    dp: &dyn Datapath,
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
-    up: &mut Direction,
-    down: &mut Direction,
-    policy: Policy,
-    closer: &mut watch::Receiver<u64>,
-) -> End {
-    let Policy { budget, one_way, idle } = policy;
-    let mut activity = Activity::new(idle);
+/// How a spell of watching a flow with tokio ended.
+enum Watched {
+    Ended(End),
+    /// No socket event for `PARK_AFTER`: the flow can be parked.
+    Quiet,
+}
+
+/// Watches a spliced flow's sockets until it ends or, when it can be parked, has been quiet for
+/// `PARK_AFTER`.
+async fn watch(flow: &mut Spliced) -> Watched {
+    let Policy { budget, one_way, idle } = flow.policy;
+    let Spliced { sockets, dp, closer, up, down, activity, parkable, .. } = flow;
+    let parkable = *parkable;
+    let Sockets::Tokio(client, upstream) = sockets else { return Watched::Ended(End::Reset) };
+    let dp = &**dp;
+    let mut quiet_at = tokio::time::Instant::now() + PARK_AFTER;
     loop {
         // A response stream is over when the backend's side is: the client was told
         // `Connection: close`.
         if (up.done || one_way) && down.done {
-            return End::Closed;
+            return Watched::Ended(End::Closed);
         }
-        tokio::select! {
+        let end = tokio::select! {
             r = client.ready(Interest::READABLE), if !up.done => {
-                let Ok(ready) = r else { return End::Reset };
+                quiet_at = tokio::time::Instant::now() + PARK_AFTER;
+                let Ok(ready) = r else { return Watched::Ended(End::Reset) };
                 if one_way {
                     // Anything from the client after its request ends a response stream.
                     if dp.peer(up.src).is_some_and(|p| p.passed_bytes > 0) {
-                        return End::Reset;
+                        Err(End::Reset)
+                    } else if ready.is_read_closed() {
+                        Err(End::Closed)
+                    } else {
+                        clear_read_readiness(client);
+                        Ok(())
                     }
-                    if ready.is_read_closed() {
-                        return End::Closed;
-                    }
-                    clear_read_readiness(client);
-                    continue;
-                }
-                // Boxed: the (large) copy state exists only while copying, not in idle flows.
-                match Box::pin(pump(dp, client, upstream, up, ready, budget)).await {
-                    Ok(()) => {}
-                    Err(end) => return end,
+                } else {
+                    pump(dp, client, upstream, up, ready, budget).await
                 }
             }
             r = upstream.ready(Interest::READABLE), if !down.done => {
-                let Ok(ready) = r else { return End::Reset };
-                match Box::pin(pump(dp, upstream, client, down, ready, budget)).await {
-                    Ok(()) => {}
-                    Err(end) => return end,
+                quiet_at = tokio::time::Instant::now() + PARK_AFTER;
+                let Ok(ready) = r else { return Watched::Ended(End::Reset) };
+                pump(dp, upstream, client, down, ready, budget).await
+            }
+            _ = closer.changed() => Err(End::Disconnected),
+            _ = tokio::time::sleep_until(if parkable { activity.next_check.min(quiet_at) } else { activity.next_check }) => {
+                let now = tokio::time::Instant::now();
+                if now >= activity.next_check && activity.idle_after(moved(dp, up, down), idle) {
+                    Err(End::Idle)
+                } else if parkable && now >= quiet_at {
+                    return Watched::Quiet;
+                } else {
+                    Ok(())
                 }
             }
-            _ = closer.changed() => return End::Disconnected,
-            _ = tokio::time::sleep_until(activity.next_check) => {
-                // The kernel's counters of both sockets, plus what we copied, say whether
-                // anything moved since the last look.
-                let moved = [up.src, down.src]
-                    .iter()
-                    .filter_map(|c| dp.peer(*c))
-                    .map(|p| p.redirected_bytes + p.passed_bytes)
-                    .sum::<u64>()
-                    + up.consumed
-                    + down.consumed;
-                if activity.idle_after(moved) {
-                    return End::Idle;
-                }
-            }
+        };
+        if let Err(end) = end {
+            return Watched::Ended(end);
         }
     }
 }
 
+/// Every byte of the flow so far: the kernel's counters of both sockets plus what we copied.
+fn moved(dp: &dyn Datapath, up: &Direction, down: &Direction) -> u64 {
+    [up.src, down.src].iter().filter_map(|c| dp.peer(*c)).map(|p| p.redirected_bytes + p.passed_bytes).sum::<u64>()
+        + up.consumed
+        + down.consumed
+}
+
 /// The idle clock of a spliced flow: looks at the byte counters a few times per idle limit.
 struct Activity {
-    idle: Duration,
     last_total: u64,
     last_change: tokio::time::Instant,
     next_check: tokio::time::Instant,
@@ -275,18 +472,18 @@ struct Activity {
 impl Activity {
     fn new(idle: Duration) -> Activity {
         let now = tokio::time::Instant::now();
-        Activity { idle, last_total: 0, last_change: now, next_check: now + check_period(idle) }
+        Activity { last_total: 0, last_change: now, next_check: now + check_period(idle) }
     }
 
-    /// Records the flow's byte total now; true when it has not changed for the idle limit.
-    fn idle_after(&mut self, total: u64) -> bool {
+    /// Records the flow's byte total now; true when it has not changed for `idle`.
+    fn idle_after(&mut self, total: u64, idle: Duration) -> bool {
         let now = tokio::time::Instant::now();
         if total != self.last_total {
             self.last_total = total;
             self.last_change = now;
         }
-        self.next_check = now + check_period(self.idle);
-        now.duration_since(self.last_change) >= self.idle
+        self.next_check = now + check_period(idle);
+        now.duration_since(self.last_change) >= idle
     }
 }
 
@@ -445,6 +642,6 @@ fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
 
 /// Zero linger: closing sends RST instead of FIN (the peer reset, or we give up on the flow).
 /// With a zero timeout, close does not block.
-fn reset(s: &TcpStream) {
+fn reset(s: &impl AsFd) {
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
 }

@@ -8,10 +8,7 @@
 //! The client is not expected to send anything after an SSE request; if it does, the flow ends
 //! rather than letting unparsed bytes reach the backend.
 
-use std::{
-    sync::{Arc, atomic::Ordering::Relaxed},
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, Request, Response, StatusCode, header};
@@ -26,7 +23,8 @@ use super::{
     io::Hijack,
     service::{pick, record},
     splice,
-    upgrade::Splicer,
+    splice::Tally,
+    upgrade::{Ends, Splicer},
     upstream::UpstreamIo,
 };
 use crate::{
@@ -77,7 +75,7 @@ pub async fn relay<B>(
         }
         Ok(Ok(x)) => x,
     };
-    let mut client = match hijack.duplicate() {
+    let client = match hijack.duplicate() {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "cannot take over the client connection");
@@ -88,36 +86,65 @@ pub async fn relay<B>(
     hijack.take_over();
     backend.observe_latency(started.elapsed());
     record(route, index, &backend, head.status, started);
-    let route_name = route.name.clone();
-    let (server, splicer) = (server.clone(), splicer.clone());
-    let closer = backend.closer.subscribe();
-    let idle = settings.tunnel_timeout;
+    let tally = Tally { open: server.upgraded(), guard };
+    // Subscribed before the head goes out, so a disconnect from now on reaches this stream.
+    let ends = Ends { closer: backend.closer.subscribe(), idle: settings.tunnel_timeout };
+    let stream = Box::new(Stream {
+        client,
+        head: head.bytes,
+        upstream,
+        body_ahead,
+        splicer: splicer.clone(),
+        ends,
+        tally,
+        route: route.name.clone(),
+    });
     tokio::spawn(async move {
-        let _guard = guard;
-        let _open = server.upgraded();
-        if client.write_all(&head.bytes).await.is_err() {
-            return;
-        }
-        drop(head);
-        let flow = splice::Flow { client, client_ahead: Bytes::new(), upstream, upstream_ahead: body_ahead };
-        let dp = splicer.datapath.clone();
-        let policy = splice::Policy { budget: splicer.budget, one_way: true, idle };
-        match splice::run(dp, flow, policy, backend.slot, closer.clone()).await {
-            splice::Outcome::Ended(end) => {
-                server.spliced_flows.fetch_add(1, Relaxed);
-                backend.spliced_flows.fetch_add(1, Relaxed);
-                tracing::debug!(route = %route_name, ?end, "spliced sse stream ended");
-            }
-            splice::Outcome::Copy { client, upstream, reason } => {
-                tracing::debug!(route = %route_name, %reason, "copying this sse stream");
-                server.copied_flows.fetch_add(1, Relaxed);
-                backend.copied_flows.fetch_add(1, Relaxed);
-                copy_one_way(upstream, client, closer, idle).await;
-            }
+        // Boxed: a copied stream's whole life is large; an idle spliced stream's task keeps
+        // only what follows.
+        if let Some(spliced) = Box::pin(stream.start()).await {
+            spliced.run().await;
         }
     });
     // What hyper writes for this goes nowhere; the client already has (or will have) ours.
     Some(Response::new(ResponseBody::Local(None)))
+}
+
+/// A stream whose head is going out to the client.
+struct Stream {
+    client: TcpStream,
+    head: Bytes,
+    upstream: TcpStream,
+    body_ahead: Bytes,
+    splicer: Splicer,
+    ends: Ends,
+    tally: Tally,
+    route: String,
+}
+
+impl Stream {
+    /// Writes the head and hands the body to the kernel: returns the flow when the kernel splices
+    /// it; copies it to its end otherwise.
+    async fn start(self: Box<Self>) -> Option<splice::Started> {
+        let Stream { mut client, head, upstream, body_ahead, splicer, ends, tally, route } = *self;
+        client.write_all(&head).await.ok()?;
+        drop(head);
+        let flow = splice::Flow { client, client_ahead: Bytes::new(), upstream, upstream_ahead: body_ahead };
+        let policy = splice::Policy { budget: splicer.budget, one_way: true, idle: ends.idle };
+        match splice::start(splicer.datapath, flow, policy, ends.closer.clone(), tally).await {
+            Ok(started) => {
+                tracing::debug!(route, "sse stream spliced");
+                Some(started)
+            }
+            Err(unspliced) => {
+                let splice::Unspliced { client, upstream, reason, tally } = *unspliced;
+                tracing::debug!(route, %reason, "copying this sse stream");
+                tally.copied();
+                copy_one_way(upstream, client, ends.closer, ends.idle).await;
+                None
+            }
+        }
+    }
 }
 
 /// Copies the stream to the client until it ends; the client sending anything ends it too, and

@@ -3,14 +3,15 @@
 //! datapath can, copied in userspace otherwise (TLS, no eBPF, `ebpf.splice: false`, a failed
 //! insertion), with the same behaviour seen from outside.
 
-use std::{
-    sync::{Arc, atomic::Ordering::Relaxed},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use hyper::{body::Incoming, client::conn::http1, upgrade::Upgraded};
+use hyper::{
+    body::Incoming,
+    client::conn::http1,
+    upgrade::{OnUpgrade, Upgraded},
+};
 use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
@@ -23,7 +24,7 @@ use super::{
     error, headers, idle,
     io::ClientIo,
     service::pick,
-    splice,
+    splice::{self, Tally},
     upstream::UpstreamIo,
 };
 use crate::{
@@ -102,24 +103,22 @@ pub async fn relay(
         let (mut p, _) = resp.into_parts();
         headers::strip_hop_by_hop(&mut p.headers, true, false);
         super::service::record(route, index, &backend, StatusCode::SWITCHING_PROTOCOLS.as_u16(), started);
-        let route_name = route.name.clone();
-        let server = server.clone();
-        // Subscribed before the 101 goes out, so a disconnect from now on reaches this flow.
-        let closer = backend.closer.subscribe();
-        let idle = settings.tunnel_timeout;
-        let backend_for_flow = backend.clone();
+        let pending = Box::new(Pending {
+            client: client_upgrade,
+            upstream: upstream_upgrade,
+            splicer,
+            // Subscribed before the 101 goes out, so a disconnect from now on reaches this flow.
+            ends: Ends { closer: backend.closer.subscribe(), idle: settings.tunnel_timeout },
+            guard,
+            server: server.clone(),
+            route: route.name.clone(),
+        });
         tokio::spawn(async move {
-            let _guard = guard;
-            let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(route = %route_name, error = %e, "upgrade did not complete");
-                    return;
-                }
-            };
-            let _open = server.upgraded();
-            let ends = Ends { closer, idle };
-            join(client, upstream, splicer, &server, &backend_for_flow, ends, &route_name).await;
+            // Boxed: everything before a flow is spliced (the upgrade, a copied flow's whole
+            // life) is large; an idle spliced flow's task keeps only what follows.
+            if let Some(spliced) = Box::pin(pending.join()).await {
+                spliced.run().await;
+            }
         });
         return Response::from_parts(p, ResponseBody::Local(None));
     }
@@ -140,40 +139,56 @@ pub struct Ends {
     pub idle: Duration,
 }
 
-/// Joins the two upgraded connections until the flow ends: in the kernel when it can, by
-/// copying otherwise.
-async fn join(
-    client: Upgraded,
-    upstream: Upgraded,
+/// An upgrade on its way: the 101 is going out to the client.
+struct Pending {
+    client: OnUpgrade,
+    upstream: OnUpgrade,
     splicer: Option<Splicer>,
-    server: &ServerStats,
-    backend: &Backend,
     ends: Ends,
-    route: &str,
-) {
-    let (flow, splicer) = match plan(client, upstream, splicer) {
-        Some(Plan::Splice(flow, splicer)) => (flow, splicer),
-        Some(Plan::Copy(client, upstream, upstream_ahead)) => {
-            server.copied_flows.fetch_add(1, Relaxed);
-            backend.copied_flows.fetch_add(1, Relaxed);
-            return copy(TokioIo::new(client), Bytes::new(), upstream, upstream_ahead, ends, route).await;
-        }
-        None => return tracing::error!(route, "upstream connection of unexpected type"),
-    };
-    let dp = splicer.datapath.clone();
-    let policy = splice::Policy { budget: splicer.budget, one_way: false, idle: ends.idle };
-    match splice::run(dp, flow, policy, backend.slot, ends.closer.clone()).await {
-        splice::Outcome::Ended(end) => {
-            server.spliced_flows.fetch_add(1, Relaxed);
-            backend.spliced_flows.fetch_add(1, Relaxed);
-            tracing::debug!(route, ?end, "spliced flow ended");
-        }
-        splice::Outcome::Copy { client, upstream, reason } => {
-            // Prefixes were written already and nothing is in flight: copy on from here.
-            tracing::debug!(route, %reason, "copying this flow");
-            server.copied_flows.fetch_add(1, Relaxed);
-            backend.copied_flows.fetch_add(1, Relaxed);
-            copy(client, Bytes::new(), UpstreamIo::Tcp(upstream), Bytes::new(), ends, route).await;
+    guard: InFlight,
+    server: Arc<ServerStats>,
+    route: String,
+}
+
+impl Pending {
+    /// Completes the upgrade on both sides and joins them: returns the flow when the kernel
+    /// splices it; copies it to its end otherwise.
+    async fn join(self: Box<Self>) -> Option<splice::Started> {
+        let Pending { client, upstream, splicer, ends, guard, server, route } = *self;
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(route, error = %e, "upgrade did not complete");
+                return None;
+            }
+        };
+        let tally = Tally { open: server.upgraded(), guard };
+        let (flow, splicer) = match plan(client, upstream, splicer) {
+            Some(Plan::Splice(flow, splicer)) => (flow, splicer),
+            Some(Plan::Copy(client, upstream, upstream_ahead)) => {
+                tally.copied();
+                copy(TokioIo::new(client), Bytes::new(), upstream, upstream_ahead, ends, &route).await;
+                return None;
+            }
+            None => {
+                tracing::error!(route, "upstream connection of unexpected type");
+                return None;
+            }
+        };
+        let policy = splice::Policy { budget: splicer.budget, one_way: false, idle: ends.idle };
+        match splice::start(splicer.datapath, flow, policy, ends.closer.clone(), tally).await {
+            Ok(started) => {
+                tracing::debug!(route, "flow spliced");
+                Some(started)
+            }
+            Err(unspliced) => {
+                let splice::Unspliced { client, upstream, reason, tally } = *unspliced;
+                // Prefixes were written already and nothing is in flight: copy on from here.
+                tracing::debug!(route, %reason, "copying this flow");
+                tally.copied();
+                copy(client, Bytes::new(), UpstreamIo::Tcp(upstream), Bytes::new(), ends, &route).await;
+                None
+            }
         }
     }
 }
