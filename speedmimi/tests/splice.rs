@@ -440,6 +440,23 @@ async fn assert_unspliced(mode: &str, dp: &Arc<dyn Datapath>) {
     assert_eq!(dp.spliced_sockets(), 0, "{mode}: SOCKHASH empty after every flow ended");
 }
 
+/// Waits (bounded, 5 s) until the proxy reports `n` spliced flows parked: quiet flows leave tokio
+/// for the parking lot within a fraction of a second. Copy mode never parks and must report 0.
+async fn until_parked(mode: &str, proxy: &Proxy, n: u64) {
+    let want = if mode == "splice" { n } else { 0 };
+    let url = proxy.admin_url("/api/v1/stats/server");
+    let mut got = None;
+    for _ in 0..250 {
+        let (_, stats) = support::admin_call(http::Method::GET, &url, None, None, STEP).await;
+        got = stats.get("spliced_flows").and_then(|f| f.get("parked")).and_then(|p| p.as_u64());
+        if got == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{mode}: expected {want} parked flow(s) within 5 s; the proxy reports {got:?}");
+}
+
 /// One round trip (ping from the client, pong from the backend); then, in splice mode, the flow
 /// must be spliced.
 async fn round_trip(mode: &str, dp: &Arc<dyn Datapath>, c: &mut Conn, b: &mut Conn) {
@@ -560,8 +577,10 @@ async fn half_close_keeps_the_other_direction_open(client_first: bool) {
         let proxy = Proxy::start_with(&proxy_yaml(&backend, ""), dp.clone()).await;
         let mut c = raw_upgrade(proxy.addr, b"").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
         let mut b = backend.next().await;
-        // One round trip so the flow is in its steady state (spliced in splice mode).
+        // One round trip so the flow is in its steady state (spliced in splice mode), then quiet
+        // until parked: the FIN has to wake it.
         round_trip(mode, &dp, &mut c, &mut b).await;
+        until_parked(mode, &proxy, 1).await;
 
         let ((mut first, closer), (mut second, other), seed) =
             if client_first { ((c, "client"), (b, "backend"), 3) } else { ((b, "backend"), (c, "client"), 4) };
@@ -600,7 +619,7 @@ async fn backend_half_close_keeps_the_other_direction_open_in_both_modes() {
 }
 
 /// 4. A reset on either side reaches the other within 1 s (as the issue requires): its read
-/// returns an error or EOF.
+/// returns an error or EOF. Right after traffic (the flow is watched by tokio) and once parked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_reaches_the_other_side_within_a_second_in_both_modes() {
     if !root_or_skip("reset_reaches_the_other_side_within_a_second_in_both_modes") {
@@ -609,11 +628,15 @@ async fn reset_reaches_the_other_side_within_a_second_in_both_modes() {
     for (mode, dp) in modes() {
         let mut backend = RawBackend::start("raw", Then::Hand).await;
         let proxy = Proxy::start_with(&proxy_yaml(&backend, ""), dp.clone()).await;
-        for client_resets in [true, false] {
+        for (client_resets, parked) in [(true, false), (false, false), (true, true), (false, true)] {
             let who = if client_resets { "client" } else { "backend" };
             let mut c = raw_upgrade(proxy.addr, b"").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
             let mut b = backend.next().await;
             round_trip(mode, &dp, &mut c, &mut b).await;
+            if parked {
+                until_parked(mode, &proxy, 1).await;
+            }
+            let who = format!("{who} ({})", if parked { "parked flow" } else { "right after traffic" });
             let (resetter, mut other) = if client_resets { (c, b) } else { (b, c) };
             resetter.reset();
             let started = std::time::Instant::now();
@@ -724,6 +747,8 @@ async fn thousand_concurrent_flows_echo_and_close_in_both_modes() {
         }
         check(mode, "echo", results);
         assert_spliced(mode, &dp, FLOWS);
+        // Quiet now: every flow leaves tokio for the parking lot, and their FINs bring them back.
+        until_parked(mode, &proxy, FLOWS as u64).await;
 
         // All close: the client half-closes, the echo backend closes, the client reads EOF.
         let mut set = tokio::task::JoinSet::new();
@@ -745,7 +770,8 @@ async fn thousand_concurrent_flows_echo_and_close_in_both_modes() {
     }
 }
 
-/// 6. The admin disconnect closes a (spliced) flow, and its sockets leave the SOCKHASH.
+/// 6. The admin disconnect closes (spliced) flows, parked or not, and their sockets leave the
+/// SOCKHASH.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_disconnect_closes_the_flow_in_both_modes() {
     if !root_or_skip("admin_disconnect_closes_the_flow_in_both_modes") {
@@ -754,17 +780,25 @@ async fn admin_disconnect_closes_the_flow_in_both_modes() {
     for (mode, dp) in modes() {
         let backend = RawBackend::start("raw1", Then::Echo).await;
         let proxy = Proxy::start_with(&proxy_yaml(&backend, ""), dp.clone()).await;
-        let mut c = raw_upgrade(proxy.addr, b"").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
-        c.echo(&Rng(6).bytes(10_000), "before disconnect").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
-        assert_spliced(mode, &dp, 1);
+        // A quiet flow, parked; then a flow with traffic just before the disconnect (most likely
+        // still watched by tokio then).
+        let mut quiet = raw_upgrade(proxy.addr, b"").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+        quiet.echo(&Rng(6).bytes(10_000), "before disconnect").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+        until_parked(mode, &proxy, 1).await;
+        let mut busy = raw_upgrade(proxy.addr, b"").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+        busy.echo(&Rng(7).bytes(10_000), "before disconnect").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert_spliced(mode, &dp, 2);
 
         let url = proxy.admin_url("/api/v1/backends/disconnect?upstream=default&backend_id=raw1");
         let (status, _) = support::admin_call(http::Method::POST, &url, None, None, STEP).await;
         assert_eq!(status, http::StatusCode::OK, "{mode}: disconnect answered");
 
-        let what = format!("{mode}: the flow should end within 5 s of the disconnect");
-        c.expect_closed(Duration::from_secs(5), &what).await;
-        drop(c);
+        for (c, which) in [(&mut quiet, "parked"), (&mut busy, "busy")] {
+            let what = format!("{mode}: the {which} flow should end within 5 s of the disconnect");
+            c.expect_closed(Duration::from_secs(5), &what).await;
+        }
+        until_parked(mode, &proxy, 0).await;
+        drop((quiet, busy));
         assert_unspliced(mode, &dp).await;
         proxy.stop().await;
     }
@@ -842,8 +876,8 @@ async fn one_gib_stream_arrives_with_matching_checksum_in_both_modes() {
     }
 }
 
-/// 8. `server.tunnel_timeout`: a flow without a byte in either direction for that long is closed;
-/// a flow with traffic is not, however long it lives.
+/// 8. `server.tunnel_timeout`: a flow without a byte in either direction for that long is closed
+/// (in splice mode it is parked by then); a flow with traffic is not, however long it lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_flows_close_after_the_tunnel_timeout_in_both_modes() {
     if !root_or_skip("idle_flows_close_after_the_tunnel_timeout_in_both_modes") {
@@ -866,6 +900,44 @@ async fn idle_flows_close_after_the_tunnel_timeout_in_both_modes() {
         assert_spliced(mode, &dp, 1);
         busy.echo(b"still here", "busy flow after").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
         drop((idle, busy));
+        assert_unspliced(mode, &dp).await;
+        proxy.stop().await;
+    }
+}
+
+/// 8b. A parked flow comes back to tokio for bytes over its budget: after each quiet spell, 4 MiB
+/// echoed through a 64 KiB budget (the kernel passes most of it to userspace) arrive exact, and
+/// the flow parks again once quiet; its end brings the gauge back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_flows_wake_for_bytes_over_budget_in_both_modes() {
+    if !root_or_skip("parked_flows_wake_for_bytes_over_budget_in_both_modes") {
+        return;
+    }
+    for (mode, dp) in modes() {
+        let backend = RawBackend::start("raw", Then::Echo).await;
+        let yaml = proxy_yaml(&backend, "") + "ebpf:\n  splice_budget: 64KiB\n";
+        let proxy = Proxy::start_with(&yaml, dp.clone()).await;
+        let mut c = raw_upgrade(proxy.addr, b"").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+        c.echo(b"hello", "first message").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert_spliced(mode, &dp, 1);
+        let mut rng = Rng(8);
+        for round in 0..3 {
+            until_parked(mode, &proxy, 1).await;
+            let data = rng.bytes(4 << 20);
+            // Written and read at once: the echo would fill every buffer on the way otherwise.
+            let (mut r, mut w) = c.s.split();
+            let mut got = vec![0u8; data.len()];
+            let (wrote, read) =
+                tokio::time::timeout(STEP, async { tokio::join!(w.write_all(&data), r.read_exact(&mut got)) })
+                    .await
+                    .unwrap_or_else(|_| panic!("{mode}: round {round}: 4 MiB echo not done within {STEP:?}"));
+            wrote.unwrap_or_else(|e| panic!("{mode}: round {round}: write: {e}"));
+            read.unwrap_or_else(|e| panic!("{mode}: round {round}: read: {e}"));
+            assert!(got == data, "{mode}: round {round}: the 4 MiB echo after parking differs");
+        }
+        until_parked(mode, &proxy, 1).await;
+        drop(c);
+        until_parked(mode, &proxy, 0).await;
         assert_unspliced(mode, &dp).await;
         proxy.stop().await;
     }
