@@ -27,7 +27,7 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use speedmimi_common::splice::Control;
+use speedmimi_common::splice::{Control, Peer};
 use tokio::{
     io::{AsyncWriteExt, Interest, Ready},
     net::TcpStream,
@@ -47,8 +47,10 @@ use crate::{
 /// How long a FIN or a copy may wait for the peer to take the bytes before the flow is reset.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
-/// Read buffer for bytes the kernel passed to userspace (allocated only while copying).
-const COPY_BUF: usize = 64 * 1024;
+/// Largest read of bytes the kernel passed to userspace (a buffer allocated only while copying,
+/// sized to what waits). Measured with `bench splice`, 64 streams: 256 KiB cost 0.67 CPU-s/GB
+/// and 64 KiB 0.74 (machine-wide, direct 0.34).
+const COPY_BUF: usize = 256 * 1024;
 
 /// A spliced flow without a socket event for this long leaves tokio for the parking lot (`park`).
 const PARK_AFTER: Duration = Duration::from_millis(200);
@@ -505,18 +507,36 @@ async fn pump(
     // Allocated only when there is something to copy, and not zeroed: reads fill it.
     let mut buf: Option<BytesMut> = None;
     let mut waits = 0u32;
+    let copied_before = dir.consumed;
+    // Passed bytes known to wait in src's queue: the kernel's counters are read again only once
+    // these are copied, so copying costs a read and a write per buffer, as in copy mode.
+    let mut avail = 0u64;
+    let mut peer = Peer::default();
     loop {
-        let peer = match dp.peer(dir.src) {
-            // An overlapping segment the kernel could not cut: bytes can no longer be kept exact.
-            Some(p) if p.broken != 0 => {
-                tracing::warn!(socket = dir.src, "splice: overlapping segment could not be cut; resetting the flow");
-                return Err(End::Reset);
-            }
-            Some(p) => p,
-            None => return Err(End::Reset),
-        };
-        let avail = peer.passed_bytes.saturating_sub(dir.consumed);
         if avail == 0 {
+            peer = match dp.peer(dir.src) {
+                // An overlapping segment the kernel could not cut: bytes can no longer be kept exact.
+                Some(p) if p.broken != 0 => {
+                    tracing::warn!(
+                        socket = dir.src,
+                        "splice: overlapping segment could not be cut; resetting the flow"
+                    );
+                    return Err(End::Reset);
+                }
+                Some(p) => p,
+                None => return Err(End::Reset),
+            };
+            avail = peer.passed_bytes.saturating_sub(dir.consumed);
+        }
+        if avail == 0 {
+            if dir.consumed != copied_before {
+                // Caught up: the kernel redirects again (within the new limit) once it sees this.
+                // Published only now: while any passed byte is not copied it would pass anyway.
+                let acked = bytes_acked(dst.as_fd()).unwrap_or(dir.dst_acked_base);
+                let delivered = acked.saturating_sub(dir.dst_acked_base).saturating_sub(dir.dst_prefix);
+                let limit = (delivered + budget).saturating_sub(dir.consumed);
+                let _ = dp.set_control(dir.src, Control { limit, consumed: dir.consumed });
+            }
             if ready.is_read_closed() || ready.is_error() {
                 if let Ok(Some(_)) = src.take_error() {
                     return Err(End::Reset);
@@ -536,9 +556,11 @@ async fn pump(
             clear_read_readiness(src);
             return Ok(());
         }
-        let b = buf.get_or_insert_with(|| BytesMut::with_capacity(COPY_BUF));
-        b.clear();
+        // Sized to what is waiting (a flow blocked on a slow receiver holds it meanwhile).
         let want = (avail as usize).min(COPY_BUF);
+        let b = buf.get_or_insert_with(BytesMut::new);
+        b.clear();
+        b.reserve(want);
         match src.try_read_buf(&mut (&mut *b).limit(want)) {
             // Passed bytes still on their way to the socket (the kernel may queue them from a
             // worker) while the FIN is already seen: wait for them, boundedly.
@@ -554,10 +576,7 @@ async fn pump(
                     return Err(End::Stalled);
                 }
                 dir.consumed += n as u64;
-                let acked = bytes_acked(dst.as_fd()).unwrap_or(dir.dst_acked_base);
-                let delivered = acked.saturating_sub(dir.dst_acked_base).saturating_sub(dir.dst_prefix);
-                let limit = (delivered + budget).saturating_sub(dir.consumed);
-                let _ = dp.set_control(dir.src, Control { limit, consumed: dir.consumed });
+                avail -= n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 clear_read_readiness(src);
