@@ -182,7 +182,7 @@ impl Lot {
                         continue;
                     };
                     // Only a flow that is waiting is woken for time or closer; one that is awake
-                    // looks at both itself before it waits again.
+                    // is looked at again on the next tick after it waits again.
                     if slot.waker.is_some()
                         && let Some(w) = slot.wake(why)
                     {
