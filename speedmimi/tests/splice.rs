@@ -116,51 +116,28 @@ impl Rng {
     }
 }
 
-/// A simple order- and position-sensitive 64-bit checksum (multiply-rotate over little-endian
-/// 64-bit words, FNV-like) plus the exact byte count, fed in pieces of any size. Not SHA-256:
-/// no hash crate is available, and this is enough to catch lost, duplicated or reordered bytes.
-#[derive(Default)]
-struct Checksum {
-    h: u64,
+/// SHA-256 (ring's, which rustls already uses) plus the exact byte count, fed in pieces of any
+/// size.
+struct Sha256Count {
+    ctx: ring::digest::Context,
     n: u64,
-    pending: [u8; 8],
-    npending: usize,
 }
 
-impl Checksum {
-    fn word(&mut self, w: u64) {
-        self.h = (self.h.rotate_left(23) ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xCBF2_9CE4_8422_2325;
+impl Default for Sha256Count {
+    fn default() -> Self {
+        Sha256Count { ctx: ring::digest::Context::new(&ring::digest::SHA256), n: 0 }
     }
+}
 
-    fn update(&mut self, mut data: &[u8]) {
+impl Sha256Count {
+    fn update(&mut self, data: &[u8]) {
         self.n += data.len() as u64;
-        if self.npending > 0 {
-            let take = (8 - self.npending).min(data.len());
-            self.pending[self.npending..self.npending + take].copy_from_slice(&data[..take]);
-            self.npending += take;
-            data = &data[take..];
-            if self.npending < 8 {
-                return;
-            }
-            self.word(u64::from_le_bytes(self.pending));
-            self.npending = 0;
-        }
-        let words = data.chunks_exact(8);
-        let rest = words.remainder();
-        for w in words {
-            self.word(u64::from_le_bytes(w.try_into().unwrap()));
-        }
-        self.pending[..rest.len()].copy_from_slice(rest);
-        self.npending = rest.len();
+        self.ctx.update(data);
     }
 
-    /// (byte count, checksum)
-    fn finish(&self) -> (u64, u64) {
-        let mut h = self.h;
-        for &b in &self.pending[..self.npending] {
-            h = (h.rotate_left(23) ^ u64::from(b)).wrapping_mul(0x100_0000_01B3);
-        }
-        (self.n, h ^ self.n)
+    /// (byte count, SHA-256)
+    fn finish(self) -> (u64, Vec<u8>) {
+        (self.n, self.ctx.finish().as_ref().to_vec())
     }
 }
 
@@ -804,11 +781,11 @@ async fn admin_disconnect_closes_the_flow_in_both_modes() {
     }
 }
 
-/// 7. 1 GiB one way (client -> backend), checked by exact byte count and a 64-bit checksum
-/// computed on both ends.
+/// 7. 1 GiB one way (client -> backend), checked by exact byte count and SHA-256 computed on
+/// both ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_gib_stream_arrives_with_matching_checksum_in_both_modes() {
-    if !root_or_skip("one_gib_stream_arrives_with_matching_checksum_in_both_modes") {
+async fn one_gib_stream_arrives_with_matching_sha256_in_both_modes() {
+    if !root_or_skip("one_gib_stream_arrives_with_matching_sha256_in_both_modes") {
         return;
     }
     const TOTAL: u64 = 1 << 30;
@@ -820,9 +797,9 @@ async fn one_gib_stream_arrives_with_matching_checksum_in_both_modes() {
         // One round trip first: spliced then (a bulk stream may later move to copy).
         round_trip(mode, &dp, &mut c, &mut b).await;
 
-        // The backend counts and checksums until EOF, then answers with one byte and closes.
+        // The backend counts and hashes until EOF, then answers with one byte and closes.
         let receiver = tokio::spawn(async move {
-            let mut sum = Checksum::default();
+            let mut sum = Sha256Count::default();
             sum.update(&std::mem::take(&mut b.buf));
             let mut buf = vec![0u8; 256 * 1024];
             loop {
@@ -841,7 +818,7 @@ async fn one_gib_stream_arrives_with_matching_checksum_in_both_modes() {
         // periodic at any write boundary.
         let mut rng = Rng(7);
         let block = rng.bytes((1 << 20) + (256 << 10));
-        let mut sent = Checksum::default();
+        let mut sent = Sha256Count::default();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
         let mut left = TOTAL;
         let mut writes = 0u64;
@@ -867,7 +844,7 @@ async fn one_gib_stream_arrives_with_matching_checksum_in_both_modes() {
         let want = sent.finish();
         assert_eq!(want.0, TOTAL);
         assert_eq!(got.0, want.0, "{mode}: byte count at the backend");
-        assert_eq!(got.1, want.1, "{mode}: checksum at the backend");
+        assert_eq!(got.1, want.1, "{mode}: SHA-256 at the backend");
         assert_eq!(c.read_exact(1, "the backend's answer").await.unwrap_or_else(|e| panic!("{mode}: {e}")), b"k");
         c.expect_eof(STEP, &format!("{mode}: expected EOF after the backend closed")).await;
         drop(c);
