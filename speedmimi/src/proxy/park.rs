@@ -16,15 +16,14 @@ use std::{
 
 use tokio::sync::watch;
 
-/// How often parked flows' closers and idle checks are looked at while any flow is parked.
+/// How often parked flows' closers and idle checks are looked at (the thread exists only once a
+/// flow has parked).
 const TICK: Duration = Duration::from_millis(100);
-/// The wait with no flow parked (a flow parked meanwhile is looked at after this at most).
-const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Events taken per `epoll_wait`.
 const BATCH: usize = 256;
 
-/// What woke a parked flow, least urgent first: a socket event is never lost behind the others
-/// (its socket stays quiet in the epoll after one event).
+/// What woke a parked flow, by priority (lowest first): `Event` wins because EPOLLONESHOT does not
+/// report a socket again, while time and closer are looked at again on every tick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Wake {
     /// The time given to `wait` has come.
@@ -59,7 +58,6 @@ impl Slot {
 struct Slots {
     entries: Vec<Entry>,
     free: Vec<u32>,
-    parked: usize,
 }
 
 struct Entry {
@@ -79,7 +77,6 @@ impl Slots {
         let e = &mut self.entries[index];
         e.generation = e.generation.wrapping_add(1);
         e.slot = Some(slot);
-        self.parked += 1;
         (u64::from(e.generation) << 32) | index as u64
     }
 
@@ -96,7 +93,6 @@ impl Slots {
         if self.get_mut(token).is_some() {
             self.entries[index as usize].slot = None;
             self.free.push(index as u32);
-            self.parked -= 1;
         }
     }
 
@@ -157,12 +153,10 @@ impl Lot {
         let mut wakers = Vec::new();
         let mut next_scan = Instant::now();
         loop {
-            let parked = self.slots().parked > 0;
-            let wait = if parked { next_scan.saturating_duration_since(Instant::now()) } else { IDLE_TICK };
+            // Rounded up: a wait rounded down to 0 ms would spin until the scan is due.
+            let wait_ms = next_scan.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000) as i32;
             // SAFETY: events is valid for BATCH entries.
-            let n = unsafe {
-                libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), BATCH as i32, wait.as_millis() as i32)
-            };
+            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), BATCH as i32, wait_ms) };
             let now = Instant::now();
             let mut slots = self.slots();
             for e in &events[..n.max(0) as usize] {

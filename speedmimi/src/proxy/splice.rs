@@ -41,7 +41,7 @@ use super::{
 };
 use crate::{
     datapath::{Datapath, Limits, SplicedPair},
-    stats::UpgradedGuard,
+    stats::{ServerStats, UpgradedGuard},
 };
 
 /// How long a FIN or a copy may wait for the peer to take the bytes before the flow is reset.
@@ -79,7 +79,8 @@ struct Spliced {
     policy: Policy,
     activity: Activity,
     tally: Tally,
-    /// False once parking failed (no parking lot in this process): the flow stays with tokio.
+    /// False once parking this flow failed (no parking lot in this process, or its epoll refused
+    /// the sockets): the flow stays with tokio for the rest of its life.
     parkable: bool,
 }
 
@@ -258,9 +259,25 @@ impl Started {
 enum Sockets {
     Tokio(TcpStream, TcpStream),
     /// The place comes first: it must leave the lot's epoll before the sockets close.
-    Parked(Parked, std::net::TcpStream, std::net::TcpStream),
+    Parked(Parked, ParkedGauge, std::net::TcpStream, std::net::TcpStream),
     /// A socket could not move between tokio and the lot; the flow ends.
     Lost,
+}
+
+/// One in `ServerStats::spliced_parked` while it lives (also when a parked flow's task is dropped).
+struct ParkedGauge(Arc<ServerStats>);
+
+impl ParkedGauge {
+    fn new(server: &Arc<ServerStats>) -> ParkedGauge {
+        server.spliced_parked.fetch_add(1, Relaxed);
+        ParkedGauge(server.clone())
+    }
+}
+
+impl Drop for ParkedGauge {
+    fn drop(&mut self) {
+        self.0.spliced_parked.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Spliced {
@@ -284,12 +301,14 @@ impl Spliced {
         };
         match (client.into_std(), upstream.into_std()) {
             (Ok(c), Ok(u)) => {
-                self.sockets = Sockets::Parked(parked, c, u);
-                self.tally.guard.server().spliced_parked.fetch_add(1, Relaxed);
+                let counted = ParkedGauge::new(self.tally.guard.server());
+                self.sockets = Sockets::Parked(parked, counted, c, u);
                 Ok(true)
             }
-            // A socket that could not leave tokio's epoll was closed with it.
+            // A socket that could not leave tokio's epoll was closed with it (a FIN, not a
+            // reset: unavoidable here); the other is reset.
             (c, u) => {
+                drop(parked);
                 tracing::warn!("splice: a quiet flow's socket could not leave tokio; resetting the flow");
                 c.iter().chain(u.iter()).for_each(reset);
                 Err(End::Reset)
@@ -313,11 +332,11 @@ impl Spliced {
 
     /// Brings a parked flow's sockets back to tokio.
     fn unpark(&mut self) -> Result<(), End> {
-        let Sockets::Parked(parked, client, upstream) = std::mem::replace(&mut self.sockets, Sockets::Lost) else {
+        let Sockets::Parked(parked, counted, client, upstream) = std::mem::replace(&mut self.sockets, Sockets::Lost)
+        else {
             return Err(End::Reset);
         };
-        drop(parked);
-        self.tally.guard.server().spliced_parked.fetch_sub(1, Relaxed);
+        drop((parked, counted));
         match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
             (Ok(c), Ok(u)) => {
                 self.sockets = Sockets::Tokio(c, u);
@@ -335,13 +354,10 @@ impl Spliced {
     /// reset. The sockets close when the flow is dropped.
     fn finish(&self, end: End) -> End {
         let _ = self.dp.unsplice(SplicedPair { a: self.up.src, b: self.down.src });
-        if let Sockets::Parked(..) = self.sockets {
-            self.tally.guard.server().spliced_parked.fetch_sub(1, Relaxed);
-        }
         if !matches!(end, End::Closed | End::Idle) {
             match &self.sockets {
                 Sockets::Tokio(c, u) => [c.as_fd(), u.as_fd()].iter().for_each(reset),
-                Sockets::Parked(_, c, u) => [c.as_fd(), u.as_fd()].iter().for_each(reset),
+                Sockets::Parked(_, _, c, u) => [c.as_fd(), u.as_fd()].iter().for_each(reset),
                 Sockets::Lost => {}
             }
         }
@@ -554,7 +570,12 @@ async fn pump(
                 return Ok(());
             }
             clear_read_readiness(src);
-            return Ok(());
+            // Bytes passed after the counters were read and before the clear raised no event of
+            // their own: look once more.
+            match dp.peer(dir.src) {
+                Some(p) if p.passed_bytes > dir.consumed => continue,
+                _ => return Ok(()),
+            }
         }
         // Sized to what is waiting (a flow blocked on a slow receiver holds it meanwhile).
         let want = (avail as usize).min(COPY_BUF);
@@ -578,10 +599,9 @@ async fn pump(
                 dir.consumed += n as u64;
                 avail -= n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                clear_read_readiness(src);
-                return Ok(());
-            }
+            // Passed bytes still on their way to the socket: their arrival raises an event (the
+            // read cleared readiness as of its own attempt).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return Err(End::Reset),
         }
