@@ -277,6 +277,22 @@ impl Drop for UpgradedGuard {
     }
 }
 
+/// Held while a spliced flow is parked (outside tokio), also when its task is dropped parked.
+pub struct ParkedGuard(std::sync::Arc<ServerStats>);
+
+impl ServerStats {
+    pub fn parked(self: &std::sync::Arc<Self>) -> ParkedGuard {
+        self.spliced_parked.fetch_add(1, Relaxed);
+        ParkedGuard(self.clone())
+    }
+}
+
+impl Drop for ParkedGuard {
+    fn drop(&mut self) {
+        self.0.spliced_parked.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Requests of one route to one backend, by exact status code (`speedmimi_requests_total`).
 pub struct RouteBackendStats {
     pub route: String,

@@ -41,7 +41,7 @@ use super::{
 };
 use crate::{
     datapath::{Datapath, Limits, SplicedPair},
-    stats::{ServerStats, UpgradedGuard},
+    stats::{ParkedGuard, UpgradedGuard},
 };
 
 /// How long a FIN or a copy may wait for the peer to take the bytes before the flow is reset.
@@ -259,25 +259,9 @@ impl Started {
 enum Sockets {
     Tokio(TcpStream, TcpStream),
     /// The place comes first: it must leave the lot's epoll before the sockets close.
-    Parked(Parked, ParkedGauge, std::net::TcpStream, std::net::TcpStream),
+    Parked(Parked, ParkedGuard, std::net::TcpStream, std::net::TcpStream),
     /// A socket could not move between tokio and the lot; the flow ends.
     Lost,
-}
-
-/// One in `ServerStats::spliced_parked` while it lives (also when a parked flow's task is dropped).
-struct ParkedGauge(Arc<ServerStats>);
-
-impl ParkedGauge {
-    fn new(server: &Arc<ServerStats>) -> ParkedGauge {
-        server.spliced_parked.fetch_add(1, Relaxed);
-        ParkedGauge(server.clone())
-    }
-}
-
-impl Drop for ParkedGauge {
-    fn drop(&mut self) {
-        self.0.spliced_parked.fetch_sub(1, Relaxed);
-    }
 }
 
 impl Spliced {
@@ -301,7 +285,7 @@ impl Spliced {
         };
         match (client.into_std(), upstream.into_std()) {
             (Ok(c), Ok(u)) => {
-                let counted = ParkedGauge::new(self.tally.guard.server());
+                let counted = self.tally.guard.server().parked();
                 self.sockets = Sockets::Parked(parked, counted, c, u);
                 Ok(true)
             }
