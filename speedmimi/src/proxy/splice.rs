@@ -370,16 +370,10 @@ fn drain(s: &TcpStream, ahead: Bytes) -> io::Result<Bytes> {
     let mut buf = BytesMut::from(&ahead[..]);
     loop {
         buf.reserve(16 * 1024);
-        let spare = buf.spare_capacity_mut();
-        // SAFETY: try_read only writes initialised bytes into the slice and reports how many.
-        let slice = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
-        match s.try_read(slice) {
+        match s.try_read_buf(&mut buf) {
             // A FIN before splicing: leave it for the kernel path to see.
             Ok(0) => return Ok(buf.freeze()),
-            Ok(n) => {
-                // SAFETY: try_read wrote n bytes into the spare capacity.
-                unsafe { buf.set_len(buf.len() + n) };
-            }
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(buf.freeze()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
