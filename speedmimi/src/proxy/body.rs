@@ -17,6 +17,7 @@ use tokio::time::{Instant, Sleep};
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use super::activity::Open;
 use crate::{backend::Backend, stats::ServerStats};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -251,5 +252,35 @@ impl Body for ResponseBody {
 fn finish(guard: &mut Option<InFlight>, clean: bool) {
     if let Some(mut g) = guard.take() {
         g.clean = clean;
+    }
+}
+
+/// A response body that keeps its request counted open on the client connection until the
+/// body is done with (see `activity`): the head and idle deadlines run only between requests.
+pub struct Tracked<B> {
+    inner: B,
+    _open: Open,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(inner: B, open: Open) -> Self {
+        Tracked { inner, _open: open }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -3,7 +3,9 @@
 //! option (drop Content-Length, use chunked, close after), and leaves no trace of it; our
 //! contract is to refuse it with 400 before any backend sees it. This scanner follows message
 //! boundaries (Content-Length and chunked bodies) so body bytes are never mistaken for heads,
-//! and flags the connection; the request handler answers 400 when the flag is up.
+//! and flags the connection; the request handler answers 400 when the flag is up. A request
+//! asking to upgrade is framed like any other: only a switch that happened (101, which the
+//! connection's IO stops feeding us after) ends the HTTP stream.
 
 use std::sync::{
     Arc,
@@ -34,7 +36,6 @@ pub struct Scanner {
     chunked: bool,
     cl_seen: bool,
     te_seen: bool,
-    upgrade: bool,
     /// Digits of a Content-Length value being read.
     cl_value: Option<u64>,
 }
@@ -58,7 +59,7 @@ enum State {
         empty_line: bool,
         line_len: usize,
     },
-    /// Nothing more to check (HTTP/2, an upgrade, or framing hyper will reject itself).
+    /// Nothing more to check (HTTP/2, or framing hyper will reject itself).
     Off,
 }
 
@@ -75,10 +76,14 @@ impl Scanner {
             chunked: false,
             cl_seen: false,
             te_seen: false,
-            upgrade: false,
             cl_value: None,
         };
         (s, flag)
+    }
+
+    /// Whether part of a request head has arrived and not its end.
+    pub fn mid_head(&self) -> bool {
+        self.state == State::Head && (self.line_len > 0 || !self.first_line)
     }
 
     /// Feeds bytes just read from the client.
@@ -180,8 +185,6 @@ impl Scanner {
         } else if line.starts_with(b"transfer-encoding:") {
             self.te_seen = true;
             self.chunked = true;
-        } else if line.starts_with(b"upgrade:") {
-            self.upgrade = true;
         }
         self.cl_value = None;
         self.line_len = 0;
@@ -207,9 +210,7 @@ impl Scanner {
             self.state = State::Off;
             return;
         }
-        self.state = if self.upgrade {
-            State::Off
-        } else if self.chunked {
+        self.state = if self.chunked {
             State::ChunkSize { size: 0, digits: false }
         } else {
             match self.content_length {
@@ -233,7 +234,6 @@ impl Scanner {
         self.chunked = false;
         self.cl_seen = false;
         self.te_seen = false;
-        self.upgrade = false;
         self.cl_value = None;
         self.line_len = 0;
     }
@@ -278,9 +278,32 @@ mod tests {
     }
 
     #[test]
-    fn upgrades_and_h2_stop_scanning() {
+    fn upgrade_requests_do_not_stop_scanning() {
+        // Declined or not a real upgrade: the next request is HTTP and checked.
+        let evil = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         let ws = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
-        assert!(!scan(&[ws, b"\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"]));
+        assert!(scan(&[ws, evil]));
+        assert!(scan(&[b"GET / HTTP/1.1\r\nUpgrade: foo\r\n\r\n", evil]));
+    }
+
+    #[test]
+    fn mid_head_is_a_started_unfinished_head() {
+        let (mut s, _) = Scanner::new();
+        assert!(!s.mid_head());
+        s.feed(b"\r\n");
+        assert!(!s.mid_head(), "blank lines before a request are not a head");
+        s.feed(b"GET / HT");
+        assert!(s.mid_head());
+        s.feed(b"TP/1.1\r\nHost: a\r\n");
+        assert!(s.mid_head());
+        s.feed(b"\r\n");
+        assert!(!s.mid_head());
+        s.feed(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab");
+        assert!(!s.mid_head(), "in a body");
+    }
+
+    #[test]
+    fn h2_stops_scanning() {
         assert!(!scan(&[
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             b"\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n"

@@ -1,20 +1,28 @@
 //! A client connection as the proxy reads and writes it: a write that makes no progress for
-//! `write_timeout` fails (a client that stops reading cannot hold a connection forever), and
-//! HTTP/1 bytes read pass through the framing scanner before hyper parses them.
+//! `write_timeout` fails (a client that stops reading cannot hold a connection forever); the
+//! bytes read while sniffing the protocol are replayed first; and on HTTP/1 the bytes read pass
+//! through the framing scanner, and a connection that has not produced a request head within
+//! `read_timeout` is closed, with a 408 when it sent part of one.
 
 use std::{
     io,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
+use bytes::{Buf, Bytes};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::Sleep,
 };
 
-use super::framing::Scanner;
+use super::{activity::Activity, framing::Scanner};
+
+/// What a client that sent part of a head and then stalled is told before the close (as
+/// HAProxy does; hyper's own header timeout closes without a word).
+const TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
 
 pub struct ClientIo<T> {
     inner: T,
@@ -24,21 +32,62 @@ pub struct ClientIo<T> {
     timeout: Duration,
     /// Armed while a write is stalled.
     stall: Option<Pin<Box<Sleep>>>,
-    scanner: Option<Box<Scanner>>,
+    /// Read from the socket while sniffing the protocol, not yet handed to hyper.
+    prefix: Bytes,
+    http1: Option<Box<Http1Watch>>,
+    /// Bytes were written and not yet flushed: a response may be half out.
+    unflushed: bool,
+}
+
+/// What watches an HTTP/1 connection's reads.
+pub struct Http1Watch {
+    pub scanner: Scanner,
+    pub activity: Arc<Activity>,
+    pub read_timeout: Duration,
+    /// Fires when the next request head is due.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The head deadline passed: bytes of the 408 written so far, then end of stream.
+    expired: Option<usize>,
+}
+
+impl Http1Watch {
+    pub fn new(scanner: Scanner, activity: Arc<Activity>, read_timeout: Duration) -> Self {
+        Http1Watch { scanner, activity, read_timeout, timer: None, expired: None }
+    }
+
+    /// Whether the next request head is overdue (registers for a wake-up when it is not).
+    fn overdue(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(due) = self.activity.deadline(self.read_timeout) else {
+            self.timer = None;
+            return false;
+        };
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 impl<T> ClientIo<T> {
-    pub fn new(inner: T, timeout: Duration, scanner: Option<Scanner>, hijacked: Option<Hijack>) -> Self {
-        ClientIo { inner, hijacked, timeout, stall: None, scanner: scanner.map(Box::new) }
+    pub fn new(
+        inner: T,
+        timeout: Duration,
+        prefix: Bytes,
+        http1: Option<Http1Watch>,
+        hijacked: Option<Hijack>,
+    ) -> Self {
+        ClientIo { inner, hijacked, timeout, stall: None, prefix, http1: http1.map(Box::new), unflushed: false }
     }
 
     fn is_hijacked(&self) -> bool {
-        self.hijacked.as_ref().is_some_and(Hijack::is_set)
+        self.hijacked.as_ref().is_some_and(Hijack::is_taken)
     }
 
-    /// The connection itself, when the proxy takes it over (a spliced upgrade).
-    pub fn into_inner(self) -> T {
-        self.inner
+    /// The connection itself and any sniffed bytes hyper has not read, when the proxy takes
+    /// it over (a spliced upgrade).
+    pub fn into_parts(self) -> (T, Bytes) {
+        (self.inner, self.prefix)
     }
 
     fn check<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
@@ -59,16 +108,63 @@ impl<T> ClientIo<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
+impl<T: AsyncWrite + Unpin> ClientIo<T> {
+    /// The request head is overdue: writes the 408 (when one is owed) and then reads as the end
+    /// of the stream, which makes hyper close the connection.
+    fn poll_expired(&mut self, cx: &mut Context<'_>, mut sent: usize) -> Poll<io::Result<()>> {
+        while sent < TIMEOUT_408.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &TIMEOUT_408[sent..]) {
+                Poll::Ready(Ok(n)) if n > 0 => sent += n,
+                Poll::Ready(_) => break,
+                Poll::Pending => {
+                    if let Some(w) = self.http1.as_mut() {
+                        w.expired = Some(sent);
+                    }
+                    return self.check(cx, Poll::Pending);
+                }
+            }
+        }
+        if let Some(w) = self.http1.as_mut() {
+            w.expired = Some(TIMEOUT_408.len());
+        }
+        let _ = Pin::new(&mut self.inner).poll_flush(cx);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if self.is_hijacked() {
+        let this = &mut *self;
+        if this.is_hijacked() {
             // The socket's bytes belong to the splice now; hyper's idle timer ends this side.
             return Poll::Pending;
         }
+        if let Some(sent) = this.http1.as_ref().and_then(|w| w.expired) {
+            return this.poll_expired(cx, sent);
+        }
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some(scanner)) = (&r, self.scanner.as_mut()) {
-            scanner.feed(&buf.filled()[before..]);
+        let r = if this.prefix.is_empty() {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        } else {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            Poll::Ready(Ok(()))
+        };
+        let Some(watch) = this.http1.as_mut() else { return r };
+        match &r {
+            // After a switch (101) the bytes are the new protocol's, not HTTP heads.
+            Poll::Ready(Ok(())) if !watch.activity.switched() => watch.scanner.feed(&buf.filled()[before..]),
+            Poll::Pending if watch.overdue(cx) => {
+                // A 408 only where it cannot land inside a response: nothing open, all flushed.
+                if watch.scanner.mid_head() && !this.unflushed {
+                    tracing::debug!("request head not received within read_timeout: 408");
+                    return this.poll_expired(cx, 0);
+                }
+                watch.expired = Some(TIMEOUT_408.len());
+                return Poll::Ready(Ok(()));
+            }
+            _ => {}
         }
         r
     }
@@ -80,6 +176,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
             return Poll::Ready(Ok(buf.len()));
         }
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.unflushed |= n > 0;
+        }
         self.check(cx, r)
     }
 
@@ -92,6 +191,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.unflushed |= n > 0;
+        }
         self.check(cx, r)
     }
 
@@ -104,6 +206,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
             return Poll::Ready(Ok(()));
         }
         let r = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = r {
+            self.unflushed = false;
+        }
         self.check(cx, r)
     }
 
@@ -128,7 +233,8 @@ impl Hijack {
         Hijack { fd, flag: Default::default() }
     }
 
-    fn is_set(&self) -> bool {
+    /// Whether the handler took the connection over.
+    pub fn is_taken(&self) -> bool {
         self.flag.load(std::sync::atomic::Ordering::Acquire)
     }
 

@@ -1,6 +1,7 @@
 //! The L7 data path: hyper servers for the HTTP and gRPC listeners, the request handler that
 //! routes and balances, the upstream connection pools, and WebSocket/SSE pass-through.
 
+mod activity;
 pub mod body;
 mod error;
 mod framing;

@@ -1,9 +1,13 @@
 //! The listeners: accept client connections (at most `server.max_conn` at once; the rest
 //! wait in the backlog) and serve each with hyper: HTTP/1.1 and prior-knowledge h2c on the
 //! HTTP listener, HTTP/1.1 or h2 after a TLS handshake on the HTTPS listener, h2c only on the
-//! gRPC listener. On shutdown, connections finish gracefully.
+//! gRPC listener. On shutdown, connections finish gracefully. A connection that has not
+//! produced a request head within `read_timeout` of being accepted, or of its last request, is
+//! closed whatever state it is in (sniffing, TLS handshake, h2 preface, half a head).
 
 use std::{net::SocketAddr, os::fd::AsRawFd, sync::Arc, time::Duration};
+
+use bytes::Bytes;
 
 use hyper::{
     server::conn::{http1, http2},
@@ -11,22 +15,33 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
 };
 use tokio_rustls::TlsAcceptor;
 
 pub use super::service::Listener;
 use super::{
+    activity::{self, Activity},
+    body::Tracked,
     framing::Scanner,
-    io::{ClientIo, Hijack},
+    io::{ClientIo, Hijack, Http1Watch},
     service::Handler,
 };
 use crate::{shutdown::Shutdown, state::State};
 
 /// Longest a graceful stop waits for open connections to finish their requests.
 const DRAIN: Duration = Duration::from_secs(10);
+
+/// How long an idle h2 connection told to go away (GOAWAY) may take to close before it is
+/// dropped: a client that does not read, or never finished its preface, gets no more.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+
+/// hyper's own head timer, past ours (`io::ClientIo` closes at `read_timeout`, with a 408
+/// when owed): it only ends what ours does not watch, a head pipelined behind a response.
+const HYPER_HEAD_SLACK: Duration = Duration::from_secs(1);
 
 /// Serves one listener (or one worker's clone of it) until shutdown. `limit` is shared by all
 /// workers of a listener: it holds one permit per `server.max_conn`.
@@ -45,9 +60,16 @@ pub async fn serve(
 
     let max_conn = server.max_conn;
     let mut h1 = http1::Builder::new();
-    h1.timer(TokioTimer::new()).header_read_timeout(read_timeout).max_buf_size(max_head).half_close(false);
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(read_timeout + HYPER_HEAD_SLACK)
+        .max_buf_size(max_head)
+        .half_close(false);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new()).max_concurrent_streams(1024);
+    // PINGs find peers that vanished while streams are open; idle ones are closed by `serve`.
+    h2.timer(TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(read_timeout)
+        .keep_alive_timeout(read_timeout);
     let builder = Arc::new(Builders { h1, h2 });
     let tls: Option<TlsAcceptor> = match (kind, &state.tls) {
         (Listener::Https, Some(tls)) => Some(tls.acceptor()),
@@ -63,7 +85,7 @@ pub async fn serve(
             p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = shutdown.wait() => break,
         };
-        let (stream, peer) = tokio::select! {
+        let (mut stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -75,39 +97,42 @@ pub async fn serve(
             },
             _ = shutdown.wait() => break,
         };
+        let accepted = Instant::now();
         let _ = stream.set_nodelay(true);
         let conn = Conn {
             state: state.clone(),
             builder: builder.clone(),
             peer,
             kind,
+            read_timeout,
             write_timeout,
+            activity: Activity::new(accepted),
             permit,
             shutdown: shutdown.clone(),
         };
         let Some(tls) = &tls else {
             tokio::spawn(async move {
-                let http1 = match kind {
-                    Listener::Grpc => false,
-                    _ => match sniff_http1(&stream, read_timeout).await {
-                        Some(h1) => h1,
+                let (http1, sniffed) = match kind {
+                    Listener::Grpc => (false, Bytes::new()),
+                    _ => match sniff_http1(&mut stream, accepted + read_timeout).await {
+                        Some(x) => x,
                         None => return,
                     },
                 };
                 let hijack = (kind == Listener::Http && http1).then(|| Hijack::new(stream.as_raw_fd()));
-                conn.serve(stream, http1, hijack).await;
+                conn.serve(stream, sniffed, http1, hijack).await;
             });
             continue;
         };
         let handshake = tls.accept(stream);
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(read_timeout, handshake).await {
+            let stream = match tokio::time::timeout_at(accepted + read_timeout, handshake).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => return tracing::debug!(%peer, timeout = ?read_timeout, "TLS handshake timed out"),
             };
             let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2");
-            conn.serve(stream, http1, None).await;
+            conn.serve(stream, Bytes::new(), http1, None).await;
         });
     }
     drop(listener);
@@ -123,27 +148,27 @@ struct Builders {
     h2: http2::Builder<TokioExecutor>,
 }
 
-/// Prior-knowledge h2c starts with `PRI * HTTP/2.0`; anything else is HTTP/1. Peeking leaves the
-/// bytes in the socket, so hyper reads the connection from its first byte and an upgraded
-/// connection is still a plain `TcpStream` underneath (which splicing needs). None: the client
-/// left or sent nothing within `read_timeout`.
-async fn sniff_http1(stream: &TcpStream, read_timeout: Duration) -> Option<bool> {
+/// Prior-knowledge h2c starts with `PRI * HTTP/2.0`; anything else is HTTP/1. Returns which,
+/// and the bytes read to tell (at most 14), which `ClientIo` replays to hyper. They are read,
+/// not peeked: a peek of bytes already there is always ready and never sees the FIN, so a peer
+/// that sent `PRI` and left would be polled forever. None: the client left, or had not told us
+/// by `deadline`.
+async fn sniff_http1(stream: &mut TcpStream, deadline: Instant) -> Option<(bool, Bytes)> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0";
-    let mut buf = [0u8; 14];
-    let deadline = tokio::time::Instant::now() + read_timeout;
+    let mut buf = [0u8; PREFACE.len()];
+    let mut len = 0;
     loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await.ok()?.ok()?;
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf[len..])).await.ok()?.ok()?;
         if n == 0 {
             return None;
         }
-        if buf[..n] != PREFACE[..n] {
-            return Some(true);
+        len += n;
+        if buf[..len] != PREFACE[..len] {
+            return Some((true, Bytes::copy_from_slice(&buf[..len])));
         }
-        if n == PREFACE.len() {
-            return Some(false);
+        if len == PREFACE.len() {
+            return Some((false, Bytes::copy_from_slice(&buf)));
         }
-        // A prefix of the preface so far: wait for more bytes.
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -153,34 +178,46 @@ struct Conn {
     builder: Arc<Builders>,
     peer: SocketAddr,
     kind: Listener,
+    read_timeout: Duration,
     write_timeout: Duration,
+    /// Open requests and since when there were none: the head and idle deadlines.
+    activity: Arc<Activity>,
     /// One of `server.max_conn`, held until the connection ends.
     permit: OwnedSemaphorePermit,
     shutdown: Shutdown,
 }
 
 impl Conn {
-    /// Serves HTTP on `io` until the client leaves or a graceful stop ends it; `http1` feeds
-    /// the bytes read through the framing scanner.
-    async fn serve<I>(self, io: I, http1: bool, hijack: Option<Hijack>)
+    /// Serves HTTP on `io` (after the `sniffed` bytes) until the client leaves, goes idle, or a
+    /// graceful stop ends it; `http1` feeds the bytes read through the framing scanner.
+    async fn serve<I>(self, io: I, sniffed: Bytes, http1: bool, hijack: Option<Hijack>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let _open = self.state.stats.connection();
-        let (scanner, ambiguous) = match http1 {
+        let (watch, ambiguous) = match http1 {
             true => {
                 let (s, flag) = Scanner::new();
-                (Some(s), Some(flag))
+                (Some(Http1Watch::new(s, self.activity.clone(), self.read_timeout)), Some(flag))
             }
             false => (None, None),
         };
-        let handler = Handler::new(self.state, self.peer, self.kind, ambiguous, hijack.clone());
-        let service = service_fn(move |req| handler.clone().handle(req));
-        let io = TokioIo::new(ClientIo::new(io, self.write_timeout, scanner, hijack));
+        let activity = self.activity.clone();
+        let handler = Handler::new(self.state, self.peer, self.kind, ambiguous, hijack.clone(), activity.clone());
+        let service = service_fn(move |req| {
+            // Open from the head to the end of the response body.
+            let open = activity.open();
+            let handled = handler.clone().handle(req);
+            async move { handled.await.map(|resp| resp.map(|body| Tracked::new(body, open))) }
+        });
+        let io = TokioIo::new(ClientIo::new(io, self.write_timeout, sniffed, watch, hijack));
         let result = if http1 {
-            drive(self.builder.h1.serve_connection(io, service).with_upgrades(), &self.shutdown).await
+            // HTTP/1 heads are watched in `ClientIo`, which can still answer 408.
+            let conn = self.builder.h1.serve_connection(io, service).with_upgrades();
+            drive(conn, &self.shutdown, std::future::pending()).await
         } else {
-            drive(self.builder.h2.serve_connection(io, service), &self.shutdown).await
+            let idle = activity::idle(&self.activity, self.read_timeout);
+            drive(self.builder.h2.serve_connection(io, service), &self.shutdown, idle).await
         };
         if let Err(e) = result {
             tracing::debug!(peer = %self.peer, error = %e, "client connection ended with error");
@@ -221,14 +258,20 @@ where
     }
 }
 
-/// Serves a connection to its end; on shutdown, lets it finish the requests in progress.
-async fn drive<C: Graceful>(conn: C, shutdown: &Shutdown) -> hyper::Result<()> {
+/// Serves a connection to its end; on shutdown, lets it finish the requests in progress; when
+/// `idle` resolves (no stream open for the idle time), tells it to go away and gives it
+/// `GOAWAY_GRACE` to do so.
+async fn drive<C: Graceful>(conn: C, shutdown: &Shutdown, idle: impl Future<Output = ()>) -> hyper::Result<()> {
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => r,
         _ = shutdown.wait() => {
             conn.as_mut().graceful();
             conn.await
+        }
+        _ = idle => {
+            conn.as_mut().graceful();
+            tokio::time::timeout(GOAWAY_GRACE, conn).await.unwrap_or(Ok(()))
         }
     }
 }

@@ -3,11 +3,12 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use http::{HeaderValue, Method, Request, Response, Uri, Version, header, uri::PathAndQuery};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header, uri::PathAndQuery};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
 use super::{
+    activity::Activity,
     body::{InFlight, RequestBody, ResponseBody},
     error,
     framing::Ambiguous,
@@ -51,6 +52,8 @@ pub struct Handler {
     pub hijack: Option<Hijack>,
     /// `X-Forwarded-Proto` for requests from an untrusted peer: how they reached us.
     pub proto: &'static str,
+    /// The connection's open requests; told when it switches protocols.
+    pub activity: Arc<Activity>,
 }
 
 impl Handler {
@@ -60,11 +63,12 @@ impl Handler {
         listener: Listener,
         ambiguous: Option<Ambiguous>,
         hijack: Option<Hijack>,
+        activity: Arc<Activity>,
     ) -> Handler {
         let peer_header = HeaderValue::try_from(headers::canonical(peer.ip()).to_string())
             .expect("an IP address is a valid header value");
         let proto = if listener == Listener::Https { "https" } else { "http" };
-        Handler { state, peer, peer_header, listener, ambiguous, proto, hijack }
+        Handler { state, peer, peer_header, listener, ambiguous, proto, hijack, activity }
     }
 
     /// What splicing needs, when this daemon splices at all.
@@ -123,7 +127,11 @@ impl Handler {
         let hash = client_hash(client);
 
         if is_upgrade {
-            return upgrade::relay(snap, route, req, hash, &self.state.stats, self.splicer()).await;
+            let resp = upgrade::relay(snap, route, req, hash, &self.state.stats, self.splicer()).await;
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                self.activity.switch();
+            }
+            return resp;
         }
 
         if protocol == Protocol::Sse

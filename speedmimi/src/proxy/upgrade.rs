@@ -214,7 +214,12 @@ fn plan(client: Upgraded, upstream: Upgraded, splicer: Option<Splicer>) -> Optio
     };
     match client.downcast::<TokioIo<ClientIo<TcpStream>>>() {
         Ok(client) => {
-            let (client_tcp, client_ahead) = (client.io.into_inner().into_inner(), client.read_buf);
+            let (client_tcp, unread) = client.io.into_inner().into_parts();
+            // Sniffed bytes hyper never asked for (none in practice: a head is longer) go first.
+            let client_ahead = match unread.is_empty() {
+                true => client.read_buf,
+                false => [unread, client.read_buf].concat().into(),
+            };
             let flow = splice::Flow { client: client_tcp, client_ahead, upstream: up_tcp, upstream_ahead };
             Some(Plan::Splice(flow, splicer))
         }
