@@ -99,6 +99,10 @@ impl Handler {
             tracing::info!(peer = %self.peer, reason, "rejected request with ambiguous framing");
             return error::bad_request("bad request: ambiguous message framing\n");
         }
+        if let Err(reason) = admit_host(&mut req) {
+            tracing::info!(peer = %self.peer, reason, "rejected request with a bad Host");
+            return error::bad_request("bad request: missing, repeated or invalid Host\n");
+        }
         let Some(route) = snap.route(request_host(&req), req.uri().path()) else {
             tracing::info!(peer = %self.peer, host = ?request_host(&req), path = req.uri().path(), "no route");
             return error::no_route();
@@ -110,19 +114,11 @@ impl Handler {
         let client = headers::client_ip(peer_ip, trusted, req.headers(), &settings.real_ip_header);
         let is_upgrade = protocol == Protocol::WebSocket || wants_upgrade(&req);
 
-        // HTTP/2 carries the host in the URI; an HTTP/1.1 backend needs it as Host.
-        let h2_host = match req.headers().contains_key(header::HOST) {
-            true => None,
-            false => req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-        };
         {
             let h = req.headers_mut();
             headers::strip_hop_by_hop(h, is_upgrade, protocol == Protocol::Grpc);
             let forwarded = headers::Forwarded { peer: &self.peer_header, trusted, client, proto: self.proto };
             headers::set_forwarded(h, &forwarded, &settings.real_ip_header);
-            if let Some(host) = h2_host {
-                h.insert(header::HOST, host);
-            }
         }
         let hash = client_hash(client);
 
@@ -143,7 +139,7 @@ impl Handler {
             return resp;
         }
 
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let http1 = parts.version == Version::HTTP_11 || parts.version == Version::HTTP_10;
         let body = if body.is_end_stream() {
             RequestBody::empty()
@@ -159,9 +155,6 @@ impl Handler {
         } else {
             RequestBody::streamed(body, (protocol != Protocol::Grpc).then_some(settings.read_timeout))
         };
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            parts.uri = origin_form(&parts.uri);
-        }
         forward(snap, route, protocol, Request::from_parts(parts, body), hash, &self.state.stats).await
     }
 }
@@ -346,11 +339,39 @@ fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
     None
 }
 
-/// The Host a request names: the URI authority (HTTP/2, absolute-form) or the Host header.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str());
+/// Admission by Host (RFC 9112 §3.2): an HTTP/1.1 request carries exactly one valid Host; an
+/// absolute-form target's authority (or h2's `:authority`) replaces any Host sent with it. After
+/// this, the Host header is the one authority the request is routed by and forwarded with, and
+/// the target is in origin form.
+fn admit_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
+    if let Some(authority) = req.uri().authority() {
+        if authority.as_str().contains('@') {
+            return Err("userinfo in the target's authority");
+        }
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| "target authority is not a header value")?;
+        req.headers_mut().insert(header::HOST, host);
+        let uri = origin_form(req.uri());
+        *req.uri_mut() = uri;
+        return Ok(());
     }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err("more than one Host"),
+        (None, _) if req.version() == Version::HTTP_11 => Err("HTTP/1.1 request without Host"),
+        (None, _) => Ok(()),
+        (Some(h), None) if valid_host(h.as_bytes()) => Ok(()),
+        (Some(_), None) => Err("invalid Host value"),
+    }
+}
+
+/// `uri-host [ ":" port ]`: a non-empty authority without userinfo.
+fn valid_host(v: &[u8]) -> bool {
+    !v.is_empty() && !v.contains(&b'@') && http::uri::Authority::try_from(v).is_ok()
+}
+
+/// The Host a request is routed by (set by `admit_host`; absent only on HTTP/1.0 and h2
+/// requests that named none).
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
     req.headers().get(header::HOST).and_then(|h| h.to_str().ok())
 }
 
