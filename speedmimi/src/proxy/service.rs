@@ -93,6 +93,12 @@ impl Handler {
     }
 
     async fn proxy(&self, snap: &Snapshot, mut req: Request<Incoming>) -> Response<ResponseBody> {
+        if self.hijack.as_ref().is_some_and(Hijack::is_taken) {
+            // A spliced SSE stream owns this connection: a request pipelined behind it is not
+            // forwarded (its answer could never be delivered), and this one goes nowhere.
+            tracing::info!(peer = %self.peer, "request pipelined after an SSE stream dropped");
+            return error::bad_request("bad request: pipelined after an event stream\n");
+        }
         let scanned =
             self.ambiguous.as_ref().is_some_and(|a| a.is_set()).then_some("both Content-Length and Transfer-Encoding");
         if let Some(reason) = scanned.or_else(|| ambiguous_framing(&req)) {
@@ -113,6 +119,12 @@ impl Handler {
         let trusted = headers::is_trusted(peer_ip, &settings.trusted_proxies);
         let client = headers::client_ip(peer_ip, trusted, req.headers(), &settings.real_ip_header);
         let is_upgrade = protocol == Protocol::WebSocket || wants_upgrade(&req);
+        if is_upgrade && !req.body().is_end_stream() {
+            // Its body would have to go before the switch, which the relay does not do: refuse
+            // rather than forward a Content-Length without its body.
+            tracing::info!(peer = %self.peer, route = %route.name, "rejected upgrade request with a body");
+            return error::bad_request("bad request: upgrade request with a body\n");
+        }
 
         {
             let h = req.headers_mut();
@@ -218,6 +230,14 @@ async fn forward(
         };
         backend.connect_succeeded();
         backend.observe_latency(started.elapsed());
+        if both_framings(resp.headers()) {
+            // Dropped unread with its guard not clean: the connection is not reused.
+            tracing::warn!(route = %route.name, backend = %backend.id,
+                "upstream reply has both Content-Length and Transfer-Encoding");
+            let resp = error::bad_gateway();
+            record(route, index, &backend, resp.status().as_u16(), started);
+            return resp;
+        }
         record(route, index, &backend, resp.status().as_u16(), started);
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false, false);
@@ -323,11 +343,18 @@ async fn send_h2(
     }
 }
 
+/// A message framed both by Content-Length and Transfer-Encoding (RFC 9112 §6.3: a sign of
+/// smuggling). From a backend, hyper reads it as chunked; relaying it would leave the client a
+/// Content-Length that does not match the body, so the proxy answers 502 instead.
+pub(super) fn both_framings(h: &http::HeaderMap) -> bool {
+    h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH)
+}
+
 /// Request-smuggling guards hyper does not apply itself: a message with both Content-Length
 /// and Transfer-Encoding is rejected rather than reinterpreted (RFC 9112 §6.1 allows either).
 fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
     let h = req.headers();
-    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+    if both_framings(h) {
         return Some("both Content-Length and Transfer-Encoding");
     }
     let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();

@@ -107,7 +107,10 @@ pub async fn relay<B>(
         }
     });
     // What hyper writes for this goes nowhere; the client already has (or will have) ours.
-    Some(Response::new(ResponseBody::Local(None)))
+    // `close` ends hyper's side after it: requests pipelined behind this one are not served.
+    let mut resp = Response::new(ResponseBody::Local(None));
+    resp.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    Some(resp)
 }
 
 /// A stream whose head is going out to the client.
@@ -229,6 +232,12 @@ async fn read_head(s: &mut TcpStream) -> std::io::Result<(Head, Bytes)> {
                     {
                         map.append(n, v);
                     }
+                }
+                if super::service::both_framings(&map) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "both Content-Length and Transfer-Encoding",
+                    ));
                 }
                 // The body's framing passes through with the body; everything else hop-by-hop goes.
                 let te = map.get_all(header::TRANSFER_ENCODING).iter().cloned().collect::<Vec<_>>();

@@ -92,6 +92,11 @@ pub async fn relay(
             }
             Ok(Ok(r)) => r,
         };
+        if super::service::both_framings(resp.headers()) {
+            tracing::warn!(route = %route.name, backend = %backend.id,
+                "upstream reply to an upgrade has both Content-Length and Transfer-Encoding");
+            return error::bad_gateway();
+        }
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // The backend declined: its answer goes back as an ordinary response.
             let (mut p, body) = resp.into_parts();
