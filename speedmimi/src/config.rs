@@ -86,6 +86,10 @@ pub struct ServerSection {
     pub workers: u32,
     /// Largest request head accepted; larger ones get 431. (new)
     pub max_header_bytes: u32,
+    /// Largest request body accepted (a size such as `10MiB`); a larger one gets 413 and, when
+    /// its length is declared or it ends within the first 64 KiB read ahead, never reaches a
+    /// backend (a longer stream is cut where it passes the limit). Absent: no limit. (new)
+    pub max_body_bytes: Option<ByteSize>,
     /// Header a trusted proxy uses to tell us the client's address.
     pub real_ip_header: String,
     /// Peers allowed to set the real-IP and forwarded headers (CIDRs or bare addresses).
@@ -107,6 +111,7 @@ impl Default for ServerSection {
             max_conn: 10_000,
             workers: 0,
             max_header_bytes: 32 * 1024,
+            max_body_bytes: None,
             real_ip_header: "X-Real-IP".into(),
             trusted_proxies: Vec::new(),
             access_log: String::new(),

@@ -110,6 +110,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub read_timeout: Duration,
+    /// `server.max_body_bytes`: larger request bodies get 413.
+    pub max_body_bytes: Option<u64>,
     /// Idle limit of upgraded flows and SSE streams.
     pub tunnel_timeout: Duration,
     pub trusted_proxies: Vec<IpNet>,
@@ -510,6 +512,7 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
         connect_timeout: s.connect_timeout.get(),
         upstream_timeout: s.upstream_timeout.get(),
         read_timeout: s.read_timeout.get(),
+        max_body_bytes: s.max_body_bytes.map(|b| b.0),
         tunnel_timeout: s.tunnel_timeout.get(),
         trusted_proxies: config.trusted_proxies.clone(),
         real_ip_header: HeaderName::from_bytes(s.real_ip_header.as_bytes()).expect("validated header name"),

@@ -17,6 +17,13 @@ pub fn bad_request(text: &'static str) -> Response<ResponseBody> {
     r
 }
 
+/// Closes the connection: the body left unread must not be taken for the next request.
+pub fn payload_too_large() -> Response<ResponseBody> {
+    let mut r = response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+    r.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    r
+}
+
 pub fn no_route() -> Response<ResponseBody> {
     response(StatusCode::NOT_FOUND, "no route for this request\n")
 }

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 
 use super::{
     activity::Activity,
-    body::{InFlight, RequestBody, ResponseBody},
+    body::{BodyTooLarge, InFlight, RequestBody, ResponseBody},
     error,
     framing::Ambiguous,
     headers,
@@ -152,20 +152,32 @@ impl Handler {
         }
 
         let (parts, body) = req.into_parts();
+        if let Some(max) = settings.max_body_bytes
+            && body.size_hint().lower() > max
+        {
+            tracing::info!(peer = %self.peer, route = %route.name, length = body.size_hint().lower(), max,
+                "request body too large");
+            return error::payload_too_large();
+        }
         let http1 = parts.version == Version::HTTP_11 || parts.version == Version::HTTP_10;
         let body = if body.is_end_stream() {
             RequestBody::empty()
         } else if http1 && body.size_hint().exact().is_none() {
             // Chunked: its framing is ours to check before anything goes upstream.
-            match RequestBody::read_ahead(body, settings.read_timeout, READ_AHEAD).await {
+            match RequestBody::read_ahead(body, settings.read_timeout, READ_AHEAD, settings.max_body_bytes).await {
                 Ok(b) => b,
+                Err(e) if BodyTooLarge::caused(&*e) => {
+                    tracing::info!(peer = %self.peer, route = %route.name, error = %e, "request body too large");
+                    return error::payload_too_large();
+                }
                 Err(e) => {
                     tracing::info!(peer = %self.peer, route = %route.name, error = %e, "bad request body");
                     return error::bad_request("bad request: invalid body\n");
                 }
             }
         } else {
-            RequestBody::streamed(body, (protocol != Protocol::Grpc).then_some(settings.read_timeout))
+            let read_timeout = (protocol != Protocol::Grpc).then_some(settings.read_timeout);
+            RequestBody::streamed(body, read_timeout, settings.max_body_bytes)
         };
         forward(snap, route, protocol, Request::from_parts(parts, body), hash, &self.state.stats).await
     }
@@ -218,6 +230,12 @@ async fn forward(
                 tracing::warn!(route = %route.name, backend = %backend.id, timeout = ?settings.upstream_timeout,
                     "upstream timed out");
                 let resp = error::gateway_timeout();
+                record(route, index, &backend, resp.status().as_u16(), started);
+                return resp;
+            }
+            Err(SendError::Upstream(e)) if BodyTooLarge::caused(&e) => {
+                tracing::info!(route = %route.name, backend = %backend.id, error = %e, "request body too large");
+                let resp = error::payload_too_large();
                 record(route, index, &backend, resp.status().as_u16(), started);
                 return resp;
             }
@@ -276,8 +294,8 @@ enum SendError {
 }
 
 /// Sends on a pooled HTTP/1.1 connection and waits for the response head (bounded by
-/// `upstream_timeout`). A pooled connection found closed before the request left is
-/// replaced by a fresh one.
+/// `upstream_timeout` from the end of the request body). A pooled connection found closed
+/// before the request left is replaced by a fresh one.
 async fn send_h1(
     backend: &Backend,
     mut req: Request<RequestBody>,
@@ -285,13 +303,13 @@ async fn send_h1(
     settings: &Settings,
 ) -> Result<Response<Incoming>, SendError> {
     *req.version_mut() = Version::HTTP_11;
-    let deadline = tokio::time::Instant::now() + settings.upstream_timeout;
     loop {
         let mut conn = match backend.pool.h1(settings.connect_timeout).await {
             Ok(c) => c,
             Err(e) => return Err(SendError::Connect(e, Some(Box::new(req)))),
         };
-        let outcome = tokio::time::timeout_at(deadline, conn.sender.try_send_request(req)).await;
+        let uploaded = req.body_mut().uploaded();
+        let outcome = head_within(conn.sender.try_send_request(req), uploaded, settings.upstream_timeout).await;
         match outcome {
             Err(_) => return Err(SendError::Timeout),
             Ok(Ok(resp)) => {
@@ -337,10 +355,26 @@ async fn send_h2(
             ));
         }
     }
-    match tokio::time::timeout(settings.upstream_timeout, sender.send_request(req)).await {
+    let uploaded = req.body_mut().uploaded();
+    match head_within(sender.send_request(req), uploaded, settings.upstream_timeout).await {
         Err(_) => Err(SendError::Timeout),
         Ok(r) => r.map_err(SendError::Upstream),
     }
+}
+
+/// Waits for a backend's response head: as long as the request body is still going up (its own
+/// read deadline bounds that: a slow client is not a slow backend), then `limit` more.
+async fn head_within<F: Future>(
+    send: F,
+    uploaded: tokio::sync::oneshot::Receiver<()>,
+    limit: std::time::Duration,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    tokio::pin!(send);
+    tokio::select! {
+        r = &mut send => return Ok(r),
+        _ = uploaded => {}
+    }
+    tokio::time::timeout(limit, send).await
 }
 
 /// A message framed both by Content-Length and Transfer-Encoding (RFC 9112 §6.3: a sign of
