@@ -24,6 +24,7 @@ use tokio::{
 };
 
 pub mod lab;
+pub mod logging;
 pub mod tls;
 
 /// True when the test may run (running as root, so it can load eBPF). Without root: under

@@ -1,0 +1,598 @@
+//! Adversarial HTTP: hostile requests and backend replies over raw sockets, each checked for
+//! what the client got and what a logging backend saw (never two requests where the client
+//! sent one, never one that should have been refused); and connections that stall or leave in
+//! every protocol state (sniffing, TLS handshake, h2 preface, half a head, idle h2), which must
+//! be closed within `read_timeout` and must not keep their `max_conn` slot.
+
+mod support;
+
+use std::{net::SocketAddr, os::fd::BorrowedFd, sync::Arc, time::Duration};
+
+use http::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use speedmimi::{
+    config::Config,
+    datapath::{Control, Counters, Datapath, DatapathError, Limits, Peer, SplicedPair},
+};
+use support::{
+    EmptyBody, Proxy, backend_yaml,
+    logging::{LoggingBackend, Reply, Seen},
+    one_route,
+    tls::{Ca, TempDir, ssl_yaml, tls_connect},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::Instant,
+};
+
+/// The h2 client preface followed by an empty SETTINGS frame.
+const H2_PREFACE_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// How a case's proxy and backend are set up.
+#[derive(Clone, Copy, Debug)]
+enum Setup {
+    /// One route for any host.
+    Open,
+    /// One route, for `host: public.example` only.
+    Hosted,
+    /// Open, with `server.max_body_bytes: 10`.
+    Capped,
+    /// Open, with a datapath that offers splicing (and then copies), so SSE requests take the
+    /// raw hijacked path; the backend answers an SSE stream and closes.
+    Sse,
+    /// Open; the backend answers with both Content-Length and Transfer-Encoding.
+    BothFramings,
+}
+
+/// A look at the requests the backend saw; Err says what was wrong.
+type Check = fn(&[Seen]) -> Result<(), String>;
+
+struct Case {
+    name: &'static str,
+    setup: Setup,
+    /// Sent on one connection, each part after the answer to the one before.
+    send: &'static [&'static [u8]],
+    /// The statuses the client must get, in order, and no more.
+    statuses: &'static [u16],
+    /// How many requests the backend must see.
+    backend: usize,
+    /// More about what the backend saw.
+    check: Option<Check>,
+}
+
+const CL_TE: &str = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+const DECLINED_WS: &[u8] = b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+const CASES: &[Case] = &[
+    // Host admission (RFC 9112 §3.2).
+    Case {
+        name: "absolute-form authority replaces Host and is what the backend sees",
+        setup: Setup::Hosted,
+        send: &[b"GET http://public.example/admin HTTP/1.1\r\nHost: secret.example\r\nConnection: close\r\n\r\n"],
+        statuses: &[200],
+        backend: 1,
+        check: Some(|s| {
+            let s = &s[0];
+            match (s.line(), s.header("host"), s.count("host")) {
+                ("GET /admin HTTP/1.1", Some("public.example"), 1) => Ok(()),
+                _ => Err(format!("backend got {:?}", s.head)),
+            }
+        }),
+    },
+    Case {
+        name: "absolute-form to an unrouted host is not rescued by Host",
+        setup: Setup::Hosted,
+        send: &[b"GET http://secret.example/ HTTP/1.1\r\nHost: public.example\r\nConnection: close\r\n\r\n"],
+        statuses: &[404],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "two Host headers",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "two identical Host headers",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: a.example\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "HTTP/1.1 without Host",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "Host with a space",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nHost: a b.example\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "Host with userinfo",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nHost: user@a.example\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "empty Host",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nHost: \r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "HTTP/1.0 without Host is served",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.0\r\n\r\n"],
+        statuses: &[200],
+        backend: 1,
+        check: None,
+    },
+    Case {
+        name: "Host with a port is served and forwarded as sent",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nHost: a.example:8080\r\nConnection: close\r\n\r\n"],
+        statuses: &[200],
+        backend: 1,
+        check: Some(|s| match s[0].header("host") {
+            Some("a.example:8080") => Ok(()),
+            h => Err(format!("backend got Host {h:?}")),
+        }),
+    },
+    // CL+TE detection survives upgrade-looking requests that did not switch protocols.
+    Case {
+        name: "CL+TE on its own",
+        setup: Setup::Open,
+        send: &[CL_TE.as_bytes()],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "CL+TE pipelined behind a GET refuses the connection",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "CL+TE after `Upgrade: foo` without `Connection: upgrade`",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: foo\r\n\r\n", CL_TE.as_bytes()],
+        statuses: &[200, 400],
+        backend: 1,
+        check: None,
+    },
+    Case {
+        name: "CL+TE after a WebSocket upgrade the backend declined",
+        setup: Setup::Open,
+        send: &[DECLINED_WS, CL_TE.as_bytes()],
+        statuses: &[200, 400],
+        backend: 1,
+        check: None,
+    },
+    // Upgrade requests with a body are refused, never forwarded with a length and no body.
+    Case {
+        name: "upgrade request with Content-Length body",
+        setup: Setup::Open,
+        send: &[b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nContent-Length: 5\r\n\r\nhello"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "upgrade request with chunked body",
+        setup: Setup::Open,
+        send: &[b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    // A request pipelined after a (hijacked) SSE request never reaches the backend.
+    Case {
+        name: "request pipelined after an SSE request",
+        setup: Setup::Sse,
+        send: &[b"GET /events HTTP/1.1\r\nHost: a\r\nAccept: text/event-stream\r\n\r\nGET /after HTTP/1.1\r\nHost: a\r\n\r\n"],
+        statuses: &[200],
+        backend: 1,
+        check: Some(|s| match s[0].line() {
+            "GET /events HTTP/1.1" => Ok(()),
+            l => Err(format!("backend got {l:?}")),
+        }),
+    },
+    // A backend reply with both framings is a 502, not an empty or mis-framed reply.
+    Case {
+        name: "backend reply with both Content-Length and Transfer-Encoding",
+        setup: Setup::BothFramings,
+        send: &[b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"],
+        statuses: &[502],
+        backend: 1,
+        check: None,
+    },
+    // Request body size limit.
+    Case {
+        name: "Content-Length past max_body_bytes",
+        setup: Setup::Capped,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world"],
+        statuses: &[413],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "chunked body past max_body_bytes",
+        setup: Setup::Capped,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n"],
+        statuses: &[413],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "body at max_body_bytes is forwarded whole",
+        setup: Setup::Capped,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nConnection: close\r\n\r\nhelloworld"],
+        statuses: &[200],
+        backend: 1,
+        check: Some(|s| match s[0].body.as_slice() {
+            b"helloworld" => Ok(()),
+            b => Err(format!("backend got body {:?}", String::from_utf8_lossy(b))),
+        }),
+    },
+];
+
+/// A datapath that says it can splice and then cannot, so flows take the hijacked path and
+/// are copied in userspace: the SSE raw path without root or eBPF.
+struct OffersSplicing;
+
+impl Datapath for OffersSplicing {
+    fn describe(&self) -> &'static str {
+        "test: offers splicing, then copies"
+    }
+    fn can_splice(&self) -> bool {
+        true
+    }
+    fn splice(&self, _: BorrowedFd<'_>, _: BorrowedFd<'_>, _: Limits, _: u32) -> Result<SplicedPair, DatapathError> {
+        Err(DatapathError::NoSplice)
+    }
+    fn counters(&self, _: u32) -> Option<Counters> {
+        None
+    }
+    fn set_control(&self, _: u64, _: Control) -> Result<(), DatapathError> {
+        Err(DatapathError::NoSplice)
+    }
+    fn peer(&self, _: u64) -> Option<Peer> {
+        None
+    }
+    fn unsplice(&self, _: SplicedPair) -> Result<(), DatapathError> {
+        Ok(())
+    }
+    fn spliced_sockets(&self) -> usize {
+        0
+    }
+}
+
+/// The config of a setup around one backend.
+fn config(setup: Setup, backend: SocketAddr) -> String {
+    let backends = backend_yaml("log", backend, 100);
+    let server = "  read_timeout: 5s\n  upstream_timeout: 5s\n";
+    match setup {
+        Setup::Hosted => format!(
+            "server:\n  host: 127.0.0.1\n  port: 8080\n{server}backends:\n  default:\n{backends}routing:\n  public:\n    path: /\n    host: public.example\n    upstream: default\n    load_balancer: round_robin\n"
+        ),
+        Setup::Capped => one_route(&backends, "round_robin", &format!("{server}  max_body_bytes: 10\n")),
+        Setup::Open | Setup::Sse | Setup::BothFramings => one_route(&backends, "round_robin", server),
+    }
+}
+
+fn reply(setup: Setup) -> Reply {
+    match setup {
+        Setup::Sse => Reply::raw_then_close(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\ndata: one\n\n",
+        ),
+        Setup::BothFramings => Reply::raw_then_close(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        _ => Reply::ok(),
+    }
+}
+
+/// Sends `bytes` on a fresh connection and reads until the proxy closes or is quiet for 1 s.
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    exchange_parts(addr, &[bytes]).await
+}
+
+/// Sends each part on one fresh connection, reading after each until the proxy closes or is
+/// quiet for 1 s; returns all it answered.
+async fn exchange_parts(addr: SocketAddr, parts: &[&[u8]]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + Duration::from_secs(10);
+    for part in parts {
+        if s.write_all(part).await.is_err() {
+            return out;
+        }
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 && Instant::now() < end => out.extend_from_slice(&buf[..n]),
+                Ok(Ok(_)) | Ok(Err(_)) => return out,
+                Err(_) => break,
+            }
+        }
+    }
+    out
+}
+
+/// The status codes of the HTTP/1 responses in `raw`, in order: heads are parsed and
+/// Content-Length bodies skipped; a response framed otherwise runs to the end.
+fn statuses(raw: &[u8]) -> Vec<u16> {
+    let mut found = Vec::new();
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        let Ok(httparse::Status::Complete(head)) = resp.parse(rest) else { break };
+        found.push(resp.code.unwrap_or(0));
+        let length = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok());
+        match length {
+            Some(n) => rest = &rest[(head + n).min(rest.len())..],
+            None => break,
+        }
+    }
+    found
+}
+
+async fn run_case(case: &Case) -> Result<(), String> {
+    let backend = LoggingBackend::start(reply(case.setup)).await;
+    let yaml = config(case.setup, backend.addr);
+    Config::parse(&yaml).map_err(|e| format!("config rejected: {e}"))?;
+    let proxy = match case.setup {
+        Setup::Sse => Proxy::start_with(&yaml, Arc::new(OffersSplicing)).await,
+        _ => Proxy::start(&yaml).await,
+    };
+    let got = exchange_parts(proxy.addr, case.send).await;
+    // Anything forwarded has arrived by now (the exchange waited for a quiet second).
+    let seen = backend.seen();
+    let st = statuses(&got);
+    let mut problems = Vec::new();
+    if st != case.statuses {
+        problems.push(format!("client got statuses {st:?}, want {:?}", case.statuses));
+    }
+    if seen.len() != case.backend {
+        let lines: Vec<_> = seen.iter().map(|s| s.line().to_owned()).collect();
+        problems.push(format!("backend saw {} requests {lines:?}, want {}", seen.len(), case.backend));
+    } else if let Some(check) = case.check
+        && let Err(e) = check(&seen)
+    {
+        problems.push(e);
+    }
+    proxy.stop().await;
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(format!("{}\n    client got: {:?}", problems.join("; "), String::from_utf8_lossy(&got))),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_and_replies() {
+    let mut failed = Vec::new();
+    for case in CASES {
+        match run_case(case).await {
+            Ok(()) => eprintln!("ok   {}", case.name),
+            Err(e) => {
+                eprintln!("FAIL {}: {e}", case.name);
+                failed.push(case.name);
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{} of {} cases failed: {failed:?}", failed.len(), CASES.len());
+}
+
+/// How a stalled connection must end.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ending {
+    /// Closed with nothing written.
+    Silent,
+    /// Closed after a `408 Request Timeout`.
+    Timeout408,
+    /// Closed; what was written (h2 SETTINGS, GOAWAY) does not matter.
+    Closed,
+}
+
+/// Reads until the peer closes; returns what it sent, or None if it was still open at `deadline`.
+async fn read_to_close(s: &mut (impl AsyncReadExt + Unpin), deadline: Instant) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(out),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+fn check_ending(name: &str, got: Option<Vec<u8>>, want: Ending) -> Result<(), String> {
+    let Some(got) = got else { return Err(format!("{name}: still open")) };
+    let ok = match want {
+        Ending::Silent => got.is_empty(),
+        Ending::Timeout408 => got.starts_with(b"HTTP/1.1 408 "),
+        Ending::Closed => true,
+    };
+    match ok {
+        true => Ok(()),
+        false => Err(format!("{name}: want {want:?}, got {:?}", String::from_utf8_lossy(&got))),
+    }
+}
+
+/// Every connection that has not produced a request head within `read_timeout` is closed,
+/// whatever its state; a partial HTTP/1 head gets a 408 first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_connections_are_closed_in_every_state() {
+    const READ_TIMEOUT: Duration = Duration::from_secs(2);
+    let backend = LoggingBackend::start(Reply::ok()).await;
+    let (dir, ca) = (TempDir::new(), Ca::new());
+    let (cert, key) = ca.issue(&["localhost"]).write(&dir, "server");
+    let extra = format!("  read_timeout: 2s\n{}", ssl_yaml(&cert, &key, true, ""));
+    let proxy = Proxy::start(&one_route(&backend_yaml("log", backend.addr, 100), "round_robin", &extra)).await;
+    let https = proxy.https.expect("HTTPS listener");
+
+    let plain: &[(&str, &[u8], Ending)] = &[
+        ("nothing sent", b"", Ending::Silent),
+        ("`PRI`", b"PRI", Ending::Closed),
+        ("h2 preface cut short", b"PRI * HTTP/2.0\r\n\r\nSM", Ending::Closed),
+        ("h2 preface and SETTINGS, no request", H2_PREFACE_SETTINGS, Ending::Closed),
+        ("half an HTTP/1 head", b"GET / HTTP/1.1\r\nHost: a\r\n", Ending::Timeout408),
+        ("a request line only", b"GET / HTTP/1.1\r\n", Ending::Timeout408),
+        ("an idle keep-alive connection", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Ending::Closed),
+        ("half a second head", b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n", Ending::Closed),
+    ];
+    let started = Instant::now();
+    // Generous: the rule is `read_timeout`; the rest is a noisy machine's slack.
+    let deadline = started + READ_TIMEOUT + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for &(name, bytes, want) in plain {
+        let addr = proxy.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(bytes).await.unwrap();
+            check_ending(name, read_to_close(&mut s, deadline).await, want)
+        }));
+    }
+    let ca = Arc::new(ca);
+    tasks.push(tokio::spawn(async move {
+        let mut s = TcpStream::connect(https).await.unwrap();
+        s.write_all(b"\x16\x03\x01\x00").await.unwrap();
+        check_ending("TLS ClientHello cut short", read_to_close(&mut s, deadline).await, Ending::Silent)
+    }));
+    for (name, alpn) in [("TLS h1, no request", &b"http/1.1"[..]), ("TLS h2, no request", &b"h2"[..])] {
+        let ca = ca.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = tls_connect(https, &ca, "localhost", &[alpn]).await;
+            check_ending(name, read_to_close(&mut s, deadline).await, Ending::Closed)
+        }));
+    }
+    let mut failed = Vec::new();
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            failed.push(e);
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+    // The half-finished keep-alive connection still had its first request served.
+    assert!(backend.seen().len() >= 2, "{:?}", backend.seen());
+}
+
+/// Sockets on `port` in CLOSE-WAIT (the peer left, we did not close).
+fn close_wait(port: u16) -> usize {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    tcp.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<_> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+                && f[3] == "08"
+        })
+        .count()
+}
+
+/// Peers that send part of an h2 preface and leave must give their slot back at once: with
+/// `max_conn: 4`, a normal client is served well within `read_timeout` after twelve of them,
+/// and no socket lingers in CLOSE-WAIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_leaving_mid_preface_release_their_slot() {
+    let backend = LoggingBackend::start(Reply::ok()).await;
+    let extra = "  read_timeout: 10s\n  max_conn: 4\n";
+    let proxy = Proxy::start(&one_route(&backend_yaml("log", backend.addr, 100), "round_robin", extra)).await;
+    for _ in 0..12 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"PRI").await.unwrap();
+    }
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        exchange(proxy.addr, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(got.as_deref().map(statuses).ok(), Some(vec![200]), "a normal client was locked out");
+    let mut left = close_wait(proxy.addr.port());
+    for _ in 0..20 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = close_wait(proxy.addr.port());
+    }
+    assert_eq!(left, 0, "sockets in CLOSE-WAIT on the proxy port");
+}
+
+/// Idle h2c connections (preface only, or one finished request) are closed after
+/// `read_timeout` and give their `max_conn` slots back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_h2_connections_release_their_slot() {
+    const READ_TIMEOUT: Duration = Duration::from_secs(2);
+    let backend = LoggingBackend::start(Reply::ok()).await;
+    let extra = "  read_timeout: 2s\n  max_conn: 2\n";
+    let proxy = Proxy::start(&one_route(&backend_yaml("log", backend.addr, 100), "round_robin", extra)).await;
+
+    let mut preface_only = TcpStream::connect(proxy.addr).await.unwrap();
+    preface_only.write_all(H2_PREFACE_SETTINGS).await.unwrap();
+
+    let io = TokioIo::new(TcpStream::connect(proxy.addr).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/", proxy.addr)).body(EmptyBody::new()).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    let idle_from = Instant::now();
+
+    let deadline = idle_from + READ_TIMEOUT + Duration::from_secs(4);
+    let closed = read_to_close(&mut preface_only, deadline).await;
+    assert!(closed.is_some(), "a connection that sent only the preface is still open");
+    let ended = tokio::time::timeout_at(deadline, conn).await;
+    assert!(ended.is_ok(), "an idle h2 connection is still open after {:?}", idle_from.elapsed());
+
+    let got = exchange(proxy.addr, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(statuses(&got), [200], "{:?}", String::from_utf8_lossy(&got));
+}
+
+/// `upstream_timeout` times the backend, not the client's upload: a slow upload to a backend
+/// that answers at once gets the backend's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upload_is_not_an_upstream_timeout() {
+    let backend = LoggingBackend::start(Reply::ok()).await;
+    let extra = "  read_timeout: 20s\n  upstream_timeout: 1s\n";
+    let proxy = Proxy::start(&one_route(&backend_yaml("log", backend.addr, 100), "round_robin", extra)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nConnection: close\r\n\r\n").await.unwrap();
+    for b in b"abcdef" {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(&[*b]).await.unwrap();
+    }
+    let got = read_to_close(&mut s, Instant::now() + Duration::from_secs(10)).await.expect("answered and closed");
+    assert_eq!(statuses(&got), [200], "{:?}", String::from_utf8_lossy(&got));
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, b"abcdef");
+}
