@@ -302,9 +302,14 @@ fn config(setup: Setup, backend: SocketAddr) -> String {
 
 fn reply(setup: Setup) -> Reply {
     match setup {
-        Setup::Sse => Reply::raw_then_close(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\ndata: one\n\n",
-        ),
+        // The stream stays open, so the exchange ends on a quiet second, time enough for a
+        // pipelined request to reach the backend if it is going to.
+        Setup::Sse => Reply {
+            bytes:
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\ndata: one\n\n"
+                    .to_vec(),
+            close: false,
+        },
         Setup::BothFramings => Reply::raw_then_close(
             b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         ),
