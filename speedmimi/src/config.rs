@@ -1,6 +1,7 @@
 //! The YAML config: serde types that mirror the file (`FileConfig`), `validate()` that reports
 //! every bad field with its path, and the validated `Config` the daemon runs on.
 
+pub mod limits;
 mod values;
 
 use std::{
@@ -23,6 +24,12 @@ pub enum ConfigError {
     /// Syntax or type error; serde_yaml's message names the field path, line and column.
     #[error("invalid config: {0}")]
     Yaml(#[from] serde_yaml::Error),
+    /// Too large or too deeply nested to parse in bounded time; refused before parsing.
+    #[error("invalid config: {0}")]
+    Limit(#[from] limits::LimitError),
+    /// Not UTF-8 (YAML is text).
+    #[error("invalid config: not UTF-8 text: {0}")]
+    Encoding(#[from] std::str::Utf8Error),
     #[error("invalid config:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<FieldError>),
 }
@@ -396,14 +403,29 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file. Reads at most one byte past `limits::MAX_BYTES`, so a
+    /// huge file (or a device) is refused without being read whole.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
-        Config::parse(&text)
+        use std::io::Read;
+        let io = |source| ConfigError::Io { path: path.to_owned(), source };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(limits::MAX_BYTES as u64 + 1).read_to_end(&mut bytes))
+            .map_err(io)?;
+        Config::parse_bytes(&bytes)
+    }
+
+    /// Parses and validates config bytes (UTF-8 YAML).
+    pub fn parse_bytes(bytes: &[u8]) -> Result<Config, ConfigError> {
+        if bytes.len() > limits::MAX_BYTES {
+            return Err(limits::LimitError::TooLarge { bytes: bytes.len() }.into());
+        }
+        Config::parse(std::str::from_utf8(bytes)?)
     }
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        limits::check(text)?;
         let file: FileConfig = serde_yaml::from_str(text)?;
         file.validate()
     }
@@ -529,6 +551,9 @@ impl FileConfig {
         }
         if self.l4.len() > L4_MAX_SERVICES as usize {
             bad("l4".into(), format!("{} services; at most {L4_MAX_SERVICES} are steered", self.l4.len()));
+        }
+        if !self.l4.is_empty() && self.ebpf.enabled == EbpfMode::False {
+            bad("ebpf.enabled".into(), "is false, but l4 services are steered by the eBPF datapath only".into());
         }
         let mut l4_names = HashSet::new();
         let mut l4_addrs = HashSet::new();

@@ -10,6 +10,7 @@ pub mod config;
 pub mod datapath;
 pub mod demo;
 pub mod health;
+pub mod preflight;
 pub mod proxy;
 pub mod shutdown;
 pub mod state;

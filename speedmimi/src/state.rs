@@ -3,7 +3,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{SocketAddr, ToSocketAddrs},
     sync::{Arc, Mutex, atomic::Ordering::Relaxed},
     time::Duration,
 };
@@ -436,10 +435,10 @@ fn prepare(config: &Config, previous: &HashMap<(String, String), Arc<Backend>>) 
                     b.clone()
                 }
                 _ => {
-                    let addr = resolve(&authority).map_err(|reason| StateError::Resolve {
+                    let addr = crate::preflight::resolve(authority.as_str()).map_err(|e| StateError::Resolve {
                         upstream: name.clone(),
                         authority: authority.clone(),
-                        reason,
+                        reason: e.to_string(),
                     })?;
                     Arc::new(Backend::new(name, conf, addr))
                 }
@@ -516,10 +515,6 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
         tag_backend: !s.access_log.is_empty(),
     };
     Snapshot { routes, upstreams, settings }
-}
-
-fn resolve(authority: &str) -> Result<SocketAddr, String> {
-    authority.to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or_else(|| "no address".to_owned())
 }
 
 #[cfg(test)]
