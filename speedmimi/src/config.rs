@@ -502,6 +502,11 @@ impl FileConfig {
             bad("admin.port".into(), "must be 1-65535".into());
         }
 
+        for up in self.backends.keys() {
+            if let Some(problem) = name_problem(up) {
+                bad(format!("backends.{up}"), format!("upstream name {problem}"));
+            }
+        }
         if self.backends.is_empty() {
             bad("backends".into(), "at least one upstream is needed".into());
         }
@@ -512,8 +517,8 @@ impl FileConfig {
             let mut ids = HashSet::new();
             for (i, b) in list.iter().enumerate() {
                 let at = format!("backends.{up}[{i}]");
-                if b.id.is_empty() {
-                    bad(format!("{at}.id"), "must not be empty".into());
+                if let Some(problem) = name_problem(&b.id) {
+                    bad(format!("{at}.id"), problem);
                 } else if !ids.insert(b.id.as_str()) {
                     bad(format!("{at}.id"), format!("duplicate id {:?} in upstream {up:?}", b.id));
                 }
@@ -529,6 +534,9 @@ impl FileConfig {
         let mut seen_routes = HashSet::new();
         for (name, r) in &self.routing {
             let at = format!("routing.{name}");
+            if let Some(problem) = name_problem(name) {
+                bad(at.clone(), format!("route name {problem}"));
+            }
             if !self.backends.contains_key(&r.upstream) {
                 bad(format!("{at}.upstream"), format!("unknown upstream {:?}", r.upstream));
             }
@@ -559,7 +567,9 @@ impl FileConfig {
         let mut l4_addrs = HashSet::new();
         for (i, l) in self.l4.iter().enumerate() {
             let at = format!("l4[{i}]");
-            if !l4_names.insert(l.name.as_str()) {
+            if let Some(problem) = name_problem(&l.name) {
+                bad(format!("{at}.name"), problem);
+            } else if !l4_names.insert(l.name.as_str()) {
                 bad(format!("{at}.name"), format!("duplicate l4 service {:?}", l.name));
             }
             if l.port == 0 {
@@ -665,6 +675,25 @@ impl BackendSection {
     /// How long a report from this backend stays fresh for the performance balancer.
     pub fn report_ttl(&self) -> Duration {
         3 * self.health_check.as_ref().map_or(Duration::from_secs(10), |h| h.interval.get())
+    }
+}
+
+/// Longest backend id, upstream, route or l4 service name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Why `name` cannot be a backend id, upstream, route or l4 service name; None when it can.
+///
+/// Ids and names end up in URLs (`?backend_id=`), metric labels and log lines, and are typed by
+/// operators: 1 to `MAX_NAME_LEN` ASCII letters, digits, `.`, `_` or `-` keep them all readable
+/// and unescaped, and keep one backend from bloating `/metrics` (a 100 KB id was accepted).
+pub fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("must not be empty".into())
+    } else if name.len() > MAX_NAME_LEN {
+        Some(format!("is {} characters long; at most {MAX_NAME_LEN} are allowed", name.len()))
+    } else {
+        let bad = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')));
+        bad.map(|c| format!("{name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"))
     }
 }
 

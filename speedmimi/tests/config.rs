@@ -663,3 +663,30 @@ fn oversized_file_is_refused_without_reading_it_whole() {
 fn non_utf8_config_is_an_error_not_a_panic() {
     assert!(matches!(Config::parse_bytes(b"backends: \xff\xfe\n"), Err(ConfigError::Encoding(_))));
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// 8. Ids and names are bounded (issue 12, item 12)
+
+#[test]
+fn backend_ids_are_bounded_in_length_and_charset() {
+    let long = "b".repeat(65);
+    for (id, part) in
+        [(long.as_str(), "at most 64"), ("\"a b\"", "contains ' '"), ("\"a/b\"", "contains '/'"), ("\"\"", "empty")]
+    {
+        assert_one_field_error(&MINIMAL.replace("id: b1", &format!("id: {id}")), "backends.default[0].id", &[part]);
+    }
+    let ok = format!("{}.b_1-Z", "a".repeat(58));
+    Config::parse(&MINIMAL.replace("id: b1", &format!("id: {ok}"))).expect("64 allowed characters");
+}
+
+#[test]
+fn upstream_route_and_l4_names_are_bounded() {
+    let text = MINIMAL
+        .replace("  default:\n    - id", "  \"up stream\":\n    - id")
+        .replace("upstream: default", "upstream: \"up stream\"");
+    assert_one_field_error(&text, "backends.up stream", &["upstream name", "contains ' '"]);
+    let route = "r".repeat(65);
+    let text = MINIMAL.replace("routing:\n  default:", &format!("routing:\n  {route}:"));
+    assert_one_field_error(&text, &format!("routing.{route}"), &["route name", "at most 64"]);
+    assert_one_field_error(&l4("").replace("name: s1", "name: \"s 1\""), "l4[0].name", &["contains ' '"]);
+}

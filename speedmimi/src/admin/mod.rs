@@ -134,8 +134,20 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestP
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendRef {
+    #[serde(deserialize_with = "name")]
     pub upstream: String,
+    #[serde(deserialize_with = "name")]
     pub backend_id: String,
+}
+
+/// An upstream name or backend id from a request; one that could name nothing
+/// (`config::name_problem`) is a 400 before any lookup.
+pub fn name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    match crate::config::name_problem(&s) {
+        None => Ok(s),
+        Some(problem) => Err(serde::de::Error::custom(format!("id or name {problem}"))),
+    }
 }
 
 #[cfg(test)]
