@@ -393,3 +393,33 @@ async fn ids_and_names_are_bounded_and_bad_ones_change_nothing() {
     let msg = rejected(&p, Method::PUT, "/api/v1/config", Some(&body), StatusCode::BAD_REQUEST).await;
     assert!(msg.contains("route name"), "{msg}");
 }
+
+/// The README's curl examples send `-d` without a JSON content type (curl then says
+/// `application/x-www-form-urlencoded`), or none at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_bodies_are_accepted_whatever_the_content_type() {
+    let (_a, _b, p) = two_backends("round_robin").await;
+    let c = client();
+    for (n, content_type) in
+        [None, Some("application/x-www-form-urlencoded"), Some("text/plain")].into_iter().enumerate()
+    {
+        let body = json!({"upstream": "default", "backend": {"id": format!("c{n}"), "host": "127.0.0.1", "port": 9}});
+        let mut req = http::Request::post(p.admin_url("/api/v1/backends/add"));
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        let req = req.body(http_body_util::Full::new(bytes::Bytes::from(body.to_string()))).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), c.request(req)).await.unwrap().unwrap();
+        let status = resp.status();
+        let json: Value = {
+            use http_body_util::BodyExt;
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).expect("a JSON answer")
+        };
+        assert_eq!(status, StatusCode::CREATED, "content-type {content_type:?}: {json}");
+        assert_eq!(json["id"], format!("c{n}"));
+    }
+    // Malformed JSON is still a JSON 400.
+    let msg =
+        rejected(&p, Method::POST, "/api/v1/backends/add", Some("upstream=default"), StatusCode::BAD_REQUEST).await;
+    assert!(msg.contains("JSON"), "{msg}");
+}

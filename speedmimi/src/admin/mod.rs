@@ -102,17 +102,17 @@ impl IntoResponse for AdminError {
     }
 }
 
-/// JSON body or a JSON 400 naming what is wrong (axum's own rejection is plain text).
+/// A JSON body, or a JSON 400 naming what is wrong. Any `Content-Type` is accepted: the API
+/// speaks only JSON, and `curl -d` (as in the README) sends a form content type; axum's `Json`
+/// refused those with a plain-text 400.
 pub struct Body<T>(pub T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
     type Rejection = AdminError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(e) => Err(AdminError::BadRequest(e.body_text())),
-        }
+        let bytes = bytes::Bytes::from_request(req, state).await.map_err(|e| AdminError::BadRequest(e.body_text()))?;
+        serde_json::from_slice(&bytes).map(Body).map_err(|e| AdminError::BadRequest(format!("invalid JSON body: {e}")))
     }
 }
 
