@@ -83,6 +83,9 @@ pub struct ServerSection {
     pub connect_timeout: Dur,
     /// Bounds waiting for a backend's response head; past it the client gets 504. (new)
     pub upstream_timeout: Dur,
+    /// A pooled upstream connection unused for this long is closed, so a burst does not leave
+    /// backends holding idle connections for good. (new)
+    pub upstream_idle_timeout: Dur,
     /// An upgraded flow (WebSocket) or SSE stream with no bytes in either direction for this
     /// long is closed, spliced or copied (HAProxy's `timeout tunnel`). (new)
     pub tunnel_timeout: Dur,
@@ -110,6 +113,7 @@ impl Default for ServerSection {
             write_timeout: Dur::secs(30),
             connect_timeout: Dur::secs(5),
             upstream_timeout: Dur::secs(60),
+            upstream_idle_timeout: Dur::secs(60),
             tunnel_timeout: Dur::secs(3600),
             max_conn: 10_000,
             workers: 0,
@@ -455,6 +459,7 @@ impl FileConfig {
             ("write_timeout", s.write_timeout),
             ("connect_timeout", s.connect_timeout),
             ("upstream_timeout", s.upstream_timeout),
+            ("upstream_idle_timeout", s.upstream_idle_timeout),
             ("tunnel_timeout", s.tunnel_timeout),
         ] {
             if d.get().is_zero() {

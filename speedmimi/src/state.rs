@@ -108,6 +108,8 @@ impl HostMatch {
 pub struct Settings {
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    /// Idle pooled upstream connections older than this are closed.
+    pub upstream_idle_timeout: Duration,
     pub read_timeout: Duration,
     /// Idle limit of upgraded flows and SSE streams.
     pub tunnel_timeout: Duration,
@@ -508,6 +510,7 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
     let settings = Settings {
         connect_timeout: s.connect_timeout.get(),
         upstream_timeout: s.upstream_timeout.get(),
+        upstream_idle_timeout: s.upstream_idle_timeout.get(),
         read_timeout: s.read_timeout.get(),
         tunnel_timeout: s.tunnel_timeout.get(),
         trusted_proxies: config.trusted_proxies.clone(),

@@ -5,7 +5,7 @@ pub mod body;
 mod error;
 mod framing;
 pub mod headers;
-mod idle;
+pub(crate) mod idle;
 mod io;
 mod park;
 pub mod server;
