@@ -9,6 +9,8 @@ pub mod command;
 pub mod config;
 pub mod datapath;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod preflight;
 pub mod proxy;

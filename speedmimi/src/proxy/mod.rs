@@ -3,7 +3,7 @@
 
 pub mod body;
 mod error;
-mod framing;
+pub(crate) mod framing;
 pub mod headers;
 pub(crate) mod idle;
 mod io;
