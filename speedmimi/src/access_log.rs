@@ -22,11 +22,7 @@ pub struct AccessLog {
 impl AccessLog {
     /// `""` = off (None), `"-"` = stdout, anything else = a file appended to.
     pub fn open(target: &str) -> io::Result<Option<AccessLog>> {
-        let out: Box<dyn Write + Send> = match target {
-            "" => return Ok(None),
-            "-" => Box::new(io::stdout()),
-            path => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
-        };
+        let Some(out) = open_target(target)? else { return Ok(None) };
         let (tx, rx) = sync_channel(QUEUE);
         std::thread::Builder::new().name("speedmimi-access-log".into()).spawn(move || write_lines(rx, out))?;
         Ok(Some(AccessLog { tx, dropped: AtomicU64::new(0) }))
@@ -37,6 +33,15 @@ impl AccessLog {
             self.dropped.fetch_add(1, Relaxed);
         }
     }
+}
+
+/// The writer `target` names (`""` = none); `preflight` opens it the same way startup does.
+pub fn open_target(target: &str) -> io::Result<Option<Box<dyn Write + Send>>> {
+    Ok(match target {
+        "" => None,
+        "-" => Some(Box::new(io::stdout())),
+        path => Some(Box::new(OpenOptions::new().create(true).append(true).open(path)?)),
+    })
 }
 
 fn write_lines(rx: Receiver<String>, out: Box<dyn Write + Send>) {

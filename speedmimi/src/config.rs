@@ -1,6 +1,7 @@
 //! The YAML config: serde types that mirror the file (`FileConfig`), `validate()` that reports
 //! every bad field with its path, and the validated `Config` the daemon runs on.
 
+pub mod limits;
 mod values;
 
 use std::{
@@ -23,6 +24,12 @@ pub enum ConfigError {
     /// Syntax or type error; serde_yaml's message names the field path, line and column.
     #[error("invalid config: {0}")]
     Yaml(#[from] serde_yaml::Error),
+    /// Too large or too deeply nested to parse in bounded time; refused before parsing.
+    #[error("invalid config: {0}")]
+    Limit(#[from] limits::LimitError),
+    /// Not UTF-8 (YAML is text).
+    #[error("invalid config: not UTF-8 text: {0}")]
+    Encoding(#[from] std::str::Utf8Error),
     #[error("invalid config:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<FieldError>),
 }
@@ -76,6 +83,9 @@ pub struct ServerSection {
     pub connect_timeout: Dur,
     /// Bounds waiting for a backend's response head; past it the client gets 504. (new)
     pub upstream_timeout: Dur,
+    /// A pooled upstream connection unused for this long is closed, so a burst does not leave
+    /// backends holding idle connections for good. (new)
+    pub upstream_idle_timeout: Dur,
     /// An upgraded flow (WebSocket) or SSE stream with no bytes in either direction for this
     /// long is closed, spliced or copied (HAProxy's `timeout tunnel`). (new)
     pub tunnel_timeout: Dur,
@@ -107,6 +117,7 @@ impl Default for ServerSection {
             write_timeout: Dur::secs(30),
             connect_timeout: Dur::secs(5),
             upstream_timeout: Dur::secs(60),
+            upstream_idle_timeout: Dur::secs(60),
             tunnel_timeout: Dur::secs(3600),
             max_conn: 10_000,
             workers: 0,
@@ -401,14 +412,29 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file. Reads at most one byte past `limits::MAX_BYTES`, so a
+    /// huge file (or a device) is refused without being read whole.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
-        Config::parse(&text)
+        use std::io::Read;
+        let io = |source| ConfigError::Io { path: path.to_owned(), source };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(limits::MAX_BYTES as u64 + 1).read_to_end(&mut bytes))
+            .map_err(io)?;
+        Config::parse_bytes(&bytes)
+    }
+
+    /// Parses and validates config bytes (UTF-8 YAML).
+    pub fn parse_bytes(bytes: &[u8]) -> Result<Config, ConfigError> {
+        if bytes.len() > limits::MAX_BYTES {
+            return Err(limits::LimitError::TooLarge { bytes: bytes.len() }.into());
+        }
+        Config::parse(std::str::from_utf8(bytes)?)
     }
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        limits::check(text)?;
         let file: FileConfig = serde_yaml::from_str(text)?;
         file.validate()
     }
@@ -438,6 +464,7 @@ impl FileConfig {
             ("write_timeout", s.write_timeout),
             ("connect_timeout", s.connect_timeout),
             ("upstream_timeout", s.upstream_timeout),
+            ("upstream_idle_timeout", s.upstream_idle_timeout),
             ("tunnel_timeout", s.tunnel_timeout),
         ] {
             if d.get().is_zero() {
@@ -485,6 +512,11 @@ impl FileConfig {
             bad("admin.port".into(), "must be 1-65535".into());
         }
 
+        for up in self.backends.keys() {
+            if let Some(problem) = name_problem(up) {
+                bad(format!("backends.{up}"), format!("upstream name {problem}"));
+            }
+        }
         if self.backends.is_empty() {
             bad("backends".into(), "at least one upstream is needed".into());
         }
@@ -495,8 +527,8 @@ impl FileConfig {
             let mut ids = HashSet::new();
             for (i, b) in list.iter().enumerate() {
                 let at = format!("backends.{up}[{i}]");
-                if b.id.is_empty() {
-                    bad(format!("{at}.id"), "must not be empty".into());
+                if let Some(problem) = name_problem(&b.id) {
+                    bad(format!("{at}.id"), problem);
                 } else if !ids.insert(b.id.as_str()) {
                     bad(format!("{at}.id"), format!("duplicate id {:?} in upstream {up:?}", b.id));
                 }
@@ -512,6 +544,9 @@ impl FileConfig {
         let mut seen_routes = HashSet::new();
         for (name, r) in &self.routing {
             let at = format!("routing.{name}");
+            if let Some(problem) = name_problem(name) {
+                bad(at.clone(), format!("route name {problem}"));
+            }
             if !self.backends.contains_key(&r.upstream) {
                 bad(format!("{at}.upstream"), format!("unknown upstream {:?}", r.upstream));
             }
@@ -535,11 +570,16 @@ impl FileConfig {
         if self.l4.len() > L4_MAX_SERVICES as usize {
             bad("l4".into(), format!("{} services; at most {L4_MAX_SERVICES} are steered", self.l4.len()));
         }
+        if !self.l4.is_empty() && self.ebpf.enabled == EbpfMode::False {
+            bad("ebpf.enabled".into(), "is false, but l4 services are steered by the eBPF datapath only".into());
+        }
         let mut l4_names = HashSet::new();
         let mut l4_addrs = HashSet::new();
         for (i, l) in self.l4.iter().enumerate() {
             let at = format!("l4[{i}]");
-            if !l4_names.insert(l.name.as_str()) {
+            if let Some(problem) = name_problem(&l.name) {
+                bad(format!("{at}.name"), problem);
+            } else if !l4_names.insert(l.name.as_str()) {
                 bad(format!("{at}.name"), format!("duplicate l4 service {:?}", l.name));
             }
             if l.port == 0 {
@@ -645,6 +685,25 @@ impl BackendSection {
     /// How long a report from this backend stays fresh for the performance balancer.
     pub fn report_ttl(&self) -> Duration {
         3 * self.health_check.as_ref().map_or(Duration::from_secs(10), |h| h.interval.get())
+    }
+}
+
+/// Longest backend id, upstream, route or l4 service name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Why `name` cannot be a backend id, upstream, route or l4 service name; None when it can.
+///
+/// Ids and names end up in URLs (`?backend_id=`), metric labels and log lines, and are typed by
+/// operators: 1 to `MAX_NAME_LEN` ASCII letters, digits, `.`, `_` or `-` keep them all readable
+/// and unescaped, and keep one backend from bloating `/metrics` (a 100 KB id was accepted).
+pub fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("must not be empty".into())
+    } else if name.len() > MAX_NAME_LEN {
+        Some(format!("is {} characters long; at most {MAX_NAME_LEN} are allowed", name.len()))
+    } else {
+        let bad = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')));
+        bad.map(|c| format!("{name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"))
     }
 }
 

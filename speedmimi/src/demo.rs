@@ -39,6 +39,8 @@ pub struct DemoBackend {
     pub requests: AtomicU64,
     /// TCP connections accepted.
     pub connections: AtomicU64,
+    /// TCP connections open now (accepted and not yet closed by either side).
+    pub open_connections: AtomicU64,
     /// `/health` answers 200 while true, 503 otherwise.
     pub healthy: AtomicBool,
     /// Extra delay (ms) before answering `/`.
@@ -51,6 +53,7 @@ impl DemoBackend {
             id: id.into(),
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            open_connections: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             delay_ms: AtomicU64::new(0),
         })
@@ -69,16 +72,19 @@ impl DemoBackend {
             };
             let _ = stream.set_nodelay(true);
             self.connections.fetch_add(1, Relaxed);
+            self.open_connections.fetch_add(1, Relaxed);
             let me = self.clone();
             let builder = builder.clone();
             let stop = shutdown.clone();
             tokio::spawn(async move {
+                let counter = me.clone();
                 let service = service_fn(move |req| me.clone().handle(req));
                 // A stopped origin drops its open connections too, as a crashed one would.
                 tokio::select! {
                     _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service) => {}
                     _ = stop.wait() => {}
                 }
+                counter.open_connections.fetch_sub(1, Relaxed);
             });
         }
     }

@@ -9,7 +9,10 @@ pub mod command;
 pub mod config;
 pub mod datapath;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
+pub mod preflight;
 pub mod proxy;
 pub mod shutdown;
 pub mod state;
@@ -111,6 +114,7 @@ pub async fn run_with(
     let state = Arc::new(State::new(config, datapath)?);
     health::spawn(state.clone(), shutdown.clone());
     spawn_sampler(state.clone(), shutdown.clone());
+    spawn_pool_reaper(state.clone(), shutdown.clone());
     if state.datapath.steers() {
         spawn_steering_checker(state.datapath.clone(), shutdown.clone());
     }
@@ -191,6 +195,29 @@ fn spawn_sampler(state: Arc<State>, shutdown: Shutdown) {
             for u in state.snapshot().upstreams.values() {
                 for b in u.backends.iter() {
                     b.traffic.sample();
+                }
+            }
+        }
+    });
+}
+
+/// Closes pooled upstream connections idle past `server.upstream_idle_timeout` (read from each
+/// snapshot, so a reload takes effect), checking a few times per timeout.
+fn spawn_pool_reaper(state: Arc<State>, shutdown: Shutdown) {
+    tokio::spawn(async move {
+        loop {
+            let timeout = state.snapshot().settings.upstream_idle_timeout;
+            tokio::select! {
+                _ = tokio::time::sleep(proxy::idle::check_period(timeout)) => {}
+                _ = shutdown.wait() => return,
+            }
+            let timeout = state.snapshot().settings.upstream_idle_timeout;
+            for u in state.snapshot().upstreams.values() {
+                for b in u.backends.iter() {
+                    let closed = b.pool.expire(timeout);
+                    if closed > 0 {
+                        tracing::debug!(upstream = %b.upstream, backend = %b.id, closed, "idle upstream connections closed");
+                    }
                 }
             }
         }

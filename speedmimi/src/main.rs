@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use speedmimi::{Listeners, config::Config, demo::DemoBackend, shutdown, telemetry};
+use speedmimi::{Listeners, config::Config, demo::DemoBackend, preflight, shutdown, telemetry};
 
 #[derive(Parser)]
 #[command(name = "speedmimi", version, about = "eBPF-assisted L4/L7 load balancer")]
@@ -42,7 +42,8 @@ fn main() -> ExitCode {
     telemetry::init();
     let cli = Cli::parse();
     if cli.check {
-        return match Config::load(&cli.config) {
+        // Everything startup checks short of binding and loading eBPF (see `preflight`).
+        return match Config::load(&cli.config).and_then(|c| preflight::check(&c)) {
             Ok(_) => {
                 println!("{}: ok", cli.config.display());
                 ExitCode::SUCCESS
@@ -94,7 +95,9 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         None => {
-            let config = Config::load(&cli.config).with_context(|| format!("config {}", cli.config.display()))?;
+            let config = Config::load(&cli.config)
+                .and_then(|c| preflight::check(&c).map(|()| c))
+                .with_context(|| format!("config {}", cli.config.display()))?;
             let listeners = Listeners::bind(&config).await?;
             speedmimi::run(config, listeners, stop, Some(cli.config.clone())).await?;
             Ok(())

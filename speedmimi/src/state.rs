@@ -3,7 +3,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{SocketAddr, ToSocketAddrs},
     sync::{Arc, Mutex, atomic::Ordering::Relaxed},
     time::Duration,
 };
@@ -109,6 +108,8 @@ impl HostMatch {
 pub struct Settings {
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    /// Idle pooled upstream connections older than this are closed.
+    pub upstream_idle_timeout: Duration,
     pub read_timeout: Duration,
     /// `server.max_body_bytes`: larger request bodies get 413.
     pub max_body_bytes: Option<u64>,
@@ -438,10 +439,10 @@ fn prepare(config: &Config, previous: &HashMap<(String, String), Arc<Backend>>) 
                     b.clone()
                 }
                 _ => {
-                    let addr = resolve(&authority).map_err(|reason| StateError::Resolve {
+                    let addr = crate::preflight::resolve(authority.as_str()).map_err(|e| StateError::Resolve {
                         upstream: name.clone(),
                         authority: authority.clone(),
-                        reason,
+                        reason: e.to_string(),
                     })?;
                     Arc::new(Backend::new(name, conf, addr))
                 }
@@ -511,6 +512,7 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
     let settings = Settings {
         connect_timeout: s.connect_timeout.get(),
         upstream_timeout: s.upstream_timeout.get(),
+        upstream_idle_timeout: s.upstream_idle_timeout.get(),
         read_timeout: s.read_timeout.get(),
         max_body_bytes: s.max_body_bytes.map(|b| b.0),
         tunnel_timeout: s.tunnel_timeout.get(),
@@ -519,10 +521,6 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
         tag_backend: !s.access_log.is_empty(),
     };
     Snapshot { routes, upstreams, settings }
-}
-
-fn resolve(authority: &str) -> Result<SocketAddr, String> {
-    authority.to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or_else(|| "no address".to_owned())
 }
 
 #[cfg(test)]

@@ -352,3 +352,74 @@ async fn a_set_token_guards_every_call() {
         assert_eq!(status, StatusCode::OK, "{path}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_and_names_are_bounded_and_bad_ones_change_nothing() {
+    let (_a, _b, p) = two_backends("round_robin").await;
+    let long = "x".repeat(65);
+    let huge = "y".repeat(100_000);
+    for id in [long.as_str(), "has space", "slash/id", "q?x", "", "ünï"] {
+        let body = json!({"upstream": "default", "backend": {"id": id, "host": "127.0.0.1", "port": 9}}).to_string();
+        let msg = rejected(&p, Method::POST, "/api/v1/backends/add", Some(&body), StatusCode::BAD_REQUEST).await;
+        assert!(msg.contains(".id"), "{id:?}: {msg}");
+    }
+    // A 100 KB id used to be accepted; the body limit or the id bound refuses it, as JSON.
+    let body = json!({"upstream": "default", "backend": {"id": huge, "host": "127.0.0.1", "port": 9}}).to_string();
+    let (status, v) = call(Method::POST, &p.admin_url("/api/v1/backends/add"), Some(&body), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].is_string(), "{v}");
+    // 64 characters of the allowed set are fine.
+    let ok = format!("{}.b_1-Z", "a".repeat(58));
+    let body = json!({"upstream": "default", "backend": {"id": ok, "host": "127.0.0.1", "port": 9}}).to_string();
+    let (status, v) = call(Method::POST, &p.admin_url("/api/v1/backends/add"), Some(&body), None).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+
+    // References to ids that could name nothing are 400 too, before any lookup.
+    let bad_refs = [
+        (Method::DELETE, format!("/api/v1/backends/remove?upstream=default&backend_id={long}")),
+        (Method::POST, "/api/v1/backends/disconnect?upstream=default&backend_id=a%20b".to_owned()),
+        (Method::GET, format!("/api/v1/stats/backend?upstream={long}&backend_id=a")),
+    ];
+    for (method, path) in bad_refs {
+        let msg = rejected(&p, method, &path, None, StatusCode::BAD_REQUEST).await;
+        assert!(msg.contains("id or name"), "{path}: {msg}");
+    }
+    let body = json!({"upstream": "default", "backend": {"id": "a b", "weight": 5}}).to_string();
+    rejected(&p, Method::PUT, "/api/v1/backends/update", Some(&body), StatusCode::BAD_REQUEST).await;
+    let body = json!({"upstream": "default", "backend_id": long, "performance": {"cpu_usage": 1.0}}).to_string();
+    rejected(&p, Method::POST, "/api/v1/report", Some(&body), StatusCode::BAD_REQUEST).await;
+    // Upstream and route names through a config change.
+    let body = json!({"config": {"routing": {"bad route": {"upstream": "default"}}}}).to_string();
+    let msg = rejected(&p, Method::PUT, "/api/v1/config", Some(&body), StatusCode::BAD_REQUEST).await;
+    assert!(msg.contains("route name"), "{msg}");
+}
+
+/// The README's curl examples send `-d` without a JSON content type (curl then says
+/// `application/x-www-form-urlencoded`), or none at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_bodies_are_accepted_whatever_the_content_type() {
+    let (_a, _b, p) = two_backends("round_robin").await;
+    let c = client();
+    for (n, content_type) in
+        [None, Some("application/x-www-form-urlencoded"), Some("text/plain")].into_iter().enumerate()
+    {
+        let body = json!({"upstream": "default", "backend": {"id": format!("c{n}"), "host": "127.0.0.1", "port": 9}});
+        let mut req = http::Request::post(p.admin_url("/api/v1/backends/add"));
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        let req = req.body(http_body_util::Full::new(bytes::Bytes::from(body.to_string()))).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), c.request(req)).await.unwrap().unwrap();
+        let status = resp.status();
+        let json: Value = {
+            use http_body_util::BodyExt;
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).expect("a JSON answer")
+        };
+        assert_eq!(status, StatusCode::CREATED, "content-type {content_type:?}: {json}");
+        assert_eq!(json["id"], format!("c{n}"));
+    }
+    // Malformed JSON is still a JSON 400.
+    let msg =
+        rejected(&p, Method::POST, "/api/v1/backends/add", Some("upstream=default"), StatusCode::BAD_REQUEST).await;
+    assert!(msg.contains("JSON"), "{msg}");
+}

@@ -9,6 +9,8 @@ use std::{
     time::Duration,
 };
 
+mod support;
+
 use speedmimi::config::{Algorithm, Config, ConfigError, EbpfMode, FieldError, HealthCheckKind, L4Mode, Scheme};
 
 /// SPEC §2, verbatim: the seed format that must load as written.
@@ -542,4 +544,149 @@ fn check_reports_a_missing_file_clearly() {
     assert!(stderr.contains("cannot read config"), "{}", describe(&out));
     assert!(stderr.contains(&path.display().to_string()), "{}", describe(&out));
     assert!(stderr.contains("No such file"), "{}", describe(&out));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 6. `--check` does every check startup does short of binding (issue 12, defect 9)
+
+/// `--check -c` on `text`: the exit status and stderr.
+fn check_text(text: &str) -> (bool, String) {
+    let file = TempConfig::new(text);
+    let out = check("-c", &file.0);
+    let ok = out.status.success();
+    assert_eq!(ok, String::from_utf8_lossy(&out.stdout).contains(": ok"), "{}", describe(&out));
+    (ok, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn check_rejects_a_missing_certificate_file() {
+    let dir = support::tls::TempDir::new();
+    let cert = dir.0.join("absent.crt");
+    let text = format!("{MINIMAL}{}", support::tls::ssl_yaml(&cert, &dir.0.join("absent.key"), false, ""));
+    let (ok, stderr) = check_text(&text);
+    assert!(!ok, "a missing certificate passed --check");
+    assert_contains(&stderr, &["ssl: ", "cannot read", &cert.display().to_string()]);
+}
+
+#[test]
+fn check_rejects_a_key_that_does_not_match_its_certificate() {
+    let dir = support::tls::TempDir::new();
+    let ca = support::tls::Ca::new();
+    let (cert, _) = ca.issue(&["a.example"]).write(&dir, "a");
+    let (_, other_key) = ca.issue(&["b.example"]).write(&dir, "b");
+    let (ok, stderr) = check_text(&format!("{MINIMAL}{}", support::tls::ssl_yaml(&cert, &other_key, false, "")));
+    assert!(!ok, "a mismatched key passed --check");
+    assert_contains(&stderr, &["does not match"]);
+}
+
+#[test]
+fn check_accepts_a_loadable_certificate() {
+    let dir = support::tls::TempDir::new();
+    let (cert, key) = support::tls::Ca::new().issue(&["a.example"]).write(&dir, "a");
+    let (ok, stderr) = check_text(&format!("{MINIMAL}{}", support::tls::ssl_yaml(&cert, &key, true, "")));
+    assert!(ok, "{stderr}");
+}
+
+#[test]
+fn check_rejects_listener_hosts_that_are_not_addresses() {
+    for (section, field) in [("server", "server.host"), ("admin", "admin.host"), ("grpc", "grpc.host")] {
+        let enable = if section == "grpc" { "  enabled: true\n" } else { "" };
+        let (ok, stderr) = check_text(&format!("{MINIMAL}{section}:\n  host: \"not an ip\"\n{enable}"));
+        assert!(!ok, "{field}: \"not an ip\" passed --check");
+        assert_contains(&stderr, &[&format!("{field}: "), "not an ip"]);
+    }
+}
+
+#[test]
+fn check_rejects_an_unresolvable_backend_host() {
+    let (ok, stderr) = check_text(&MINIMAL.replace("127.0.0.1", "no-such-host.invalid"));
+    assert!(!ok, "an unresolvable backend host passed --check");
+    assert_contains(&stderr, &["backends.default[0].host: ", "no-such-host.invalid"]);
+}
+
+#[test]
+fn check_reports_every_startup_problem_at_once() {
+    let text = format!("{}server:\n  host: \"nope nope\"\n", MINIMAL.replace("127.0.0.1", "no-such-host.invalid"));
+    let (ok, stderr) = check_text(&text);
+    assert!(!ok);
+    assert_contains(&stderr, &["server.host: ", "backends.default[0].host: "]);
+}
+
+#[test]
+fn startup_refuses_what_check_refuses_with_the_same_message() {
+    let file = TempConfig::new(&format!("{MINIMAL}server:\n  host: \"not an ip\"\n"));
+    let out = Command::new(env!("CARGO_BIN_EXE_speedmimi"))
+        .arg("-c")
+        .arg(&file.0)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run speedmimi");
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.host: "), "{}", describe(&out));
+}
+
+#[test]
+fn l4_services_with_ebpf_disabled_are_rejected() {
+    assert_one_field_error(&l4("ebpf:\n  enabled: false\n"), "ebpf.enabled", &["l4"]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 7. Bounded parsing time: size and nesting are capped before the YAML parser runs
+
+#[test]
+fn deep_nesting_is_refused_quickly() {
+    // 200 KB of flow nesting took serde_yaml over 20 s; block nesting and `- - -` likewise.
+    let flow = format!("{MINIMAL}x: {}\n", "[".repeat(200_000));
+    let block: String = (0..600).map(|i| format!("{}k{i}:\n", " ".repeat(i))).collect();
+    let dashes = format!("{MINIMAL}x:\n{}1\n", "- ".repeat(100_000));
+    for text in [flow, block, dashes] {
+        let started = std::time::Instant::now();
+        let e = rejected(&text);
+        assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+        assert!(matches!(e, ConfigError::Limit(_)), "{e:?}");
+        assert_contains(&e.to_string(), &["nesting deeper than"]);
+    }
+}
+
+#[test]
+fn oversized_file_is_refused_without_reading_it_whole() {
+    let big = format!("{MINIMAL}{}", "# padding\n".repeat(120_000));
+    let file = TempConfig::new(&big);
+    let e = Config::load(&file.0).expect_err("a 1.2 MB config was accepted");
+    assert!(matches!(e, ConfigError::Limit(_)), "{e:?}");
+    assert_contains(&e.to_string(), &["bytes", "at most"]);
+    let out = check("-c", &file.0);
+    assert!(!out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn non_utf8_config_is_an_error_not_a_panic() {
+    assert!(matches!(Config::parse_bytes(b"backends: \xff\xfe\n"), Err(ConfigError::Encoding(_))));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 8. Ids and names are bounded (issue 12, item 12)
+
+#[test]
+fn backend_ids_are_bounded_in_length_and_charset() {
+    let long = "b".repeat(65);
+    for (id, part) in
+        [(long.as_str(), "at most 64"), ("\"a b\"", "contains ' '"), ("\"a/b\"", "contains '/'"), ("\"\"", "empty")]
+    {
+        assert_one_field_error(&MINIMAL.replace("id: b1", &format!("id: {id}")), "backends.default[0].id", &[part]);
+    }
+    let ok = format!("{}.b_1-Z", "a".repeat(58));
+    Config::parse(&MINIMAL.replace("id: b1", &format!("id: {ok}"))).expect("64 allowed characters");
+}
+
+#[test]
+fn upstream_route_and_l4_names_are_bounded() {
+    let text = MINIMAL
+        .replace("  default:\n    - id", "  \"up stream\":\n    - id")
+        .replace("upstream: default", "upstream: \"up stream\"");
+    assert_one_field_error(&text, "backends.up stream", &["upstream name", "contains ' '"]);
+    let route = "r".repeat(65);
+    let text = MINIMAL.replace("routing:\n  default:", &format!("routing:\n  {route}:"));
+    assert_one_field_error(&text, &format!("routing.{route}"), &["route name", "at most 64"]);
+    assert_one_field_error(&l4("").replace("name: s1", "name: \"s 1\""), "l4[0].name", &["contains ' '"]);
 }

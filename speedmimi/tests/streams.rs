@@ -17,11 +17,8 @@ use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame};
-use hyper_util::{
-    client::legacy::Client,
-    rt::{TokioExecutor, TokioIo},
-};
-use support::{Origin, Proxy, client, one_route};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use support::{Origin, Proxy, client, h2c, one_route};
 use tokio::{net::TcpStream, sync::mpsc};
 use tokio_tungstenite::{
     WebSocketStream,
@@ -466,23 +463,6 @@ async fn large_streamed_body_echoes_byte_exact() {
 // ---------------------------------------------------------------------------------------------
 // HTTP/2 (h2c) and gRPC
 // ---------------------------------------------------------------------------------------------
-
-async fn h2c<B>(addr: std::net::SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let tcp = guard("connect", TcpStream::connect(addr)).await.expect("connect");
-    let (sender, conn) =
-        guard("h2 handshake", hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)))
-            .await
-            .expect("h2c handshake with the proxy");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    sender
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge_on_the_http_listener() {

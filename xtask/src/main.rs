@@ -5,6 +5,7 @@ mod bench_l4;
 mod bench_peer;
 mod bench_splice;
 mod build_ebpf;
+mod fuzz;
 mod lab;
 mod run;
 mod test;
@@ -58,6 +59,15 @@ enum Command {
         /// Extra arguments passed to `cargo test` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Build the fuzz targets under fuzz/ (installing cargo-fuzz if missing) and run each for a
+    /// bounded time from its seed corpus; fails on a crash or a hang. The xdp target needs root.
+    Fuzz {
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 30)]
+        time: u64,
+        /// Targets to run (default: all of config, request_head, admin, xdp).
+        targets: Vec<String>,
     },
     /// A network-namespace lab (client, load balancer, switch, backends) for L4 work by hand (needs root).
     Lab {
@@ -145,6 +155,7 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Run { release: _, debug, args } => run::run(!debug, &args),
         Command::Test { args } => test::test(&args),
+        Command::Fuzz { time, targets } => fuzz::fuzz(&fuzz::Options { time, targets }),
         Command::Bench { which: BenchKind::Http { rounds, seconds, connections } } => {
             bench::http(&bench::Options { rounds, seconds, connections })?;
             Ok(ExitCode::SUCCESS)

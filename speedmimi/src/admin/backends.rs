@@ -7,7 +7,7 @@ use axum::{Json, extract::State as AxState, http::StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{Admin, AdminError, BackendRef, Body, Query};
+use super::{Admin, AdminError, BackendRef, Body, Query, name};
 use crate::{
     backend::Backend,
     command::{Command, PerformanceReport},
@@ -94,6 +94,7 @@ pub async fn list(AxState(admin): AxState<Admin>, Query(q): Query<ListQuery>) ->
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AddBody {
+    #[serde(deserialize_with = "name")]
     upstream: String,
     backend: Value,
 }
@@ -124,6 +125,7 @@ pub async fn remove(AxState(admin): AxState<Admin>, Query(q): Query<BackendRef>)
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateBody {
+    #[serde(deserialize_with = "name")]
     upstream: String,
     backend: Map<String, Value>,
 }
@@ -132,6 +134,9 @@ pub async fn update(AxState(admin): AxState<Admin>, Body(req): Body<UpdateBody>)
     let Some(Value::String(id)) = req.backend.get("id").cloned() else {
         return Err(AdminError::BadRequest("backend.id: required, a string".into()));
     };
+    if let Some(problem) = crate::config::name_problem(&id) {
+        return Err(AdminError::BadRequest(format!("backend.id: {problem}")));
+    }
     admin.state.apply(Command::UpdateBackend { upstream: req.upstream.clone(), id: id.clone(), patch: req.backend })?;
     // Another call may have removed it since: report what is true now.
     let b = admin
@@ -153,7 +158,9 @@ pub async fn disconnect(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReportBody {
+    #[serde(deserialize_with = "name")]
     upstream: String,
+    #[serde(deserialize_with = "name")]
     backend_id: String,
     performance: PerformanceReport,
 }

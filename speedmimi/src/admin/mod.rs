@@ -102,17 +102,17 @@ impl IntoResponse for AdminError {
     }
 }
 
-/// JSON body or a JSON 400 naming what is wrong (axum's own rejection is plain text).
+/// A JSON body, or a JSON 400 naming what is wrong. Any `Content-Type` is accepted: the API
+/// speaks only JSON, and `curl -d` (as in the README) sends a form content type; axum's `Json`
+/// refused those with a plain-text 400.
 pub struct Body<T>(pub T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
     type Rejection = AdminError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(e) => Err(AdminError::BadRequest(e.body_text())),
-        }
+        let bytes = bytes::Bytes::from_request(req, state).await.map_err(|e| AdminError::BadRequest(e.body_text()))?;
+        serde_json::from_slice(&bytes).map(Body).map_err(|e| AdminError::BadRequest(format!("invalid JSON body: {e}")))
     }
 }
 
@@ -134,8 +134,20 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestP
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendRef {
+    #[serde(deserialize_with = "name")]
     pub upstream: String,
+    #[serde(deserialize_with = "name")]
     pub backend_id: String,
+}
+
+/// An upstream name or backend id from a request; one that could name nothing
+/// (`config::name_problem`) is a 400 before any lookup.
+pub fn name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    match crate::config::name_problem(&s) {
+        None => Ok(s),
+        Some(problem) => Err(serde::de::Error::custom(format!("id or name {problem}"))),
+    }
 }
 
 #[cfg(test)]

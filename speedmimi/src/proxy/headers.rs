@@ -33,21 +33,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, keep_te_tra
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        // The usual `keep-alive`/`close`/`upgrade` tokens name nothing else.
-        let listed: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .filter(|t| !["keep-alive", "close", "upgrade"].iter().any(|k| t.eq_ignore_ascii_case(k)))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in listed {
-            if !(keep_upgrade && name == header::UPGRADE) {
-                headers.remove(&name);
-            }
+    // Every `Connection` field counts (a client may send several), and its tokens are read as
+    // bytes: one non-ASCII byte elsewhere in the value must not hide the names it lists.
+    // The usual `keep-alive`/`close`/`upgrade` tokens name nothing else.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .filter(|t| !["keep-alive", "close", "upgrade"].iter().any(|k| t.eq_ignore_ascii_case(k.as_bytes())))
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
+        .collect();
+    for name in listed {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
         }
     }
     let te_trailers = keep_te_trailers
@@ -143,6 +143,22 @@ mod tests {
         strip_hop_by_hop(&mut h, false, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    /// Found by the request_head fuzz target: only the first `Connection` field was read, so
+    /// `Connection: close` + `Connection: X-Secret` forwarded X-Secret; and a value with a
+    /// non-ASCII byte hid every name it listed.
+    #[test]
+    fn names_in_every_connection_field_go() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close"));
+        h.append(header::CONNECTION, HeaderValue::from_static("X-Secret"));
+        h.append(header::CONNECTION, HeaderValue::from_bytes(b"x-other, \xe9t\xe9").unwrap());
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false, false);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]

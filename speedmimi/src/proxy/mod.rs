@@ -4,9 +4,9 @@
 mod activity;
 pub mod body;
 mod error;
-mod framing;
+pub(crate) mod framing;
 pub mod headers;
-mod idle;
+pub(crate) mod idle;
 mod io;
 mod park;
 pub mod server;

@@ -1,7 +1,11 @@
 //! One request through the proxy: validate framing, route, pick a backend, forward, stream
 //! the answer back; one retry on another backend when connecting fails.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Instant,
+};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header, uri::PathAndQuery};
 use http_body::Body as _;
@@ -211,7 +215,9 @@ async fn forward(
         let resp = match sent {
             Ok(resp) => resp,
             Err(SendError::Connect(e, back)) => {
-                backend.connect_failed();
+                if !matches!(e, ConnectError::Saturated { .. }) {
+                    backend.connect_failed();
+                }
                 tracing::warn!(route = %route.name, backend = %backend.id, attempt, error = %e, "connect failed");
                 match back {
                     Some(r) if attempt == 0 => {
@@ -304,7 +310,7 @@ async fn send_h1(
 ) -> Result<Response<Incoming>, SendError> {
     *req.version_mut() = Version::HTTP_11;
     loop {
-        let mut conn = match backend.pool.h1(settings.connect_timeout).await {
+        let mut conn = match backend.pool.h1(settings.connect_timeout, backend.max_conn.load(Relaxed)).await {
             Ok(c) => c,
             Err(e) => return Err(SendError::Connect(e, Some(Box::new(req)))),
         };

@@ -1,4 +1,5 @@
-//! Connections to one backend: a pool of idle HTTP/1.1 keep-alive connections, one shared
+//! Connections to one backend: a pool of idle HTTP/1.1 keep-alive connections (at most the
+//! backend's `max_conn` open, idle ones closed after `server.upstream_idle_timeout`), one shared
 //! HTTP/2 connection (gRPC multiplexes on it), and raw connections for upgrades; over TLS for
 //! `https` backends.
 
@@ -7,7 +8,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Mutex,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering::Relaxed},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -21,7 +25,10 @@ use tokio::{
 use tokio_rustls::client::TlsStream;
 
 use super::body::RequestBody;
-use crate::tls::{Alpn, UpstreamTls};
+use crate::{
+    backend::now_ms,
+    tls::{Alpn, UpstreamTls},
+};
 
 /// Idle HTTP/1.1 connections kept per backend and worker.
 const MAX_IDLE: usize = 256;
@@ -53,14 +60,50 @@ pub enum ConnectError {
     Handshake { addr: SocketAddr, source: hyper::Error },
     #[error("TLS handshake with {addr}: {source}")]
     Tls { addr: SocketAddr, source: io::Error },
+    /// The backend already has `limit` (its `max_conn`) HTTP/1.1 connections open, none idle.
+    /// Not a sign of ill health: the backend is not penalised for it.
+    #[error("{addr} already has {limit} connections open (max_conn), none idle")]
+    Saturated { addr: SocketAddr, limit: u32 },
+}
+
+/// An idle HTTP/1.1 connection and when it was put back (`now_ms`).
+struct Idle {
+    sender: http1::SendRequest<RequestBody>,
+    since_ms: u64,
 }
 
 pub struct Pool {
     addr: SocketAddr,
     /// Set for `https` backends: every connection runs TLS first.
     tls: Option<UpstreamTls>,
-    idle: [Mutex<Vec<http1::SendRequest<RequestBody>>>; SHARDS],
-    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    idle: [Mutex<Vec<Idle>>; SHARDS],
+    /// HTTP/1.1 connections open to the backend, in use or idle, across all workers; a new one
+    /// is made only below the backend's `max_conn`. Without this bound, idle connections of one
+    /// worker were invisible to the others, so connections grew past `max_conn`.
+    open: Arc<AtomicU32>,
+    /// The shared HTTP/2 connection and when it was last handed out (`now_ms`).
+    h2: Mutex<Option<(http2::SendRequest<RequestBody>, u64)>>,
+    /// Held while the HTTP/2 connection is being made, so concurrent first requests wait for
+    /// that one connection instead of each making their own (hundreds, from one burst of
+    /// gRPC streams).
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+/// One open HTTP/1.1 connection's share of `Pool::open`, given back when the connection ends.
+struct OpenSlot(Arc<AtomicU32>);
+
+impl OpenSlot {
+    /// A slot if fewer than `limit` connections are open.
+    fn reserve(open: &Arc<AtomicU32>, limit: u32) -> Option<OpenSlot> {
+        open.fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1)).ok()?;
+        Some(OpenSlot(open.clone()))
+    }
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 /// An HTTP/1.1 connection and whether it came from the pool (a pooled one may turn out to
@@ -72,25 +115,53 @@ pub struct H1Conn {
 
 impl Pool {
     pub fn new(addr: SocketAddr, tls: Option<UpstreamTls>) -> Pool {
-        Pool { addr, tls, idle: std::array::from_fn(|_| Mutex::new(Vec::new())), h2: Mutex::new(None) }
+        Pool {
+            addr,
+            tls,
+            idle: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            open: Arc::new(AtomicU32::new(0)),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// HTTP/1.1 connections open to the backend (in use or idle).
+    pub fn open_connections(&self) -> u32 {
+        self.open.load(Relaxed)
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// An idle pooled connection, or a new one.
-    pub async fn h1(&self, connect_timeout: Duration) -> Result<H1Conn, ConnectError> {
+    /// An idle pooled connection of this worker, or a new one while fewer than `limit` are open,
+    /// or else an idle connection of another worker.
+    pub async fn h1(&self, connect_timeout: Duration, limit: u32) -> Result<H1Conn, ConnectError> {
+        if let Some(sender) = self.take_idle(shard()).await {
+            return Ok(H1Conn { sender, reused: true });
+        }
+        if let Some(slot) = OpenSlot::reserve(&self.open, limit) {
+            return Ok(H1Conn { sender: self.connect_h1_in(connect_timeout, slot).await?, reused: false });
+        }
+        for i in (0..SHARDS).filter(|&i| i != shard()) {
+            if let Some(sender) = self.take_idle(i).await {
+                return Ok(H1Conn { sender, reused: true });
+            }
+        }
+        Err(ConnectError::Saturated { addr: self.addr, limit })
+    }
+
+    /// A live idle connection of worker `i`; dead ones found on the way are dropped.
+    async fn take_idle(&self, i: usize) -> Option<http1::SendRequest<RequestBody>> {
         loop {
-            let Some(mut sender) = self.idle[shard()].lock().expect("pool lock").pop() else { break };
+            let Idle { mut sender, .. } = self.idle[i].lock().expect("pool lock").pop()?;
             if sender.is_closed() {
                 continue;
             }
             if sender.is_ready() || sender.ready().await.is_ok() {
-                return Ok(H1Conn { sender, reused: true });
+                return Some(sender);
             }
         }
-        Ok(H1Conn { sender: self.connect_h1(connect_timeout).await?, reused: false })
     }
 
     /// Drops every idle connection (their tasks then close the sockets).
@@ -101,6 +172,25 @@ impl Pool {
         *self.h2.lock().expect("pool lock") = None;
     }
 
+    /// Drops connections idle for `timeout` or longer, and the HTTP/2 connection when nothing
+    /// was sent on it for that long (requests still on it keep it open until they end); the
+    /// connections' tasks then close the sockets. Returns how many HTTP/1.1 connections went.
+    pub fn expire(&self, timeout: Duration) -> usize {
+        let cutoff = now_ms().saturating_sub(timeout.as_millis() as u64);
+        let mut dropped = 0;
+        for shard in &self.idle {
+            let mut idle = shard.lock().expect("pool lock");
+            let before = idle.len();
+            idle.retain(|c| c.since_ms > cutoff && !c.sender.is_closed());
+            dropped += before - idle.len();
+        }
+        let mut h2 = self.h2.lock().expect("pool lock");
+        if h2.as_ref().is_some_and(|(s, used)| *used <= cutoff || s.is_closed()) {
+            *h2 = None;
+        }
+        dropped
+    }
+
     /// Returns a connection whose last response ended cleanly.
     pub fn put_h1(&self, sender: http1::SendRequest<RequestBody>) {
         if sender.is_closed() {
@@ -108,19 +198,24 @@ impl Pool {
         }
         let mut idle = self.idle[shard()].lock().expect("pool lock");
         if idle.len() < MAX_IDLE {
-            idle.push(sender);
+            idle.push(Idle { sender, since_ms: now_ms() });
         }
     }
 
-    pub async fn connect_h1(&self, connect_timeout: Duration) -> Result<http1::SendRequest<RequestBody>, ConnectError> {
+    /// A new HTTP/1.1 connection holding `slot` for as long as it is open.
+    async fn connect_h1_in(
+        &self,
+        connect_timeout: Duration,
+        slot: OpenSlot,
+    ) -> Result<http1::SendRequest<RequestBody>, ConnectError> {
         // Plain sockets stay their own type: the common case pays for no stream dispatch.
         match self.connect_io(connect_timeout, Alpn::Http1).await? {
-            UpstreamIo::Tcp(s) => self.handshake_h1(s).await,
-            UpstreamIo::Tls(s) => self.handshake_h1(s).await,
+            UpstreamIo::Tcp(s) => self.handshake_h1(s, slot).await,
+            UpstreamIo::Tls(s) => self.handshake_h1(s, slot).await,
         }
     }
 
-    async fn handshake_h1<I>(&self, io: I) -> Result<http1::SendRequest<RequestBody>, ConnectError>
+    async fn handshake_h1<I>(&self, io: I, slot: OpenSlot) -> Result<http1::SendRequest<RequestBody>, ConnectError>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -129,6 +224,7 @@ impl Pool {
             .await
             .map_err(|source| ConnectError::Handshake { addr: self.addr, source })?;
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream http/1 connection ended");
             }
@@ -139,17 +235,28 @@ impl Pool {
     /// The backend's HTTP/2 connection (prior-knowledge h2c, or h2 by ALPN over TLS), made on
     /// first use and remade when it closed.
     pub async fn h2(&self, connect_timeout: Duration) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
-        if let Some(s) = self.h2.lock().expect("pool lock").as_ref()
-            && !s.is_closed()
-        {
-            return Ok(s.clone());
+        if let Some(s) = self.live_h2() {
+            return Ok(s);
+        }
+        let _connecting = self.h2_connecting.lock().await;
+        // Whoever held the lock before may have made it.
+        if let Some(s) = self.live_h2() {
+            return Ok(s);
         }
         let sender = match self.connect_io(connect_timeout, Alpn::H2).await? {
             UpstreamIo::Tcp(s) => self.handshake_h2(s).await?,
             UpstreamIo::Tls(s) => self.handshake_h2(s).await?,
         };
-        *self.h2.lock().expect("pool lock") = Some(sender.clone());
+        *self.h2.lock().expect("pool lock") = Some((sender.clone(), now_ms()));
         Ok(sender)
+    }
+
+    /// The HTTP/2 connection if it is open, stamped as used now.
+    fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+        let mut h2 = self.h2.lock().expect("pool lock");
+        let (s, used) = h2.as_mut().filter(|(s, _)| !s.is_closed())?;
+        *used = now_ms();
+        Some(s.clone())
     }
 
     async fn handshake_h2<I>(&self, io: I) -> Result<http2::SendRequest<RequestBody>, ConnectError>

@@ -67,6 +67,11 @@ impl Origin {
         self.backend.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// TCP connections open to this origin now.
+    pub fn open_connections(&self) -> u64 {
+        self.backend.open_connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// YAML of this origin as a backend entry (list item, indented for `backends.<up>:`).
     pub fn yaml(&self, weight: u32) -> String {
         backend_yaml(&self.backend.id, self.addr, weight)
@@ -228,3 +233,24 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
 
 /// An empty-bodied request type for h2 clients.
 pub type EmptyBody = Empty<Bytes>;
+
+/// A prior-knowledge h2c client connection to `addr` (connect and handshake bounded by 20 s).
+pub async fn h2c<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let within = Duration::from_secs(20);
+    let tcp =
+        tokio::time::timeout(within, TcpStream::connect(addr)).await.expect("connect timed out").expect("connect");
+    let handshake = hyper::client::conn::http2::handshake(TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp));
+    let (sender, conn) = tokio::time::timeout(within, handshake)
+        .await
+        .expect("h2 handshake timed out")
+        .expect("h2c handshake with the proxy");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
+}

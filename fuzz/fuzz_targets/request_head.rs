@@ -1,0 +1,170 @@
+//! Fuzz target: what SpeedMimi does with a request head before hyper's answer reaches a backend.
+//! - the framing scanner (`proxy/framing.rs`) reads the raw bytes: however the bytes are split
+//!   into reads it decides the same, and a head httparse accepts with both Content-Length and
+//!   Transfer-Encoding is flagged;
+//! - the real-IP and forwarded headers (`proxy/headers.rs`): an untrusted peer's headers never
+//!   choose the client address, and every hop-by-hop header, and every header `Connection`
+//!   names, is gone;
+//! - host routing (`Snapshot::route`) agrees with a plain model of the rules (longest prefix,
+//!   host-specific first, port ignored, `*.suffix`).
+#![no_main]
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Arc, OnceLock},
+};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use libfuzzer_sys::fuzz_target;
+use speedmimi::{
+    config::Config,
+    datapath::Userspace,
+    fuzzing::framing_flagged,
+    proxy::headers::{Forwarded, canonical, client_ip, is_trusted, set_forwarded, strip_hop_by_hop},
+    state::State,
+};
+
+const ROUTES: &str = "
+server:
+  trusted_proxies: [\"10.0.0.0/8\", \"::1\"]
+  real_ip_header: X-Client-IP
+backends:
+  b:
+    - {id: b1, host: 127.0.0.1, port: 9}
+routing:
+  any: {path: /, upstream: b}
+  static: {path: /static/, upstream: b}
+  api: {path: /api, host: api.example.com, upstream: b}
+  wild: {path: /, host: \"*.example.com\", upstream: b}
+  exact: {path: /, host: example.com, upstream: b}
+";
+
+fn state() -> &'static State {
+    static STATE: OnceLock<State> = OnceLock::new();
+    STATE.get_or_init(|| {
+        let config = Config::parse(ROUTES).expect("the routing config is valid");
+        State::new(config, Arc::new(Userspace)).expect("state")
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 3 {
+        return;
+    }
+    let (seed, data) = (u16::from_le_bytes([data[0], data[1]]), &data[2..]);
+    framing(seed, data);
+
+    let mut storage = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut storage);
+    let Ok(httparse::Status::Complete(_)) = req.parse(data) else { return };
+    let mut headers = HeaderMap::new();
+    for h in req.headers.iter() {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_bytes(h.value)) {
+            headers.append(n, v);
+        }
+    }
+    forwarding(seed, &headers);
+    let host = headers.get(http::header::HOST).and_then(|v| v.to_str().ok());
+    routing(host, req.path.unwrap_or("/"));
+});
+
+/// Split invariance, and CL+TE in a head httparse accepts is flagged.
+fn framing(seed: u16, data: &[u8]) {
+    let whole = framing_flagged([data]);
+    let mut chunks = Vec::new();
+    let (mut rest, mut x) = (data, u32::from(seed) | 1);
+    while !rest.is_empty() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let n = (x as usize % 7 + 1).min(rest.len());
+        chunks.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+    assert_eq!(framing_flagged(chunks), whole, "the scanner's verdict depends on how reads split the bytes");
+
+    let mut storage = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut storage);
+    if let Ok(httparse::Status::Complete(len)) = req.parse(data) {
+        let has = |name: &str| req.headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
+        if has("content-length") && has("transfer-encoding") {
+            assert!(
+                framing_flagged([&data[..len]]),
+                "a head with Content-Length and Transfer-Encoding was not flagged"
+            );
+        }
+    }
+}
+
+/// Real IP, forwarded headers and hop-by-hop removal, for a peer chosen by `seed`.
+fn forwarding(seed: u16, headers: &HeaderMap) {
+    let peer = match seed % 4 {
+        0 => IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+        1 => IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)),
+        2 => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        _ => IpAddr::V6(Ipv4Addr::new(10, 9, 9, 9).to_ipv6_mapped()),
+    };
+    let settings = &state().snapshot().settings;
+    let real_ip_header = &settings.real_ip_header;
+    let trusted = is_trusted(peer, &settings.trusted_proxies);
+    let client = client_ip(peer, trusted, headers, real_ip_header);
+    if !trusted {
+        assert_eq!(client, canonical(peer), "an untrusted peer chose its client address");
+    }
+    let mut h = headers.clone();
+    strip_hop_by_hop(&mut h, false, false);
+    for name in ["connection", "keep-alive", "te", "transfer-encoding", "upgrade", "trailer", "proxy-connection"] {
+        assert!(!h.contains_key(name), "hop-by-hop {name} survived");
+    }
+    for value in headers.get_all(http::header::CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                assert!(!h.contains_key(&name), "{name}, listed in Connection, survived");
+            }
+        }
+    }
+    let peer_value = HeaderValue::try_from(canonical(peer).to_string()).unwrap();
+    let f = Forwarded { peer: &peer_value, trusted, client, proto: "http" };
+    set_forwarded(&mut h, &f, real_ip_header);
+    let real = h.get("x-real-ip").expect("X-Real-IP set");
+    assert_eq!(h.get(real_ip_header), Some(real), "the real-IP header and X-Real-IP differ");
+    if trusted {
+        assert_eq!(real, client.to_string().as_str());
+        let xff = h.get("x-forwarded-for").expect("X-Forwarded-For set").to_str().unwrap();
+        assert!(xff.ends_with(peer_value.to_str().unwrap()), "X-Forwarded-For {xff:?} does not end with the peer");
+    } else {
+        assert_eq!(real, &peer_value);
+        assert_eq!(h.get("x-forwarded-for"), Some(&peer_value), "an untrusted peer's X-Forwarded-For survived");
+    }
+}
+
+/// `Snapshot::route` against a model of ROUTES.
+fn routing(host: Option<&str>, path: &str) {
+    let snap = state().snapshot();
+    let got = snap.route(host, path).map(|r| r.name.as_str());
+    let bare = host.map(|h| match h.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest).to_owned(),
+        None => match h.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_owned(),
+            _ => h.to_owned(),
+        },
+    });
+    let bare = bare.map(|h| h.to_ascii_lowercase());
+    let host_is = |want: &str| bare.as_deref() == Some(want);
+    let under_example = bare.as_deref().is_some_and(|h| h.len() > ".example.com".len() && h.ends_with(".example.com"));
+    let want = if path.starts_with("/static/") {
+        "static"
+    } else if path.starts_with("/api") && host_is("api.example.com") {
+        "api"
+    } else if path.starts_with('/') && host_is("example.com") {
+        "exact"
+    } else if path.starts_with('/') && under_example {
+        "wild"
+    } else if path.starts_with('/') {
+        "any"
+    } else {
+        ""
+    };
+    assert_eq!(got.unwrap_or(""), want, "host {host:?} path {path:?}");
+}
