@@ -5,6 +5,9 @@
 
 /// SOCKHASH of spliced sockets, keyed by socket cookie (`u64`).
 pub const SOCKS: &str = "SPLICE_SOCKS";
+/// SOCKHASH without programs that holds a socket's psock while the socket leaves [`SOCKS`]
+/// (keyed by socket cookie): its queued bytes stay readable and sendable, and the verdict stops.
+pub const HOLD: &str = "SPLICE_HOLD";
 /// HashMap socket cookie -> [`Peer`] (written by the kernel after userspace creates it).
 pub const PEERS: &str = "SPLICE_PEERS";
 /// HashMap socket cookie -> [`Control`] (written by userspace only).

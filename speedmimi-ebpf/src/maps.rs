@@ -17,6 +17,12 @@ use speedmimi_common::{
 #[map(name = "SPLICE_SOCKS")]
 pub static SPLICE_SOCKS: SockHash<u64> = SockHash::with_max_entries(splice::CAPACITY, 0);
 
+/// Spliced sockets leaving the kernel path, by socket cookie. No program is attached to it: a
+/// socket in it keeps its psock (and the bytes queued there) after it leaves `SPLICE_SOCKS`, whose
+/// verdict then no longer runs for it.
+#[map(name = "SPLICE_HOLD")]
+pub static SPLICE_HOLD: SockHash<u64> = SockHash::with_max_entries(splice::CAPACITY, 0);
+
 /// Socket cookie -> where its bytes go, how many went, whether paused (kernel-written).
 #[map(name = "SPLICE_PEERS")]
 pub static SPLICE_PEERS: HashMap<u64, splice::Peer> = HashMap::with_max_entries(splice::CAPACITY, 0);

@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 
-use crate::maps::{SPLICE_CONTROL, SPLICE_COUNTERS, SPLICE_PEERS, SPLICE_SOCKS};
+use crate::maps::{SPLICE_CONTROL, SPLICE_COUNTERS, SPLICE_HOLD, SPLICE_PEERS, SPLICE_SOCKS};
 use speedmimi_common::splice::{self, Counters};
 
 #[stream_verdict]
@@ -86,7 +86,10 @@ fn move_bytes(ctx: &SkBuffContext, cookie: u64, peer: &mut splice::Peer) -> u32 
         return SK_PASS;
     }
     let mut target = peer.peer_cookie;
-    if SPLICE_SOCKS.redirect_skb(ctx, &mut target, 0) as u32 == SK_PASS {
+    // A peer leaving the kernel path waits in the hold map, and its egress still takes bytes.
+    let found = SPLICE_SOCKS.redirect_skb(ctx, &mut target, 0) as u32 == SK_PASS
+        || SPLICE_HOLD.redirect_skb(ctx, &mut target, 0) as u32 == SK_PASS;
+    if found {
         peer.redirected_bytes += len;
         count(peer.backend_slot, peer.to_backend != 0, len);
         SK_PASS

@@ -8,13 +8,13 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuHashMap, SockHash},
+    maps::{HashMap, MapData, MapError, PerCpuHashMap, SockHash},
     programs::{SkSkb, Xdp, XdpMode},
 };
 use speedmimi_common::{l4, splice};
 use tokio::io::unix::AsyncFd;
 
-use super::{Datapath, DatapathError, Limits, SplicedPair, err, steer::Steering};
+use super::{Datapath, DatapathError, Limits, SplicedPair, err, err_with_source, steer::Steering};
 use crate::config::{EbpfSection, L4Section};
 
 /// The object `cargo xtask build-ebpf` built, or empty when it had not been built.
@@ -22,6 +22,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sp
 
 pub struct Kernel {
     socks: Mutex<SockHash<MapData, u64>>,
+    /// Sockets leaving the kernel path (no programs attached).
+    hold: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<HashMap<MapData, u64, splice::Peer>>,
     control: Mutex<HashMap<MapData, u64, splice::Control>>,
     counters: PerCpuHashMap<MapData, u32, splice::Counters>,
@@ -56,6 +58,11 @@ impl Kernel {
             .ok_or_else(|| err("object", "no SPLICE_SOCKS map"))?
             .try_into()
             .map_err(|e| err(splice::SOCKS, e))?;
+        let hold: SockHash<MapData, u64> = ebpf
+            .take_map(splice::HOLD)
+            .ok_or_else(|| err("object", "no SPLICE_HOLD map"))?
+            .try_into()
+            .map_err(|e| err(splice::HOLD, e))?;
         let peers: HashMap<MapData, u64, splice::Peer> = ebpf
             .take_map(splice::PEERS)
             .ok_or_else(|| err("object", "no SPLICE_PEERS map"))?
@@ -83,6 +90,7 @@ impl Kernel {
         let steering = if services.is_empty() { None } else { Some(Steering::start(&mut ebpf, services)?) };
         Ok(Kernel {
             socks: Mutex::new(socks),
+            hold: Mutex::new(hold),
             peers: Mutex::new(peers),
             control: Mutex::new(control),
             counters,
@@ -181,17 +189,18 @@ fn cookie(fd: BorrowedFd<'_>) -> Result<u64, DatapathError> {
     Ok(value)
 }
 
-/// Bytes that arrived before insertion are held until more arrive unless the low-water mark
-/// is 1 (KERNEL-NOTES, measured 2.5 s stuck without).
-fn set_rcvlowat(fd: BorrowedFd<'_>) {
-    let one: libc::c_int = 1;
+/// Sets a socket's receive low-water mark. TCP wakes a reader (and a spliced socket's verdict)
+/// only once this many bytes wait, or its window is nearly closed: bytes that arrived before
+/// insertion are held until more arrive unless it is 1 (KERNEL-NOTES, measured 2.5 s stuck
+/// without), and a flow leaving the kernel path raises it while it reads the last passed bytes.
+pub(crate) fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) {
     // SAFETY: fd is a live socket; the option value is a c_int.
     unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVLOWAT,
-            (&raw const one).cast(),
+            (&raw const bytes).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         );
     }
@@ -273,9 +282,26 @@ impl Datapath for Kernel {
             let _ = self.unsplice(pair);
             return Err(err("SPLICE_SOCKS insert", e));
         }
-        set_rcvlowat(a);
-        set_rcvlowat(b);
+        set_rcvlowat(a, 1);
+        set_rcvlowat(b, 1);
         Ok(pair)
+    }
+
+    fn hold(&self, socket: BorrowedFd<'_>, cookie: u64) -> Result<bool, DatapathError> {
+        let mut hold = self.hold.lock().expect("hold lock");
+        match hold.insert(cookie, socket.as_raw_fd(), 0) {
+            Ok(()) => {}
+            // Sockmaps take established TCP sockets only: a half-closed one is not held.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(false),
+            Err(e) => return Err(err_with_source("SPLICE_HOLD insert", &e)),
+        }
+        // Leaving the map with the verdict stops it for the socket; the hold keeps its psock.
+        let _ = self.socks.lock().expect("socks lock").remove(&cookie);
+        Ok(true)
+    }
+
+    fn release(&self, cookie: u64) {
+        let _ = self.socks.lock().expect("socks lock").remove(&cookie);
     }
 
     fn unsplice(&self, pair: SplicedPair) -> Result<(), DatapathError> {
@@ -283,6 +309,11 @@ impl Datapath for Kernel {
             let mut socks = self.socks.lock().expect("socks lock");
             let _ = socks.remove(&pair.a);
             let _ = socks.remove(&pair.b);
+        }
+        {
+            let mut hold = self.hold.lock().expect("hold lock");
+            let _ = hold.remove(&pair.a);
+            let _ = hold.remove(&pair.b);
         }
         {
             let mut peers = self.peers.lock().expect("peers lock");

@@ -14,6 +14,14 @@ fn err(context: &str, e: impl std::fmt::Display) -> DatapathError {
     DatapathError::Ebpf(format!("{context}: {e}"))
 }
 
+/// `err` for an error whose source holds the errno (aya's map errors name only the failed call).
+fn err_with_source(context: &str, e: &dyn std::error::Error) -> DatapathError {
+    match e.source() {
+        Some(source) => err(context, format!("{e}: {source}")),
+        None => err(context, e),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("this build has no eBPF object (build it with `cargo xtask build-ebpf`)")]
@@ -69,7 +77,21 @@ pub trait Datapath: Send + Sync {
     /// A spliced socket's kernel-side state.
     fn peer(&self, cookie: u64) -> Option<Peer>;
 
-    /// Stops splicing a pair (idempotent).
+    /// Stops the verdict for one spliced socket without discarding what the kernel queued for it
+    /// (bytes passed to it, bytes redirected to it and not yet sent): the socket moves from the
+    /// splice map to a map without programs, where redirects still reach it. Its counters stay
+    /// readable with `peer`; `unsplice` ends the rest once those queues are empty. The kernel
+    /// holds only established sockets: a half-closed one stays in the splice map, its verdict
+    /// running, until `unsplice`; false then.
+    fn hold(&self, _socket: BorrowedFd<'_>, _cookie: u64) -> Result<bool, DatapathError> {
+        Err(DatapathError::NoSplice)
+    }
+
+    /// Takes one socket out of the splice map without holding it: its verdict stops and its
+    /// psock queues go with it (for a half-closed socket, once they are empty).
+    fn release(&self, _cookie: u64) {}
+
+    /// Stops splicing a pair and forgets its counters (idempotent).
     fn unsplice(&self, pair: SplicedPair) -> Result<(), DatapathError>;
 
     /// Sockets currently in the splice map.
