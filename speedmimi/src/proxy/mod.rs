@@ -3,6 +3,7 @@
 
 mod activity;
 pub mod body;
+mod detach;
 mod error;
 pub(crate) mod framing;
 pub mod headers;

@@ -13,6 +13,10 @@
 //! - RST on src: reset dst (zero linger) and end the flow;
 //! - when both directions are done, or on disconnect, the sockets leave the maps and close.
 //!
+//! A receiver that falls behind (its socket's send queue full while bytes over budget wait to be
+//! copied to it) takes the flow off the kernel path (`detach`): passed bytes wait outside TCP's
+//! receive accounting, so only a socket out of the map lets TCP's window throttle the sender.
+//!
 //! A flow within its budget causes no socket event, so most spliced flows are quiet most of the
 //! time. After `PARK_AFTER` without one, a flow leaves tokio for the parking lot (`park`): its
 //! task then holds only a small future, and everything else it keeps sits in one box
@@ -36,6 +40,7 @@ use tokio::{
 
 use super::body::InFlight;
 use super::{
+    detach::Held,
     idle::check_period,
     park::{Parked, Wake},
 };
@@ -51,6 +56,15 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// sized to what waits). Measured with `bench splice`, 64 streams: 256 KiB cost 0.67 CPU-s/GB
 /// and 64 KiB 0.74 (machine-wide, direct 0.34).
 const COPY_BUF: usize = 256 * 1024;
+
+/// How long a receiver may leave bytes over budget unwritten (its send queue full) before the flow
+/// leaves the kernel path, and how many passed bytes the kernel may hold for it meanwhile (they
+/// escape TCP's accounting). Loss on a leg stalls a receiver for an RTO (200 ms and more) without
+/// it being behind; a client that never reads reaches the cap in milliseconds.
+const BEHIND_GRACE: Duration = Duration::from_secs(1);
+const BEHIND_CAP: u64 = 16 << 20;
+/// How often a full send queue is tried again during the grace.
+const BEHIND_POLL: Duration = Duration::from_millis(5);
 
 /// A spliced flow without a socket event for this long leaves tokio for the parking lot (`park`).
 const PARK_AFTER: Duration = Duration::from_millis(200);
@@ -68,15 +82,15 @@ pub struct Policy {
 }
 
 /// What the flow's task knows of a spliced flow, kept while it is parked.
-struct Spliced {
-    sockets: Sockets,
-    dp: Arc<dyn Datapath>,
+pub(super) struct Spliced {
+    pub(super) sockets: Sockets,
+    pub(super) dp: Arc<dyn Datapath>,
     /// Disconnect and drain.
-    closer: watch::Receiver<u64>,
+    pub(super) closer: watch::Receiver<u64>,
     /// client -> upstream, and upstream -> client.
-    up: Direction,
-    down: Direction,
-    policy: Policy,
+    pub(super) up: Direction,
+    pub(super) down: Direction,
+    pub(super) policy: Policy,
     activity: Activity,
     tally: Tally,
     /// False once parking this flow failed (no parking lot in this process, or its epoll refused
@@ -85,11 +99,11 @@ struct Spliced {
 }
 
 /// One direction's bookkeeping.
-struct Direction {
+pub(super) struct Direction {
     /// Cookie of the socket bytes arrive on.
-    src: u64,
-    /// Bytes userspace read from src and wrote to dst (kernel-passed bytes, or the prefix).
-    consumed: u64,
+    pub(super) src: u64,
+    /// Bytes the kernel passed that userspace read from src and wrote to dst.
+    pub(super) consumed: u64,
     /// Bytes that had entered dst's send queue when splicing began (acknowledged, which counts
     /// the SYN, plus still queued, such as a 101 the client has not acknowledged yet).
     dst_acked_base: u64,
@@ -97,8 +111,8 @@ struct Direction {
     dst_prefix: u64,
     /// The kernel's redirected count when all of it was last seen in dst's send queue
     /// (`u64::MAX`: not yet checked).
-    flushed_redirected: u64,
-    done: bool,
+    pub(super) flushed_redirected: u64,
+    pub(super) done: bool,
 }
 
 impl Direction {
@@ -201,6 +215,10 @@ pub async fn start(
     if let Err(e) = write_prefix(&mut client, &upstream_ahead).await {
         return copy(e, client, upstream, tally);
     }
+    // Leaving the kernel path needs every redirected byte in its destination's send queue (a
+    // socket's redirect backlog is discarded with it): room for the whole budget and more.
+    set_sndbuf(&client, budget);
+    set_sndbuf(&upstream, budget);
     let limits = Limits { to_backend: if one_way { 0 } else { budget }, to_client: budget };
     let pair = match dp.splice(client.as_fd(), upstream.as_fd(), limits, tally.guard.backend().slot) {
         Ok(p) => p,
@@ -229,8 +247,10 @@ impl Started {
         let mut flow = self.0;
         let end = loop {
             // Boxed: the watcher's state (large) exists only while the flow is with tokio.
-            if let Watched::Ended(end) = Box::pin(watch(&mut flow)).await {
-                break end;
+            match Box::pin(watch(&mut flow)).await {
+                Watched::Ended(end) => break end,
+                Watched::Detach(held) => break Box::pin(flow.detach_and_copy(held)).await,
+                Watched::Quiet => {}
             }
             // Quiet: parked until a socket event, unless the closer or idle limit ends it.
             let parked = match flow.park() {
@@ -256,7 +276,7 @@ impl Started {
 
 /// A spliced flow's sockets: registered with tokio while the flow has socket events, in the
 /// parking lot while it is quiet.
-enum Sockets {
+pub(super) enum Sockets {
     Tokio(TcpStream, TcpStream),
     /// The place comes first: it must leave the lot's epoll before the sockets close.
     Parked(Parked, ParkedGuard, std::net::TcpStream, std::net::TcpStream),
@@ -393,6 +413,33 @@ enum Watched {
     Ended(End),
     /// No socket event for `PARK_AFTER`: the flow can be parked.
     Quiet,
+    /// A receiver fell behind: the flow leaves the kernel path, with the bytes already read
+    /// from each side and not yet written to the other.
+    Detach(Held),
+}
+
+/// Why `pump` stopped short.
+enum Stop {
+    End(End),
+    /// dst's send queue is full: these bytes, read from src, are still to be written to it.
+    Behind(Bytes),
+}
+
+impl From<End> for Stop {
+    fn from(end: End) -> Stop {
+        Stop::End(end)
+    }
+}
+
+impl Stop {
+    /// What the watcher does about it; `up` says which direction stopped.
+    fn watched(self, up: bool) -> Watched {
+        match self {
+            Stop::End(end) => Watched::Ended(end),
+            Stop::Behind(rest) if up => Watched::Detach(Held { up: rest, down: Bytes::new() }),
+            Stop::Behind(rest) => Watched::Detach(Held { up: Bytes::new(), down: rest }),
+        }
+    }
 }
 
 /// Watches a spliced flow's sockets until it ends or, when it can be parked, has been quiet for
@@ -417,36 +464,38 @@ async fn watch(flow: &mut Spliced) -> Watched {
                 if one_way {
                     // Anything from the client after its request ends a response stream.
                     if dp.peer(up.src).is_some_and(|p| p.passed_bytes > 0) {
-                        Err(End::Reset)
+                        Err(Watched::Ended(End::Reset))
                     } else if ready.is_read_closed() {
-                        Err(End::Closed)
+                        Err(Watched::Ended(End::Closed))
                     } else {
                         clear_read_readiness(client);
                         Ok(())
                     }
                 } else {
-                    pump(dp, client, upstream, up, ready, budget).await
+                    let detachable = !down.done;
+                    pump(dp, client, upstream, up, ready, budget, detachable).await.map_err(|s| s.watched(true))
                 }
             }
             r = upstream.ready(Interest::READABLE), if !down.done => {
                 quiet_at = tokio::time::Instant::now() + PARK_AFTER;
                 let Ok(ready) = r else { return Watched::Ended(End::Reset) };
-                pump(dp, upstream, client, down, ready, budget).await
+                let detachable = !up.done;
+                pump(dp, upstream, client, down, ready, budget, detachable).await.map_err(|s| s.watched(false))
             }
-            _ = closer.changed() => Err(End::Disconnected),
+            _ = closer.changed() => Err(Watched::Ended(End::Disconnected)),
             _ = tokio::time::sleep_until(if parkable { activity.next_check.min(quiet_at) } else { activity.next_check }) => {
                 let now = tokio::time::Instant::now();
                 if now >= activity.next_check && activity.idle_after(moved(dp, up, down), idle) {
-                    Err(End::Idle)
+                    Err(Watched::Ended(End::Idle))
                 } else if parkable && now >= quiet_at {
-                    return Watched::Quiet;
+                    Err(Watched::Quiet)
                 } else {
                     Ok(())
                 }
             }
         };
-        if let Err(end) = end {
-            return Watched::Ended(end);
+        if let Err(watched) = end {
+            return watched;
         }
     }
 }
@@ -484,7 +533,8 @@ impl Activity {
 }
 
 /// Handles readiness of `src`: copies what the kernel passed, or finishes the direction on
-/// FIN, or reports a reset.
+/// FIN, or reports a reset. Never waits for dst's receiver: when dst's send queue is full, it
+/// stops with the bytes it could not write (`Stop::Behind`), and the flow leaves the kernel path.
 ///
 /// Only bytes the verdict passed are read (`passed_bytes - consumed`), never more: a read
 /// beyond them would fall through to the socket's own queue and take part of an skb the
@@ -497,7 +547,8 @@ async fn pump(
     dir: &mut Direction,
     ready: Ready,
     budget: u64,
-) -> Result<(), End> {
+    detachable: bool,
+) -> Result<(), Stop> {
     // Allocated only when there is something to copy, and not zeroed: reads fill it.
     let mut buf: Option<BytesMut> = None;
     let mut waits = 0u32;
@@ -515,10 +566,10 @@ async fn pump(
                         socket = dir.src,
                         "splice: overlapping segment could not be cut; resetting the flow"
                     );
-                    return Err(End::Reset);
+                    return Err(End::Reset.into());
                 }
                 Some(p) => p,
-                None => return Err(End::Reset),
+                None => return Err(End::Reset.into()),
             };
             avail = peer.passed_bytes.saturating_sub(dir.consumed);
         }
@@ -533,7 +584,7 @@ async fn pump(
             }
             if ready.is_read_closed() || ready.is_error() {
                 if let Ok(Some(_)) = src.take_error() {
-                    return Err(End::Reset);
+                    return Err(End::Reset.into());
                 }
                 if peer.fin_seen == 0 {
                     // TCP marks the socket read-closed before the verdict has run on the last
@@ -571,30 +622,119 @@ async fn pump(
                     wait_flushed(dp, dst, dir).await?;
                     dir.flushed_redirected = peer.redirected_bytes;
                 }
-                if tokio::time::timeout(DRAIN_LIMIT, dst.write_all(&b[..n])).await.map_or(true, |r| r.is_err()) {
-                    return Err(End::Stalled);
+                let written = write_now(dst, &b[..n]).map_err(|_| End::Reset)?;
+                dir.consumed += written as u64;
+                if written < n && detachable {
+                    if let Some(rest) = wait_for_room(dp, dst, dir, &b[written..n]).await? {
+                        return Err(Stop::Behind(Bytes::copy_from_slice(rest)));
+                    }
+                } else if written < n {
+                    // A half-closed flow cannot leave the kernel path (sockmaps hold established
+                    // sockets only): its receiver is waited for, boundedly.
+                    let rest = &b[written..n];
+                    if tokio::time::timeout(DRAIN_LIMIT, dst.write_all(rest)).await.map_or(true, |r| r.is_err()) {
+                        return Err(End::Stalled.into());
+                    }
+                    dir.consumed += rest.len() as u64;
                 }
-                dir.consumed += n as u64;
                 avail -= n as u64;
             }
             // Passed bytes still on their way to the socket: their arrival raises an event (the
             // read cleared readiness as of its own attempt).
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return Err(End::Reset),
+            Err(_) => return Err(End::Reset.into()),
         }
     }
 }
 
 /// One millisecond's wait for the kernel to finish with a socket's last bytes; a flow whose
 /// kernel side has not settled after 5 s is reset.
-async fn settle(waits: &mut u32) -> Result<(), End> {
+pub(super) async fn settle(waits: &mut u32) -> Result<(), End> {
     *waits += 1;
     if *waits > 5_000 {
         return Err(End::Reset);
     }
     tokio::time::sleep(Duration::from_millis(1)).await;
     Ok(())
+}
+
+/// Writes `rest` to dst as its send queue makes room, for at most `BEHIND_GRACE` and while the
+/// kernel holds at most `BEHIND_CAP` passed bytes for this direction; returns what is still
+/// unwritten when either limit is reached (the receiver is behind: the flow leaves the kernel
+/// path), None once everything was written. A receiver that is merely slow for a moment keeps
+/// its flow spliced.
+async fn wait_for_room<'a>(
+    dp: &dyn Datapath,
+    dst: &TcpStream,
+    dir: &mut Direction,
+    mut rest: &'a [u8],
+) -> Result<Option<&'a [u8]>, End> {
+    let deadline = tokio::time::Instant::now() + BEHIND_GRACE;
+    loop {
+        let unread = dp.peer(dir.src).map_or(0, |p| p.passed_bytes.saturating_sub(dir.consumed));
+        if tokio::time::Instant::now() >= deadline || unread > BEHIND_CAP {
+            return Ok(Some(rest));
+        }
+        tokio::time::sleep(BEHIND_POLL).await;
+        let written = write_now(dst, rest).map_err(|_| End::Reset)?;
+        dir.consumed += written as u64;
+        rest = &rest[written..];
+        if rest.is_empty() {
+            return Ok(None);
+        }
+    }
+}
+
+/// Writes what dst's send queue takes now, without waiting; returns how much that was. A plain
+/// send, not tokio's `try_write`: that one answers WouldBlock without trying while tokio still
+/// remembers an earlier full queue, and a queue given more room raises no event.
+pub(super) fn write_now(dst: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let sock = socket2::SockRef::from(dst);
+    let mut done = 0;
+    while done < buf.len() {
+        match sock.send(&buf[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Room in the socket's send queue for every byte the budget lets the kernel redirect to it,
+/// plus what userspace copies and TCP's own working room (SO_SNDBUFFORCE, as root; the kernel
+/// doubles the value for its bookkeeping). A fixed size also ends send-buffer autotuning, which
+/// stops at `tcp_wmem`'s maximum (4 MiB here): this is never less.
+pub(super) fn set_sndbuf(s: &TcpStream, budget: u64) {
+    const ROOM: u64 = 2 << 20;
+    force_sndbuf(s, budget + ROOM);
+}
+
+fn force_sndbuf(s: &TcpStream, bytes: u64) {
+    let bytes = bytes.min(i32::MAX as u64 / 2) as libc::c_int;
+    // SAFETY: s is a live socket; the option value is a c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&raw const bytes).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "splice: SO_SNDBUFFORCE refused");
+    }
+}
+
+/// Adds `bytes` of room to the socket's send queue (SO_SNDBUFFORCE, as root; the kernel reports
+/// and keeps twice the value it is given).
+pub(super) fn grow_sndbuf(s: &TcpStream, bytes: u64) {
+    let now = socket2::SockRef::from(s).send_buffer_size().unwrap_or(0) as u64 / 2;
+    force_sndbuf(s, now + bytes);
 }
 
 /// Tells tokio the socket's read readiness was consumed, so the watcher sleeps until the next
@@ -605,24 +745,31 @@ fn clear_read_readiness(s: &TcpStream) {
 
 /// Waits until every byte src sent (redirected by the kernel or copied by us) has entered
 /// dst's send queue: dst's acknowledged bytes plus its queue cover them.
-async fn wait_flushed(dp: &dyn Datapath, dst: &TcpStream, dir: &Direction) -> Result<(), End> {
+pub(super) async fn wait_flushed(dp: &dyn Datapath, dst: &TcpStream, dir: &Direction) -> Result<(), End> {
     let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
     let mut pause = Duration::from_micros(50);
     loop {
         let Some(peer) = dp.peer(dir.src) else { return Ok(()) };
-        let want = peer.redirected_bytes + dir.consumed + dir.dst_prefix;
-        let have = match entered(dst.as_fd()) {
-            Ok(n) => n.saturating_sub(dir.dst_acked_base),
+        match dir.unflushed(peer.redirected_bytes, dst) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
             Err(_) => return Err(End::Reset),
-        };
-        if have >= want {
-            return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(End::Stalled);
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+impl Direction {
+    /// Bytes from src (`redirected` by the kernel, or copied by us) that have not entered dst's
+    /// send queue yet: dst's acknowledged bytes plus its queue cover the rest.
+    pub(super) fn unflushed(&self, redirected: u64, dst: &TcpStream) -> io::Result<u64> {
+        let want = redirected + self.consumed + self.dst_prefix;
+        let have = entered(dst.as_fd())?.saturating_sub(self.dst_acked_base);
+        Ok(want.saturating_sub(have))
     }
 }
 
@@ -642,7 +789,7 @@ fn bytes_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
 }
 
 /// Bytes that ever entered the socket's send queue: acknowledged plus still queued.
-fn entered(fd: BorrowedFd<'_>) -> io::Result<u64> {
+pub(super) fn entered(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(bytes_acked(fd)? + outq(fd)?)
 }
 
@@ -659,6 +806,6 @@ fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
 
 /// Zero linger: closing sends RST instead of FIN (the peer reset, or we give up on the flow).
 /// With a zero timeout, close does not block.
-fn reset(s: &impl AsFd) {
+pub(super) fn reset(s: &impl AsFd) {
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
