@@ -107,8 +107,13 @@ impl Proxy {
         Proxy::start_with(yaml, Arc::new(Userspace)).await
     }
 
-    /// Starts SpeedMimi with the given datapath.
+    /// Starts SpeedMimi with the given datapath. With `RUST_LOG` set, its log goes to the test's
+    /// output.
     pub async fn start_with(yaml: &str, datapath: Arc<dyn Datapath>) -> Proxy {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let filter = tracing_subscriber::EnvFilter::from_default_env();
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        }
         let config = Config::parse(yaml).unwrap_or_else(|e| panic!("test config rejected: {e}\n{yaml}"));
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = if config.file.grpc.enabled { Some(TcpListener::bind("127.0.0.1:0").await.unwrap()) } else { None };
