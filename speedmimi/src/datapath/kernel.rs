@@ -189,11 +189,9 @@ fn cookie(fd: BorrowedFd<'_>) -> Result<u64, DatapathError> {
     Ok(value)
 }
 
-/// Sets a socket's receive low-water mark. TCP wakes a reader (and a spliced socket's verdict)
-/// only once this many bytes wait, or its window is nearly closed: bytes that arrived before
-/// insertion are held until more arrive unless it is 1 (KERNEL-NOTES, measured 2.5 s stuck
-/// without), and a flow leaving the kernel path raises it while it reads the last passed bytes.
-pub(crate) fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) {
+/// Sets a socket's receive low-water mark: bytes that arrived before insertion are held until
+/// more arrive unless it is 1 (KERNEL-NOTES, measured 2.5 s stuck without).
+fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) {
     // SAFETY: fd is a live socket; the option value is a c_int.
     unsafe {
         libc::setsockopt(
