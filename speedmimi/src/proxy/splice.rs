@@ -13,9 +13,11 @@
 //! - RST on src: reset dst (zero linger) and end the flow;
 //! - when both directions are done, or on disconnect, the sockets leave the maps and close.
 //!
-//! A receiver that falls behind (its socket's send queue full while bytes over budget wait to be
-//! copied to it) takes the flow off the kernel path (`detach`): passed bytes wait outside TCP's
-//! receive accounting, so only a socket out of the map lets TCP's window throttle the sender.
+//! A receiver that stays behind (its socket's send queue full for a second while bytes over budget
+//! wait to be copied to it, or 16 MiB passed for it) takes the flow off the kernel path (`detach`):
+//! passed bytes wait outside TCP's receive accounting, so only a socket whose verdict stopped lets
+//! TCP's window throttle the sender. A half-closed flow cannot leave (sockmaps hold established
+//! sockets only): it is reset at the same cap instead.
 //!
 //! A flow within its budget causes no socket event, so most spliced flows are quiet most of the
 //! time. After `PARK_AFTER` without one, a flow leaves tokio for the parking lot (`park`): its
@@ -533,8 +535,9 @@ impl Activity {
 }
 
 /// Handles readiness of `src`: copies what the kernel passed, or finishes the direction on
-/// FIN, or reports a reset. Never waits for dst's receiver: when dst's send queue is full, it
-/// stops with the bytes it could not write (`Stop::Behind`), and the flow leaves the kernel path.
+/// FIN, or reports a reset. Waits for dst's receiver at most `BEHIND_GRACE`, and while the kernel
+/// holds at most `BEHIND_CAP` passed bytes for it: then it stops with the bytes it could not write
+/// (`Stop::Behind`), and the flow leaves the kernel path.
 ///
 /// Only bytes the verdict passed are read (`passed_bytes - consumed`), never more: a read
 /// beyond them would fall through to the socket's own queue and take part of an skb the
@@ -624,18 +627,16 @@ async fn pump(
                 }
                 let written = write_now(dst, &b[..n]).map_err(|_| End::Reset)?;
                 dir.consumed += written as u64;
-                if written < n && detachable {
-                    if let Some(rest) = wait_for_room(dp, dst, dir, &b[written..n]).await? {
-                        return Err(Stop::Behind(Bytes::copy_from_slice(rest)));
-                    }
-                } else if written < n {
-                    // A half-closed flow cannot leave the kernel path (sockmaps hold established
-                    // sockets only): its receiver is waited for, boundedly.
-                    let rest = &b[written..n];
-                    if tokio::time::timeout(DRAIN_LIMIT, dst.write_all(rest)).await.map_or(true, |r| r.is_err()) {
+                // A half-closed flow cannot leave the kernel path (sockmaps hold established sockets
+                // only): its receiver gets the drain limit, and the same cap on passed bytes.
+                let grace = if detachable { BEHIND_GRACE } else { DRAIN_LIMIT };
+                if written < n
+                    && let Some(rest) = wait_for_room(dp, dst, dir, &b[written..n], grace).await?
+                {
+                    if !detachable {
                         return Err(End::Stalled.into());
                     }
-                    dir.consumed += rest.len() as u64;
+                    return Err(Stop::Behind(Bytes::copy_from_slice(rest)));
                 }
                 avail -= n as u64;
             }
@@ -659,7 +660,7 @@ pub(super) async fn settle(waits: &mut u32) -> Result<(), End> {
     Ok(())
 }
 
-/// Writes `rest` to dst as its send queue makes room, for at most `BEHIND_GRACE` and while the
+/// Writes `rest` to dst as its send queue makes room, for at most `grace` and while the
 /// kernel holds at most `BEHIND_CAP` passed bytes for this direction; returns what is still
 /// unwritten when either limit is reached (the receiver is behind: the flow leaves the kernel
 /// path), None once everything was written. A receiver that is merely slow for a moment keeps
@@ -669,8 +670,9 @@ async fn wait_for_room<'a>(
     dst: &TcpStream,
     dir: &mut Direction,
     mut rest: &'a [u8],
+    grace: Duration,
 ) -> Result<Option<&'a [u8]>, End> {
-    let deadline = tokio::time::Instant::now() + BEHIND_GRACE;
+    let deadline = tokio::time::Instant::now() + grace;
     loop {
         let unread = dp.peer(dir.src).map_or(0, |p| p.passed_bytes.saturating_sub(dir.consumed));
         if tokio::time::Instant::now() >= deadline || unread > BEHIND_CAP {
