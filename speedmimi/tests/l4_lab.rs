@@ -108,20 +108,7 @@ impl Rig {
         let config = std::env::temp_dir().join(format!("{}.yaml", lab.prefix));
         let log = std::env::temp_dir().join(format!("{}-speedmimi.log", lab.prefix));
         fs::write(&config, config_yaml(&setup)).expect("write the config");
-        // Logs and a failed start both go to stderr; stdout goes into the log too, in case.
-        let stdout = fs::File::create(&log).expect("create the daemon log");
-        let stderr = stdout.try_clone().expect("clone the log's handle");
-        let daemon = lab::command_in(&lab.ns_lb(), &[bin, "-c", &config.to_string_lossy()])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("SPEEDMIMI_ADMIN_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .expect("start the daemon");
-        let daemon_pid = daemon.id();
-        lab.adopt(daemon);
+        let daemon_pid = spawn_daemon(&mut lab, &config, &log);
         let rig = Rig { lab, config, log, daemon_pid, next_port: AtomicU16::new(FIRST_PORT) };
         rig.wait_ready(setup.weights.len());
         rig
@@ -309,6 +296,34 @@ impl Drop for Rig {
         let _ = fs::remove_file(&self.config);
         let _ = fs::remove_file(&self.log);
     }
+}
+
+/// Starts the daemon in the load balancer's namespace on `config`, its output going to `log`
+/// (appended: a restart keeps the first run's lines); the lab stops it at the end.
+fn spawn_daemon(lab: &mut Lab, config: &std::path::Path, log: &std::path::Path) -> u32 {
+    let bin = env!("CARGO_BIN_EXE_speedmimi");
+    // Logs and a failed start both go to stderr; stdout goes into the log too, in case.
+    let stdout = fs::OpenOptions::new().create(true).append(true).open(log).expect("open the daemon log");
+    let stderr = stdout.try_clone().expect("clone the log's handle");
+    let daemon = lab::command_in(&lab.ns_lb(), &[bin, "-c", &config.to_string_lossy()])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("SPEEDMIMI_ADMIN_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("start the daemon");
+    let pid = daemon.id();
+    lab.adopt(daemon);
+    pid
+}
+
+/// The XDP program ids attached in `ns` (`prog/xdp id N` in `ip -d link show`).
+fn xdp_ids(ns: &str) -> Vec<u32> {
+    let out = lab::run_in(ns, &["ip", "-d", "link", "show"]).unwrap_or_else(|e| panic!("{e}"));
+    let words: Vec<&str> = out.split_whitespace().collect();
+    words.windows(3).filter(|w| w[0] == "prog/xdp" && w[1] == "id").filter_map(|w| w[2].parse().ok()).collect()
 }
 
 /// The tested config: both services over upstream `web`, whose backends are the lab's demo backends.
@@ -618,4 +633,53 @@ fn failed_health_check_takes_backend_out_of_the_ring() {
     let via_l7 = rig.backends_of(0..500, L7, 1);
     assert_same_backends(&after, &via_l7, "the NAT VIP", "the L7 ip_hash route (b1 down)");
     eprintln!("health: before {:?}, after {:?}", tally(&before), tally(&after));
+}
+
+/// Issue 12, eBPF faults: a second instance on the same ports is refused with a clear message and
+/// touches nothing; a daemon killed with -9 leaves no XDP program attached and none loaded (the
+/// kernel frees them with the process's links); the next start steers again.
+#[test]
+fn second_instance_is_refused_and_a_killed_daemon_leaves_nothing_behind() {
+    if !root_or_skip("second_instance_is_refused_and_a_killed_daemon_leaves_nothing_behind") {
+        return;
+    }
+    let mut rig = Rig::start(Setup::default());
+    let ids = xdp_ids(&rig.lab.ns_lb());
+    assert_eq!(ids.len(), 2, "l4_steer on both LB interfaces, found program ids {ids:?}");
+
+    let second =
+        lab::command_in(&rig.lab.ns_lb(), &[env!("CARGO_BIN_EXE_speedmimi"), "-c", &rig.config.to_string_lossy()])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run a second instance");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second instance on the same ports must fail; stderr:\n{stderr}");
+    assert!(stderr.contains("cannot listen on"), "the refusal names the address it could not take:\n{stderr}");
+    assert_eq!(xdp_ids(&rig.lab.ns_lb()), ids, "the refused instance left the running one's XDP programs alone");
+    rig.backends_of(0..20, NAT_VIP, 1);
+
+    // SAFETY: kill has no memory preconditions; the pid is the daemon this test started.
+    assert_eq!(unsafe { libc::kill(rig.daemon_pid as i32, libc::SIGKILL) }, 0, "kill -9 the daemon");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let attached = xdp_ids(&rig.lab.ns_lb());
+        let loaded: Vec<u32> = aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect();
+        let left: Vec<u32> = ids.iter().copied().filter(|id| loaded.contains(id)).collect();
+        if attached.is_empty() && left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{WAIT:?} after kill -9: XDP still attached {attached:?}, programs still loaded {left:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    let (config, log) = (rig.config.clone(), rig.log.clone());
+    rig.daemon_pid = spawn_daemon(&mut rig.lab, &config, &log);
+    rig.wait_ready(Setup::default().weights.len());
+    let via_vip = rig.backends_of(0..50, NAT_VIP, 2);
+    let via_l7 = rig.backends_of(0..50, L7, 1);
+    assert_same_backends(&via_vip, &via_l7, "the NAT VIP after a restart", "the L7 ip_hash route");
 }
