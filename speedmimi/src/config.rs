@@ -89,6 +89,9 @@ pub struct ServerSection {
     /// An upgraded flow (WebSocket) or SSE stream with no bytes in either direction for this
     /// long is closed, spliced or copied (HAProxy's `timeout tunnel`). (new)
     pub tunnel_timeout: Dur,
+    /// On SIGTERM/SIGINT, how long open connections may finish their requests before they are
+    /// closed (HAProxy's `hard-stop-after`, nginx's `worker_shutdown_timeout`). (new)
+    pub drain_timeout: Dur,
     /// Client connections served at once; more wait in the listen backlog.
     pub max_conn: u32,
     /// Event-loop threads serving the HTTP listener, each with its own upstream connection
@@ -119,6 +122,7 @@ impl Default for ServerSection {
             upstream_timeout: Dur::secs(60),
             upstream_idle_timeout: Dur::secs(60),
             tunnel_timeout: Dur::secs(3600),
+            drain_timeout: Dur::secs(10),
             max_conn: 10_000,
             workers: 0,
             max_header_bytes: 32 * 1024,
@@ -466,6 +470,7 @@ impl FileConfig {
             ("upstream_timeout", s.upstream_timeout),
             ("upstream_idle_timeout", s.upstream_idle_timeout),
             ("tunnel_timeout", s.tunnel_timeout),
+            ("drain_timeout", s.drain_timeout),
         ] {
             if d.get().is_zero() {
                 bad(format!("server.{field}"), "must be longer than 0".into());

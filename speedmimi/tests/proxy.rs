@@ -259,3 +259,38 @@ async fn access_log_has_a_line_per_request() {
     assert!(first.ends_with(" b1"), "{first}");
     assert_eq!(text.lines().count(), 2, "{text}");
 }
+
+/// Sends `request` and reads the answer until the proxy closes (at most 15 s): the answer and when
+/// the close came.
+async fn answer_and_close(addr: std::net::SocketAddr, request: &'static [u8]) -> (String, std::time::Instant) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
+    (String::from_utf8_lossy(&out).into_owned(), std::time::Instant::now())
+}
+
+/// A stop lets a request in flight finish within `server.drain_timeout`, and closes a connection
+/// whose request outlasts it (issue 12: SIGTERM with requests in flight, a configurable drain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_lets_requests_finish_within_the_drain_time_then_closes_them() {
+    let o = Origin::start("b1").await;
+
+    let proxy = Proxy::start(&one_route(&o.yaml(1), "round_robin", "  drain_timeout: 5s\n  workers: 1")).await;
+    let done = tokio::spawn(answer_and_close(proxy.addr, b"GET /slow?ms=1000 HTTP/1.1\r\nHost: x\r\n\r\n"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.stop().await;
+    let (answer, _) = done.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "a request shorter than the drain time finishes: {answer:?}");
+    assert!(answer.ends_with("b1\n"), "with its whole body: {answer:?}");
+
+    let proxy = Proxy::start(&one_route(&o.yaml(1), "round_robin", "  drain_timeout: 500ms\n  workers: 1")).await;
+    let cut = tokio::spawn(answer_and_close(proxy.addr, b"GET /slow?ms=8000 HTTP/1.1\r\nHost: x\r\n\r\n"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = std::time::Instant::now();
+    proxy.stop().await;
+    let (answer, closed) = cut.await.unwrap();
+    let after = closed.duration_since(stopped);
+    assert!(answer.is_empty(), "a request outlasting the drain time gets no answer: {answer:?}");
+    assert!(after < Duration::from_secs(3), "its connection closed {after:?} after the stop (drain 500 ms)");
+}

@@ -32,8 +32,9 @@ use super::{
 };
 use crate::{shutdown::Shutdown, state::State};
 
-/// Longest a graceful stop waits for open connections to finish their requests.
-const DRAIN: Duration = Duration::from_secs(10);
+/// What a stop waits past `server.drain_timeout` for connections that were just closed to
+/// hand back their slots.
+const DRAIN_SLACK: Duration = Duration::from_secs(1);
 
 /// How long an idle h2 connection told to go away (GOAWAY) may take to close before it is
 /// dropped: a client that does not read, or never finished its preface, gets no more.
@@ -56,6 +57,7 @@ pub async fn serve(
     let server = &config.file.server;
     let read_timeout = server.read_timeout.get();
     let write_timeout = server.write_timeout.get();
+    let drain = server.drain_timeout.get();
     let max_head = (server.max_header_bytes as usize).max(8192);
 
     let max_conn = server.max_conn;
@@ -109,6 +111,7 @@ pub async fn serve(
             activity: Activity::new(accepted),
             permit,
             shutdown: shutdown.clone(),
+            drain,
         };
         let Some(tls) = &tls else {
             tokio::spawn(async move {
@@ -137,8 +140,8 @@ pub async fn serve(
     }
     drop(listener);
     // Every open connection holds a permit: having them all back means all have finished.
-    if tokio::time::timeout(DRAIN, limit.acquire_many(max_conn)).await.is_err() {
-        tracing::warn!(listener = ?kind, "connections still open after {DRAIN:?}; closing them");
+    if tokio::time::timeout(drain + DRAIN_SLACK, limit.acquire_many(max_conn)).await.is_err() {
+        tracing::warn!(listener = ?kind, "connections still open {:?} after the drain time", DRAIN_SLACK);
     }
 }
 
@@ -185,6 +188,8 @@ struct Conn {
     /// One of `server.max_conn`, held until the connection ends.
     permit: OwnedSemaphorePermit,
     shutdown: Shutdown,
+    /// After a stop, how long the connection may finish its requests.
+    drain: Duration,
 }
 
 impl Conn {
@@ -214,10 +219,10 @@ impl Conn {
         let result = if http1 {
             // HTTP/1 heads are watched in `ClientIo`, which can still answer 408.
             let conn = self.builder.h1.serve_connection(io, service).with_upgrades();
-            drive(conn, &self.shutdown, std::future::pending()).await
+            drive(conn, &self.shutdown, self.drain, std::future::pending()).await
         } else {
             let idle = activity::idle(&self.activity, self.read_timeout);
-            drive(self.builder.h2.serve_connection(io, service), &self.shutdown, idle).await
+            drive(self.builder.h2.serve_connection(io, service), &self.shutdown, self.drain, idle).await
         };
         if let Err(e) = result {
             tracing::debug!(peer = %self.peer, error = %e, "client connection ended with error");
@@ -258,16 +263,23 @@ where
     }
 }
 
-/// Serves a connection to its end; on shutdown, lets it finish the requests in progress; when
+/// Serves a connection to its end; on shutdown, lets it finish the requests in progress for at
+/// most `drain`; when
 /// `idle` resolves (no stream open for the idle time), tells it to go away and gives it
 /// `GOAWAY_GRACE` to do so.
-async fn drive<C: Graceful>(conn: C, shutdown: &Shutdown, idle: impl Future<Output = ()>) -> hyper::Result<()> {
+async fn drive<C: Graceful>(
+    conn: C,
+    shutdown: &Shutdown,
+    drain: Duration,
+    idle: impl Future<Output = ()>,
+) -> hyper::Result<()> {
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => r,
+        // Past the drain time the connection is dropped, which closes it.
         _ = shutdown.wait() => {
             conn.as_mut().graceful();
-            conn.await
+            tokio::time::timeout(drain, conn).await.unwrap_or(Ok(()))
         }
         _ = idle => {
             conn.as_mut().graceful();
