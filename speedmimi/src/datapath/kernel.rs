@@ -189,16 +189,17 @@ fn cookie(fd: BorrowedFd<'_>) -> Result<u64, DatapathError> {
     Ok(value)
 }
 
-/// Sets a socket's receive low-water mark: bytes that arrived before insertion are held until
-/// more arrive unless it is 1 (KERNEL-NOTES, measured 2.5 s stuck without).
-fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) {
+/// Bytes that arrived before insertion are held until more arrive unless the low-water mark
+/// is 1 (KERNEL-NOTES, measured 2.5 s stuck without).
+fn set_rcvlowat(fd: BorrowedFd<'_>) {
+    let one: libc::c_int = 1;
     // SAFETY: fd is a live socket; the option value is a c_int.
     unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVLOWAT,
-            (&raw const bytes).cast(),
+            (&raw const one).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         );
     }
@@ -280,8 +281,8 @@ impl Datapath for Kernel {
             let _ = self.unsplice(pair);
             return Err(err("SPLICE_SOCKS insert", e));
         }
-        set_rcvlowat(a, 1);
-        set_rcvlowat(b, 1);
+        set_rcvlowat(a);
+        set_rcvlowat(b);
         Ok(pair)
     }
 
