@@ -59,8 +59,8 @@ const COPY_RCVBUF: usize = 2 << 20;
 /// Copy buffer per direction once the flow is copied (as for flows copied from the start).
 const COPY_BUF: usize = 64 * 1024;
 
-/// Bytes read from one side of a flow and not yet written to the other.
-#[derive(Default)]
+/// Bytes read from one side of a flow and not yet written to the other (what `pump` could not
+/// write when a receiver fell behind); leaving the kernel path writes them first.
 pub struct Held {
     /// For the upstream (read from the client).
     pub up: Bytes,
@@ -71,16 +71,17 @@ pub struct Held {
 impl Spliced {
     /// Takes the flow off the kernel path and copies it to its end; returns how it ended.
     pub(super) async fn detach_and_copy(&mut self, held: Held) -> End {
-        let (client, upstream, held) = match self.detach(held).await {
+        let (client, upstream) = match self.detach(held).await {
             Ok(x) => x,
             Err(end) => return end,
         };
         tracing::debug!("splice: a receiver fell behind; the flow is copied from here on");
         let open = (!self.up.done, !self.down.done);
-        copy_on(client, upstream, held, open, self.policy.one_way, self.closer.clone(), self.policy.idle).await
+        copy_on(client, upstream, open, self.policy.one_way, self.closer.clone(), self.policy.idle).await
     }
 
-    async fn detach(&mut self, mut held: Held) -> Result<(TcpStream, TcpStream, Held), End> {
+    /// Takes the flow off the kernel path; every byte read so far has been written on.
+    async fn detach(&mut self, mut held: Held) -> Result<(TcpStream, TcpStream), End> {
         let Sockets::Tokio(client, upstream) = &self.sockets else { return Err(End::Reset) };
         let dp = &*self.dp;
         let pair = SplicedPair { a: self.up.src, b: self.down.src };
@@ -110,7 +111,7 @@ impl Spliced {
         // them (measured: a wake-up lost, the copy waited forever on a socket with room and
         // 1.6 MB to read); a fresh registration reports what is ready now.
         match (reregister(client), reregister(upstream)) {
-            (Ok(c), Ok(u)) => Ok((c, u, held)),
+            (Ok(c), Ok(u)) => Ok((c, u)),
             (c, u) => {
                 tracing::warn!("splice: a socket could not return to tokio after leaving the kernel path");
                 c.iter().chain(u.iter()).for_each(reset);
@@ -123,10 +124,10 @@ impl Spliced {
 /// Stops the verdict for the flow's sockets with nothing left in their psock queues that TCP has
 /// not accounted for. Passed bytes must be read while the verdict is attached: read after, they
 /// would not advance TCP's read sequence (measured: the kernel's "TCP recvmsg seq # bug" warning
-/// and an early EOF). So each direction is first caught up (every passed byte read and written
-/// on, with room made in the destination's send queue) and allowed one more budget of redirects,
-/// which leave no bytes behind: the verdict, seeing nothing passed unconsumed, redirects what
-/// arrives until it is stopped. A socket the kernel cannot hold (half-closed) keeps its verdict
+/// and an early EOF). So each direction is first caught up (every passed byte, and the `held` ones
+/// before them, written on, with room made in the destination's send queue) and allowed an
+/// `allowance` of redirects, which leave no bytes behind: the verdict, seeing nothing passed
+/// unconsumed, redirects what arrives until it is stopped. A socket the kernel cannot hold (half-closed) keeps its verdict
 /// until the end; bytes it passes meanwhile are read here too.
 async fn stop_verdict(
     dp: &dyn Datapath,
@@ -177,8 +178,9 @@ async fn stop_verdict(
     Ok(())
 }
 
-/// Reads every byte the kernel passed to src and writes it to dst, making room in dst's send
-/// queue for it and for one more budget of redirects; then lets the verdict redirect that budget.
+/// Writes `held` and every byte the kernel passed to src on to dst, making room in dst's send queue
+/// for them and for an `allowance` of redirects; then lets the verdict redirect that allowance.
+/// `held` is empty afterwards.
 async fn catch_up(
     dp: &dyn Datapath,
     src: &TcpStream,
@@ -242,13 +244,11 @@ async fn take_passed(dp: &dyn Datapath, src: &TcpStream, dir: &Direction, held: 
     }
 }
 
-/// Copies a flow that left the kernel path: the held bytes first, then each open direction until
-/// its end (FIN passed on as a shutdown); a reset, disconnect or the idle limit ends both. A
+/// Copies a flow that left the kernel path: each open direction until its end (FIN passed on as a shutdown); a reset, disconnect or the idle limit ends both. A
 /// response stream (`one_way`) ends when the client sends anything or leaves.
 async fn copy_on(
     mut client: TcpStream,
     mut upstream: TcpStream,
-    held: Held,
     (up_open, down_open): (bool, bool),
     one_way: bool,
     mut closer: watch::Receiver<u64>,
@@ -258,7 +258,7 @@ async fn copy_on(
     let end = {
         let (cr, cw) = client.split();
         let (ur, uw) = upstream.split();
-        let down = half(Stamped::new(ur, &clock), cw, held.down, down_open);
+        let down = half(Stamped::new(ur, &clock), cw, down_open);
         let both = async {
             if one_way {
                 let mut cr = cr;
@@ -268,7 +268,7 @@ async fn copy_on(
                     r = cr.read(&mut probe) => if matches!(r, Ok(0)) { End::Closed } else { End::Reset },
                 }
             } else {
-                let up = half(Stamped::new(cr, &clock), uw, held.up, up_open);
+                let up = half(Stamped::new(cr, &clock), uw, up_open);
                 tokio::try_join!(up, down).map_or(End::Reset, |_| End::Closed)
             }
         };
@@ -285,16 +285,13 @@ async fn copy_on(
     end
 }
 
-/// One direction of a copied flow: `held` first, then everything until EOF, then a shutdown of
-/// the writer (nothing more than `held` when the direction had already ended).
-async fn half<R, W>(rd: R, mut wr: W, held: Bytes, open: bool) -> io::Result<()>
+/// One direction of a copied flow: everything until EOF, then a shutdown of the writer (nothing
+/// when the direction had already ended).
+async fn half<R, W>(rd: R, mut wr: W, open: bool) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    if !held.is_empty() {
-        wr.write_all(&held).await?;
-    }
     if !open {
         return Ok(());
     }
