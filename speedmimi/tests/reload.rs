@@ -3,17 +3,15 @@
 
 mod support;
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use support::{
-    Origin, Proxy, admin_call, client, get, one_route,
+    Origin, Proxy, admin_call, client,
+    daemon::{Daemon, free_ports},
+    get, one_route,
     tls::{Ca, TempDir, h1, peer_cert, send, ssl_yaml, tls_connect},
 };
 
@@ -25,71 +23,6 @@ async fn call(method: Method, url: &str) -> (StatusCode, Value) {
 }
 
 // ---- SIGHUP on the binary ----
-
-/// The `speedmimi` binary running on a config file; killed (and its log shown on failure) when
-/// dropped.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(config: &Path, log: PathBuf) -> Daemon {
-        let out = std::fs::File::create(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_speedmimi"))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env_remove("SPEEDMIMI_ADMIN_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start speedmimi");
-        Daemon { child, log }
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
-        assert!(status.success(), "kill -{sig} failed");
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits (bounded) for the process to end.
-    async fn exit(&mut self, bound: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = tokio::time::Instant::now() + bound;
-        while tokio::time::Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- speedmimi log ---\n{}", self.log());
-        }
-    }
-}
-
-/// Two distinct ports free a moment ago.
-fn free_ports() -> (u16, u16) {
-    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
-}
 
 fn daemon_yaml(port: u16, admin: u16, backends: &str, upstream: &str) -> String {
     format!(

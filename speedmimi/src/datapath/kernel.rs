@@ -136,7 +136,7 @@ fn load_object(l4_flows: Option<u32>) -> Result<Ebpf, DatapathError> {
         Some(n) => loader.map_max_entries(l4::FLOWS, n).map_max_entries(l4::REVERSE, n),
         None => loader.map_max_entries(l4::RING, 1).map_max_entries(l4::FLOWS, 1024).map_max_entries(l4::REVERSE, 1024),
     };
-    loader.load(OBJECT).map_err(|e| err("loading the object", e))
+    loader.load(OBJECT).map_err(|e| err_with_source("loading the object", &e))
 }
 
 /// Attaches in native mode, falling back to generic with a log line; returns which.

@@ -14,12 +14,19 @@ fn err(context: &str, e: impl std::fmt::Display) -> DatapathError {
     DatapathError::Ebpf(format!("{context}: {e}"))
 }
 
-/// `err` for an error whose source holds the errno (aya's map errors name only the failed call).
+/// `err` for an error whose sources hold the errno (aya's errors name only the failed call,
+/// e.g. "failed to create map `X`", and keep "Operation not permitted" in a source).
 fn err_with_source(context: &str, e: &dyn std::error::Error) -> DatapathError {
-    match e.source() {
-        Some(source) => err(context, format!("{e}: {source}")),
-        None => err(context, e),
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        let s = source.to_string();
+        if !text.contains(&s) {
+            text = format!("{text}: {s}");
+        }
+        next = source.source();
     }
+    err(context, text)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -23,6 +23,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+pub mod daemon;
 pub mod lab;
 pub mod logging;
 pub mod tls;
