@@ -204,6 +204,95 @@ async fn a_client_that_never_finishes_its_head_is_dropped() {
     assert_eq!(o.requests(), 0);
 }
 
+/// A backend that answers every request with 64 MiB and counts the connections whose write
+/// failed (the proxy closed them).
+async fn big_backend() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::{Arc, atomic::AtomicUsize};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let counted = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let closed = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                if !matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    return;
+                }
+                let chunk = vec![b'x'; 1 << 20];
+                let mut out = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 67108864\r\n\r\n").await;
+                for _ in 0..64 {
+                    if out.is_err() {
+                        break;
+                    }
+                    out = s.write_all(&chunk).await;
+                }
+                if out.is_err() {
+                    closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, closed)
+}
+
+/// Slow-read clients (they ask for 64 MiB with a 4 KiB receive buffer and never read) hold
+/// both `max_conn` slots; the proxy's write to them stalls, and after `write_timeout` it closes
+/// them and their upstream connections: a normal client queued behind them is served, and each
+/// attacker's connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_read_clients_are_closed_after_write_timeout() {
+    let (big, closed) = big_backend().await;
+    let o = Origin::start("small").await;
+    let yaml = format!(
+        "server:\n  host: 127.0.0.1\n  port: 8080\n  max_conn: 2\n  write_timeout: 1s\nbackends:\n  big:\n{}  small:\n{}routing:\n  big:\n    path: /big\n    upstream: big\n    load_balancer: round_robin\n  small:\n    path: /\n    upstream: small\n    load_balancer: round_robin\n",
+        backend_yaml("big", big, 100),
+        o.yaml(100)
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let mut attackers = Vec::new();
+    for _ in 0..2 {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        attackers.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let addr = proxy.addr;
+    let normal =
+        tokio::spawn(async move { raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await });
+    let answer =
+        tokio::time::timeout(Duration::from_secs(10), normal).await.expect("the normal client was not served").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("small\n"), "{answer:?}");
+    for (i, mut s) in attackers.into_iter().enumerate() {
+        let mut sink = vec![0u8; 1 << 16];
+        let mut read = 0usize;
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => read += n,
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "attacker {i}: its connection is still open");
+        assert!(read < 64 << 20, "attacker {i}: got the whole body ({read} bytes): the write never stalled");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while closed.load(std::sync::atomic::Ordering::SeqCst) < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        closed.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the upstream connections of the attackers were not closed"
+    );
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_finishes_in_flight_requests() {
     let o = Origin::start("b1").await;
