@@ -1,12 +1,18 @@
 //! Fuzz target: what SpeedMimi does with a request head before hyper's answer reaches a backend.
+//! - protocol sniffing (`sniff_http1`): however the bytes are split into reads, it tells h2c's
+//!   preface from HTTP/1, loses and reorders no byte, and gives up only on a client that left
+//!   before its bytes could tell;
+//! - Host admission (`admit_host`): an admitted request carries at most one Host (exactly one
+//!   on HTTP/1.1), a valid authority without userinfo, equal to an absolute-form target's
+//!   authority, and its target is in origin form;
 //! - the framing scanner (`proxy/framing.rs`) reads the raw bytes: however the bytes are split
 //!   into reads it decides the same, and a head httparse accepts with both Content-Length and
 //!   Transfer-Encoding is flagged;
 //! - the real-IP and forwarded headers (`proxy/headers.rs`): an untrusted peer's headers never
 //!   choose the client address, and every hop-by-hop header, and every header `Connection`
 //!   names, is gone;
-//! - host routing (`Snapshot::route`) agrees with a plain model of the rules (longest prefix,
-//!   host-specific first, port ignored, `*.suffix`).
+//! - host routing (`Snapshot::route`) of the admitted request agrees with a plain model of the
+//!   rules (longest prefix, host-specific first, port ignored, `*.suffix`).
 #![no_main]
 
 use std::{
@@ -14,12 +20,12 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version, header::HOST, uri::Authority};
 use libfuzzer_sys::fuzz_target;
 use speedmimi::{
     config::Config,
     datapath::Userspace,
-    fuzzing::framing_flagged,
+    fuzzing::{admit_host, framing_flagged, sniff},
     proxy::headers::{Forwarded, canonical, client_ip, is_trusted, set_forwarded, strip_hop_by_hop},
     state::State,
 };
@@ -52,6 +58,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let (seed, data) = (u16::from_le_bytes([data[0], data[1]]), &data[2..]);
+    sniffing(seed, data);
     framing(seed, data);
 
     let mut storage = [httparse::EMPTY_HEADER; 64];
@@ -64,13 +71,14 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     forwarding(seed, &headers);
-    let host = headers.get(http::header::HOST).and_then(|v| v.to_str().ok());
-    routing(host, req.path.unwrap_or("/"));
+    if let Some(admitted) = host_admission(&req, headers) {
+        let host = admitted.headers().get(HOST).and_then(|v| v.to_str().ok());
+        routing(host, admitted.uri().path());
+    }
 });
 
-/// Split invariance, and CL+TE in a head httparse accepts is flagged.
-fn framing(seed: u16, data: &[u8]) {
-    let whole = framing_flagged([data]);
+/// `data` cut into reads of 1 to 7 bytes, the cuts chosen by `seed`.
+fn split(seed: u16, data: &[u8]) -> Vec<&[u8]> {
     let mut chunks = Vec::new();
     let (mut rest, mut x) = (data, u32::from(seed) | 1);
     while !rest.is_empty() {
@@ -81,6 +89,58 @@ fn framing(seed: u16, data: &[u8]) {
         chunks.push(&rest[..n]);
         rest = &rest[n..];
     }
+    chunks
+}
+
+/// h2c or HTTP/1, told from the first reads without losing a byte.
+fn sniffing(seed: u16, data: &[u8]) {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+    let reads = if seed & 0x100 == 0 { split(seed, data) } else { vec![data] };
+    match sniff(reads.into_iter().map(<[u8]>::to_vec).collect()) {
+        None => assert!(PREFACE.starts_with(data), "sniffing gave up on a client whose bytes told"),
+        Some((http1, told, rest)) => {
+            assert_eq!([&told[..], &rest[..]].concat(), data, "sniffing lost or reordered bytes");
+            assert!(told.len() <= PREFACE.len(), "sniffing read {} bytes", told.len());
+            match http1 {
+                true => assert!(!PREFACE.starts_with(&told), "{told:?} taken for HTTP/1"),
+                false => assert_eq!(&told[..], PREFACE, "h2c without its preface"),
+            }
+        }
+    }
+}
+
+/// The request hyper would hand the handler, through Host admission: the admitted request, or
+/// None when it is refused (400) or hyper would not have parsed it.
+fn host_admission(req: &httparse::Request, headers: HeaderMap) -> Option<Request<()>> {
+    let target: Uri = req.path?.parse().ok()?;
+    let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
+    let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let mut r = Request::builder().method(method).uri(target.clone()).version(version).body(()).ok()?;
+    *r.headers_mut() = headers;
+    admit_host(&mut r).ok()?;
+    let hosts: Vec<&HeaderValue> = r.headers().get_all(HOST).iter().collect();
+    assert!(hosts.len() <= 1, "{} Host headers admitted", hosts.len());
+    assert!(r.uri().authority().is_none() && r.uri().scheme().is_none(), "target {} not in origin form", r.uri());
+    if let Some(authority) = target.authority() {
+        assert_eq!(
+            hosts.first().map(|h| h.as_bytes()),
+            Some(authority.as_str().as_bytes()),
+            "Host is not the target's authority"
+        );
+    } else if version == Version::HTTP_11 {
+        assert_eq!(hosts.len(), 1, "an HTTP/1.1 request admitted without Host");
+    }
+    if let Some(h) = hosts.first() {
+        assert!(!h.as_bytes().contains(&b'@'), "userinfo in the admitted Host {h:?}");
+        assert!(Authority::try_from(h.as_bytes()).is_ok(), "admitted Host {h:?} is not an authority");
+    }
+    Some(r)
+}
+
+/// Split invariance, and CL+TE in a head httparse accepts is flagged.
+fn framing(seed: u16, data: &[u8]) {
+    let whole = framing_flagged([data]);
+    let chunks = split(seed, data);
     assert_eq!(framing_flagged(chunks), whole, "the scanner's verdict depends on how reads split the bytes");
 
     let mut storage = [httparse::EMPTY_HEADER; 64];

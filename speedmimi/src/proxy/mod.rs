@@ -11,7 +11,7 @@ pub(crate) mod idle;
 mod io;
 mod park;
 pub mod server;
-mod service;
+pub(crate) mod service;
 pub mod splice;
 mod sse;
 mod upgrade;

@@ -16,7 +16,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
@@ -156,7 +156,7 @@ struct Builders {
 /// not peeked: a peek of bytes already there is always ready and never sees the FIN, so a peer
 /// that sent `PRI` and left would be polled forever. None: the client left, or had not told us
 /// by `deadline`.
-async fn sniff_http1(stream: &mut TcpStream, deadline: Instant) -> Option<(bool, Bytes)> {
+pub(crate) async fn sniff_http1<S: AsyncRead + Unpin>(stream: &mut S, deadline: Instant) -> Option<(bool, Bytes)> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0";
     let mut buf = [0u8; PREFACE.len()];
     let mut len = 0;

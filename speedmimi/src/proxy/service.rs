@@ -410,7 +410,7 @@ fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
 /// absolute-form target's authority (or h2's `:authority`) replaces any Host sent with it. After
 /// this, the Host header is the one authority the request is routed by and forwarded with, and
 /// the target is in origin form.
-fn admit_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
+pub(crate) fn admit_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
     if let Some(authority) = req.uri().authority() {
         if authority.as_str().contains('@') {
             return Err("userinfo in the target's authority");
