@@ -94,6 +94,9 @@ pub struct ServerSection {
     pub drain_timeout: Dur,
     /// Client connections served at once; more wait in the listen backlog.
     pub max_conn: u32,
+    /// Connections one client address (an IPv6 client: its /64) may hold open at once, across
+    /// all listeners; a connection over it is closed at once. 0 = no limit. (new)
+    pub max_conn_per_client: u32,
     /// Event-loop threads serving the HTTP listener, each with its own upstream connection
     /// pools; 0 = one per CPU the process may run on. (new)
     pub workers: u32,
@@ -124,6 +127,7 @@ impl Default for ServerSection {
             tunnel_timeout: Dur::secs(3600),
             drain_timeout: Dur::secs(10),
             max_conn: 10_000,
+            max_conn_per_client: 0,
             workers: 0,
             max_header_bytes: 32 * 1024,
             max_body_bytes: None,

@@ -27,7 +27,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use crate::{
     config::Config,
     datapath::{Datapath, DatapathError},
-    proxy::server::Listener,
+    proxy::{admission::Admission, server::Listener},
     shutdown::Shutdown,
     state::{State, StateError},
 };
@@ -121,7 +121,8 @@ pub async fn run_with(
     if let Some(path) = config_path {
         spawn_reloader(state.clone(), path, shutdown.clone());
     }
-    let http_limit = Arc::new(Semaphore::new(max_conn));
+    let per_client = proxy::admission::PerClient::new(state.config().file.server.max_conn_per_client);
+    let http_limit = Admission { slots: Arc::new(Semaphore::new(max_conn)), per_client: per_client.clone() };
     tracing::info!(addr = ?listeners.http.local_addr().ok(), kind = ?http_kind, workers, max_conn, "HTTP listener ready");
 
     // Workers 1.. each run their own single-threaded event loop on a clone of the listening
@@ -155,7 +156,7 @@ pub async fn run_with(
     tasks.spawn(proxy::serve(http, state.clone(), http_kind, http_limit, shutdown.clone()));
     if let Some(grpc) = listeners.grpc {
         tracing::info!(addr = ?grpc.local_addr().ok(), "gRPC (h2c) listener ready");
-        let limit = Arc::new(Semaphore::new(max_conn));
+        let limit = Admission { slots: Arc::new(Semaphore::new(max_conn)), per_client };
         tasks.spawn(proxy::serve(grpc, state.clone(), Listener::Grpc, limit, shutdown.clone()));
     }
     if let Some(admin) = listeners.admin {

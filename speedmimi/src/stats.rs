@@ -218,6 +218,8 @@ pub struct ServerStats {
     pub traffic: Traffic,
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
+    /// Connections closed at accept for `server.max_conn_per_client`.
+    pub refused_per_client: AtomicU64,
     pub upgraded_open: AtomicU64,
     pub upgraded_total: AtomicU64,
     /// Upgraded flows that ended, by how they were joined.
@@ -234,6 +236,7 @@ impl Default for ServerStats {
             traffic: Traffic::default(),
             connections_open: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
+            refused_per_client: AtomicU64::new(0),
             upgraded_open: AtomicU64::new(0),
             upgraded_total: AtomicU64::new(0),
             spliced_flows: AtomicU64::new(0),

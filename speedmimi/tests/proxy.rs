@@ -293,6 +293,64 @@ async fn slow_read_clients_are_closed_after_write_timeout() {
     proxy.stop().await;
 }
 
+/// A connection from `source` (a loopback address) to `to`.
+async fn connect_from(source: &str, to: std::net::SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// `max_conn_per_client: 2` under `max_conn: 4`: a client that opens six idle connections keeps
+/// two, the other four are closed at once (and counted), and a second client is served at
+/// once instead of waiting for the first one's connections to time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_conn_per_client_keeps_one_client_from_taking_every_slot() {
+    let o = Origin::start("b1").await;
+    let extra = "  max_conn: 4\n  max_conn_per_client: 2\n  read_timeout: 30s\n";
+    let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", extra)).await;
+    let mut greedy = Vec::new();
+    for _ in 0..6 {
+        greedy.push(connect_from("127.0.0.2", proxy.addr).await);
+    }
+    let mut closed = 0;
+    for s in &mut greedy {
+        let mut b = [0u8; 16];
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+            Ok(Ok(n)) => panic!("an idle connection got {n} bytes"),
+            Err(_) => {}
+        }
+    }
+    assert_eq!(closed, 4, "connections over the client's limit must be closed at once");
+    let mut other = connect_from("127.0.0.3", proxy.addr).await;
+    other.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), other.read_to_end(&mut answer))
+        .await
+        .expect("the second client was not served while the first held its connections")
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&answer));
+    let (status, stats) = support::admin_call(
+        http::Method::GET,
+        &proxy.admin_url("/api/v1/stats/server"),
+        None,
+        None,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stats["connections"]["refused_per_client"], 4, "{stats}");
+    // Once the first client closes its connections, it may open new ones.
+    drop(greedy);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = connect_from("127.0.0.2", proxy.addr).await;
+    again.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), again.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&answer));
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_finishes_in_flight_requests() {
     let o = Origin::start("b1").await;

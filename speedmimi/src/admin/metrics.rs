@@ -50,6 +50,17 @@ pub fn text(state: &State) -> String {
     let _ = writeln!(out, "speedmimi_connections_open {}", s.connections_open.load(Relaxed));
     family(&mut out, "speedmimi_connections_total", "counter", "Client connections accepted.");
     let _ = writeln!(out, "speedmimi_connections_total {}", s.connections_total.load(Relaxed));
+    family(
+        &mut out,
+        "speedmimi_connections_refused_total",
+        "counter",
+        "Client connections closed at accept, by reason (per_client: over server.max_conn_per_client).",
+    );
+    let _ = writeln!(
+        out,
+        "speedmimi_connections_refused_total{{reason=\"per_client\"}} {}",
+        s.refused_per_client.load(Relaxed)
+    );
     family(&mut out, "speedmimi_upgraded_flows_open", "gauge", "Upgraded (WebSocket) flows open now.");
     let _ = writeln!(out, "speedmimi_upgraded_flows_open {}", s.upgraded_open.load(Relaxed));
     family(&mut out, "speedmimi_spliced_flows_open", "gauge", "Flows spliced in the kernel now.");

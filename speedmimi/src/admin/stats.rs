@@ -15,6 +15,7 @@ pub async fn server(AxState(admin): AxState<Admin>) -> Json<Value> {
         "connections": {
             "open": s.connections_open.load(Relaxed),
             "total": s.connections_total.load(Relaxed),
+            "refused_per_client": s.refused_per_client.load(Relaxed),
         },
         "requests": t.requests,
         "status": t.status,

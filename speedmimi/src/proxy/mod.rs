@@ -2,6 +2,7 @@
 //! routes and balances, the upstream connection pools, and WebSocket/SSE pass-through.
 
 mod activity;
+pub mod admission;
 pub mod body;
 mod detach;
 mod error;

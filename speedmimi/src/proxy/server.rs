@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite},
     net::TcpListener,
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::OwnedSemaphorePermit,
     time::Instant,
 };
 use tokio_rustls::TlsAcceptor;
@@ -25,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 pub use super::service::Listener;
 use super::{
     activity::{self, Activity},
+    admission::{Admission, ClientSlot},
     body::Tracked,
     framing::Scanner,
     io::{ClientIo, Hijack, Http1Watch},
@@ -44,15 +45,10 @@ const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 /// when owed): it only ends what ours does not watch, a head pipelined behind a response.
 const HYPER_HEAD_SLACK: Duration = Duration::from_secs(1);
 
-/// Serves one listener (or one worker's clone of it) until shutdown. `limit` is shared by all
-/// workers of a listener: it holds one permit per `server.max_conn`.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<State>,
-    kind: Listener,
-    limit: Arc<Semaphore>,
-    shutdown: Shutdown,
-) {
+/// Serves one listener (or one worker's clone of it) until shutdown. `admission` is shared by
+/// all workers of a listener: it holds one permit per `server.max_conn`.
+pub async fn serve(listener: TcpListener, state: Arc<State>, kind: Listener, admission: Admission, shutdown: Shutdown) {
+    let limit = admission.slots;
     let config = state.config();
     let server = &config.file.server;
     let read_timeout = server.read_timeout.get();
@@ -99,6 +95,17 @@ pub async fn serve(
             },
             _ = shutdown.wait() => break,
         };
+        let client = match &admission.per_client {
+            None => None,
+            Some(table) => match table.admit(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    state.stats.refused_per_client.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(%peer, "over server.max_conn_per_client: connection closed");
+                    continue;
+                }
+            },
+        };
         let accepted = Instant::now();
         let _ = stream.set_nodelay(true);
         let conn = Conn {
@@ -110,6 +117,7 @@ pub async fn serve(
             write_timeout,
             activity: Activity::new(accepted),
             permit,
+            _client: client,
             shutdown: shutdown.clone(),
             drain,
         };
@@ -187,6 +195,8 @@ struct Conn {
     activity: Arc<Activity>,
     /// One of `server.max_conn`, held until the connection ends.
     permit: OwnedSemaphorePermit,
+    /// One of the client's `server.max_conn_per_client`, when that is set.
+    _client: Option<ClientSlot>,
     shutdown: Shutdown,
     /// After a stop, how long the connection may finish its requests.
     drain: Duration,
