@@ -36,7 +36,7 @@ enum Setup {
     Open,
     /// One route, for `host: public.example` only.
     Hosted,
-    /// Open, with `server.max_body_bytes: 10`.
+    /// Open, with `server.max_body_bytes: MAX_BODY`.
     Capped,
     /// Open, with a datapath that offers splicing (and then copies), so SSE requests take the
     /// raw hijacked path; the backend answers an SSE stream and closes.
@@ -287,16 +287,23 @@ impl Datapath for OffersSplicing {
     }
 }
 
+/// `read_timeout` and `upstream_timeout` of every case's proxy.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `server.max_body_bytes` of `Setup::Capped`.
+const MAX_BODY: u64 = 10;
+
 /// The config of a setup around one backend.
 fn config(setup: Setup, backend: SocketAddr) -> String {
     let backends = backend_yaml("log", backend, 100);
-    let server = "  read_timeout: 5s\n  upstream_timeout: 5s\n";
+    let t = TIMEOUT.as_secs();
+    let server = format!("  read_timeout: {t}s\n  upstream_timeout: {t}s\n");
     match setup {
         Setup::Hosted => format!(
             "server:\n  host: 127.0.0.1\n  port: 8080\n{server}backends:\n  default:\n{backends}routing:\n  public:\n    path: /\n    host: public.example\n    upstream: default\n    load_balancer: round_robin\n"
         ),
-        Setup::Capped => one_route(&backends, "round_robin", &format!("{server}  max_body_bytes: 10\n")),
-        Setup::Open | Setup::Sse | Setup::BothFramings => one_route(&backends, "round_robin", server),
+        Setup::Capped => one_route(&backends, "round_robin", &format!("{server}  max_body_bytes: {MAX_BODY}\n")),
+        Setup::Open | Setup::Sse | Setup::BothFramings => one_route(&backends, "round_robin", &server),
     }
 }
 
@@ -367,7 +374,49 @@ fn statuses(raw: &[u8]) -> Vec<u16> {
     found
 }
 
-async fn run_case(case: &Case) -> Result<(), String> {
+/// What a proxy made of a case's bytes: what its client got and what the backend saw.
+struct Outcome {
+    raw: Vec<u8>,
+    statuses: Vec<u16>,
+    seen: Vec<Seen>,
+}
+
+impl Outcome {
+    /// Sends the case's bytes to `proxy`, which fronts `backend`.
+    async fn observe(case: &Case, proxy: SocketAddr, backend: &LoggingBackend) -> Outcome {
+        let raw = exchange_parts(proxy, case.send).await;
+        // Anything forwarded has arrived by now (the exchange waited for a quiet second).
+        let seen = backend.seen();
+        Outcome { statuses: statuses(&raw), raw, seen }
+    }
+
+    /// The case's `check` on what the backend saw, when it saw as many requests as expected.
+    fn checked(&self, case: &Case) -> Option<Result<(), String>> {
+        let check = case.check?;
+        (self.seen.len() == case.backend).then(|| check(&self.seen))
+    }
+
+    /// Err says how this falls short of what the case expects.
+    fn expected(&self, case: &Case) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.statuses != case.statuses {
+            problems.push(format!("client got statuses {:?}, want {:?}", self.statuses, case.statuses));
+        }
+        if self.seen.len() != case.backend {
+            let lines: Vec<_> = self.seen.iter().map(|s| s.line().to_owned()).collect();
+            problems.push(format!("backend saw {} requests {lines:?}, want {}", self.seen.len(), case.backend));
+        } else if let Some(Err(e)) = self.checked(case) {
+            problems.push(e);
+        }
+        match problems.is_empty() {
+            true => Ok(()),
+            false => Err(format!("{}\n    client got: {:?}", problems.join("; "), String::from_utf8_lossy(&self.raw))),
+        }
+    }
+}
+
+/// The case through SpeedMimi, set up as the case says.
+async fn through_speedmimi(case: &Case) -> Result<Outcome, String> {
     let backend = LoggingBackend::start(reply(case.setup)).await;
     let yaml = config(case.setup, backend.addr);
     Config::parse(&yaml).map_err(|e| format!("config rejected: {e}"))?;
@@ -375,27 +424,13 @@ async fn run_case(case: &Case) -> Result<(), String> {
         Setup::Sse => Proxy::start_with(&yaml, Arc::new(OffersSplicing)).await,
         _ => Proxy::start(&yaml).await,
     };
-    let got = exchange_parts(proxy.addr, case.send).await;
-    // Anything forwarded has arrived by now (the exchange waited for a quiet second).
-    let seen = backend.seen();
-    let st = statuses(&got);
-    let mut problems = Vec::new();
-    if st != case.statuses {
-        problems.push(format!("client got statuses {st:?}, want {:?}", case.statuses));
-    }
-    if seen.len() != case.backend {
-        let lines: Vec<_> = seen.iter().map(|s| s.line().to_owned()).collect();
-        problems.push(format!("backend saw {} requests {lines:?}, want {}", seen.len(), case.backend));
-    } else if let Some(check) = case.check
-        && let Err(e) = check(&seen)
-    {
-        problems.push(e);
-    }
+    let outcome = Outcome::observe(case, proxy.addr, &backend).await;
     proxy.stop().await;
-    match problems.is_empty() {
-        true => Ok(()),
-        false => Err(format!("{}\n    client got: {:?}", problems.join("; "), String::from_utf8_lossy(&got))),
-    }
+    Ok(outcome)
+}
+
+async fn run_case(case: &Case) -> Result<(), String> {
+    through_speedmimi(case).await?.expected(case)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
