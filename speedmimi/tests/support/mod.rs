@@ -23,6 +23,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+pub mod haproxy;
 pub mod lab;
 pub mod logging;
 pub mod tls;
