@@ -198,6 +198,109 @@ const CASES: &[Case] = &[
         backend: 1,
         check: None,
     },
+    // Framing and field syntax that parsers read differently, the stuff of request smuggling
+    // (RFC 9112 §2.2, §5, §6; RFC 9110 §5.5, §8.6): refused before any backend sees them, or
+    // forwarded in one clean reading.
+    Case {
+        name: "Transfer-Encoding: chunked, identity",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "Transfer-Encoding: xchunked",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "Transfer-Encoding in an HTTP/1.0 request",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "Content-Length with a leading +",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "two different Content-Lengths",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "Content-Length as a list of equal values",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\nConnection: close\r\n\r\nhello"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "chunk size with a 0x prefix",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "chunk size past 64 bits",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "bare LF line endings",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\nHost: a\nConnection: close\n\n"],
+        statuses: &[200],
+        backend: 1,
+        // RFC 9112 §2.2 lets a recipient take a bare LF as a line end; what goes on uses CRLF.
+        check: Some(|s| match s[0].head.replace("\r\n", "").contains('\n') {
+            false => Ok(()),
+            true => Err(format!("backend got a bare LF: {:?}", s[0].head)),
+        }),
+    },
+    Case {
+        name: "obs-fold header",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n 2\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "NUL in a header value",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\0b\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "space before the colon of Transfer-Encoding",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
     // Upgrade requests with a body are refused, never forwarded with a length and no body.
     Case {
         name: "upgrade request with Content-Length body",
@@ -507,6 +610,22 @@ const HAPROXY_DIFFERS: &[(&str, &str)] = &[
     (
         "CL+TE after a WebSocket upgrade the backend declined",
         "RFC 9112 §6.1/§6.3 as for CL+TE, on a connection that did not switch; HAProxy forwards it by TE",
+    ),
+    (
+        "Transfer-Encoding in an HTTP/1.0 request",
+        "RFC 9112 §6.1: TE in an HTTP/1.0 message MUST be treated as faulty framing; HAProxy forwards it, TE and all, as HTTP/1.0",
+    ),
+    (
+        "Content-Length as a list of equal values",
+        "RFC 9110 §8.6 lets a recipient reject it (or rewrite it to one value, as HAProxy does); we reject, so no backend has to agree on a list",
+    ),
+    (
+        "obs-fold header",
+        "RFC 9112 §5.2: MUST reject with 400 or unfold before forwarding; we reject, HAProxy unfolds (both allowed)",
+    ),
+    (
+        "NUL in a header value",
+        "RFC 9110 §5.5: a NUL MUST be rejected or replaced by SP before forwarding; HAProxy forwards the NUL as is",
     ),
     (
         "upgrade request with Content-Length body",
