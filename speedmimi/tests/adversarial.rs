@@ -2,11 +2,20 @@
 //! what the client got and what a logging backend saw (never two requests where the client
 //! sent one, never one that should have been refused); and connections that stall or leave in
 //! every protocol state (sniffing, TLS handshake, h2 preface, half a head, idle h2), which must
-//! be closed within `read_timeout` and must not keep their `max_conn` slot.
+//! be closed within `read_timeout` and must not keep their `max_conn` slot. The same requests
+//! also go through HAProxy, and where the two differ, `HAPROXY_DIFFERS` says why ours is right.
 
 mod support;
 
-use std::{net::SocketAddr, os::fd::BorrowedFd, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::fd::BorrowedFd,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::StreamExt;
 
 use http::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -16,6 +25,7 @@ use speedmimi::{
 };
 use support::{
     EmptyBody, Proxy, backend_yaml,
+    haproxy::{self, HaProxy},
     logging::{LoggingBackend, Reply, Seen},
     one_route,
     tls::{Ca, TempDir, ssl_yaml, tls_connect},
@@ -36,7 +46,7 @@ enum Setup {
     Open,
     /// One route, for `host: public.example` only.
     Hosted,
-    /// Open, with `server.max_body_bytes: 10`.
+    /// Open, with `server.max_body_bytes: MAX_BODY`.
     Capped,
     /// Open, with a datapath that offers splicing (and then copies), so SSE requests take the
     /// raw hijacked path; the backend answers an SSE stream and closes.
@@ -188,6 +198,109 @@ const CASES: &[Case] = &[
         backend: 1,
         check: None,
     },
+    // Framing and field syntax that parsers read differently, the stuff of request smuggling
+    // (RFC 9112 §2.2, §5, §6; RFC 9110 §5.5, §8.6): refused before any backend sees them, or
+    // forwarded in one clean reading.
+    Case {
+        name: "Transfer-Encoding: chunked, identity",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "Transfer-Encoding: xchunked",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "Transfer-Encoding in an HTTP/1.0 request",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "Content-Length with a leading +",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "two different Content-Lengths",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "Content-Length as a list of equal values",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\nConnection: close\r\n\r\nhello"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "chunk size with a 0x prefix",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "chunk size past 64 bits",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "bare LF line endings",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\nHost: a\nConnection: close\n\n"],
+        statuses: &[200],
+        backend: 1,
+        // RFC 9112 §2.2 lets a recipient take a bare LF as a line end; what goes on uses CRLF.
+        check: Some(|s| match s[0].head.replace("\r\n", "").contains('\n') {
+            false => Ok(()),
+            true => Err(format!("backend got a bare LF: {:?}", s[0].head)),
+        }),
+    },
+    Case {
+        name: "obs-fold header",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n 2\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "NUL in a header value",
+        setup: Setup::Open,
+        send: &[b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\0b\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "space before the colon of Transfer-Encoding",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
     // Upgrade requests with a body are refused, never forwarded with a length and no body.
     Case {
         name: "upgrade request with Content-Length body",
@@ -287,16 +400,23 @@ impl Datapath for OffersSplicing {
     }
 }
 
+/// `read_timeout` and `upstream_timeout` of every case's proxy.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `server.max_body_bytes` of `Setup::Capped`.
+const MAX_BODY: u64 = 10;
+
 /// The config of a setup around one backend.
 fn config(setup: Setup, backend: SocketAddr) -> String {
     let backends = backend_yaml("log", backend, 100);
-    let server = "  read_timeout: 5s\n  upstream_timeout: 5s\n";
+    let t = TIMEOUT.as_secs();
+    let server = format!("  read_timeout: {t}s\n  upstream_timeout: {t}s\n");
     match setup {
         Setup::Hosted => format!(
             "server:\n  host: 127.0.0.1\n  port: 8080\n{server}backends:\n  default:\n{backends}routing:\n  public:\n    path: /\n    host: public.example\n    upstream: default\n    load_balancer: round_robin\n"
         ),
-        Setup::Capped => one_route(&backends, "round_robin", &format!("{server}  max_body_bytes: 10\n")),
-        Setup::Open | Setup::Sse | Setup::BothFramings => one_route(&backends, "round_robin", server),
+        Setup::Capped => one_route(&backends, "round_robin", &format!("{server}  max_body_bytes: {MAX_BODY}\n")),
+        Setup::Open | Setup::Sse | Setup::BothFramings => one_route(&backends, "round_robin", &server),
     }
 }
 
@@ -367,7 +487,54 @@ fn statuses(raw: &[u8]) -> Vec<u16> {
     found
 }
 
-async fn run_case(case: &Case) -> Result<(), String> {
+/// What a proxy made of a case's bytes: what its client got and what the backend saw.
+struct Outcome {
+    raw: Vec<u8>,
+    statuses: Vec<u16>,
+    seen: Vec<Seen>,
+}
+
+impl Outcome {
+    /// Sends the case's bytes to `proxy`, which fronts `backend`.
+    async fn observe(case: &Case, proxy: SocketAddr, backend: &LoggingBackend) -> Outcome {
+        let raw = exchange_parts(proxy, case.send).await;
+        // Anything forwarded has arrived by now (the exchange waited for a quiet second).
+        let seen = backend.seen();
+        Outcome { statuses: statuses(&raw), raw, seen }
+    }
+
+    /// The case's `check` on what the backend saw, when it saw as many requests as expected.
+    fn checked(&self, case: &Case) -> Option<Result<(), String>> {
+        let check = case.check?;
+        (self.seen.len() == case.backend).then(|| check(&self.seen))
+    }
+
+    /// `[200, 400] / 1`: the statuses, and how many requests the backend saw.
+    fn brief(&self) -> String {
+        format!("{:?} / {}", self.statuses, self.seen.len())
+    }
+
+    /// Err says how this falls short of what the case expects.
+    fn expected(&self, case: &Case) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.statuses != case.statuses {
+            problems.push(format!("client got statuses {:?}, want {:?}", self.statuses, case.statuses));
+        }
+        if self.seen.len() != case.backend {
+            let lines: Vec<_> = self.seen.iter().map(|s| s.line().to_owned()).collect();
+            problems.push(format!("backend saw {} requests {lines:?}, want {}", self.seen.len(), case.backend));
+        } else if let Some(Err(e)) = self.checked(case) {
+            problems.push(e);
+        }
+        match problems.is_empty() {
+            true => Ok(()),
+            false => Err(format!("{}\n    client got: {:?}", problems.join("; "), String::from_utf8_lossy(&self.raw))),
+        }
+    }
+}
+
+/// The case through SpeedMimi, set up as the case says.
+async fn through_speedmimi(case: &Case) -> Result<Outcome, String> {
     let backend = LoggingBackend::start(reply(case.setup)).await;
     let yaml = config(case.setup, backend.addr);
     Config::parse(&yaml).map_err(|e| format!("config rejected: {e}"))?;
@@ -375,27 +542,13 @@ async fn run_case(case: &Case) -> Result<(), String> {
         Setup::Sse => Proxy::start_with(&yaml, Arc::new(OffersSplicing)).await,
         _ => Proxy::start(&yaml).await,
     };
-    let got = exchange_parts(proxy.addr, case.send).await;
-    // Anything forwarded has arrived by now (the exchange waited for a quiet second).
-    let seen = backend.seen();
-    let st = statuses(&got);
-    let mut problems = Vec::new();
-    if st != case.statuses {
-        problems.push(format!("client got statuses {st:?}, want {:?}", case.statuses));
-    }
-    if seen.len() != case.backend {
-        let lines: Vec<_> = seen.iter().map(|s| s.line().to_owned()).collect();
-        problems.push(format!("backend saw {} requests {lines:?}, want {}", seen.len(), case.backend));
-    } else if let Some(check) = case.check
-        && let Err(e) = check(&seen)
-    {
-        problems.push(e);
-    }
+    let outcome = Outcome::observe(case, proxy.addr, &backend).await;
     proxy.stop().await;
-    match problems.is_empty() {
-        true => Ok(()),
-        false => Err(format!("{}\n    client got: {:?}", problems.join("; "), String::from_utf8_lossy(&got))),
-    }
+    Ok(outcome)
+}
+
+async fn run_case(case: &Case) -> Result<(), String> {
+    through_speedmimi(case).await?.expected(case)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,6 +564,201 @@ async fn hostile_requests_and_replies() {
         }
     }
     assert!(failed.is_empty(), "{} of {} cases failed: {failed:?}", failed.len(), CASES.len());
+}
+
+/// Cases where HAProxy's outcome differs from ours, and why ours is right. Found by running
+/// `same_inputs_through_haproxy` against HAProxy 2.6 (Debian 12), which fails on a difference
+/// missing here and on an entry that no longer differs.
+const HAPROXY_DIFFERS: &[(&str, &str)] = &[
+    (
+        "absolute-form authority replaces Host and is what the backend sees",
+        "RFC 9112 §3.2.2: a server MUST ignore Host and use the absolute-form's authority; HAProxy refuses a Host that differs (400)",
+    ),
+    (
+        "absolute-form to an unrouted host is not rescued by Host",
+        "RFC 9112 §3.2.2: routed by the authority, which has no route (404); HAProxy refuses the Host/authority mismatch (400); neither forwards",
+    ),
+    (
+        "two identical Host headers",
+        "RFC 9112 §3.2: more than one Host field line MUST get 400; HAProxy merges them and forwards",
+    ),
+    ("HTTP/1.1 without Host", "RFC 9112 §3.2: an HTTP/1.1 request without Host MUST get 400; HAProxy forwards it"),
+    (
+        "Host with a space",
+        "RFC 9112 §3.2: an invalid Host value (RFC 9110 §7.2: uri-host [\":\" port]) MUST get 400; HAProxy forwards `a b.example`",
+    ),
+    (
+        "Host with userinfo",
+        "RFC 9112 §3.2: an invalid Host value (RFC 9110 §7.2 has no userinfo) MUST get 400; HAProxy forwards it",
+    ),
+    (
+        "empty Host",
+        "RFC 9110 §4.2.1: the target URI would be an http URI with an empty host, which a recipient MUST reject; HAProxy forwards it",
+    ),
+    (
+        "CL+TE on its own",
+        "RFC 9112 §6.1 lets a server reject both framings, §6.3 says handle them as an error: no backend sees them; HAProxy forwards by TE",
+    ),
+    (
+        "CL+TE pipelined behind a GET refuses the connection",
+        "RFC 9112 §6.1/§6.3 as for CL+TE; the connection is refused before anything goes upstream, so the GET ahead of it gets the 400 too; HAProxy serves both",
+    ),
+    (
+        "CL+TE after `Upgrade: foo` without `Connection: upgrade`",
+        "RFC 9112 §6.1/§6.3 as for CL+TE, on a connection that did not switch; HAProxy forwards it by TE",
+    ),
+    (
+        "CL+TE after a WebSocket upgrade the backend declined",
+        "RFC 9112 §6.1/§6.3 as for CL+TE, on a connection that did not switch; HAProxy forwards it by TE",
+    ),
+    (
+        "Transfer-Encoding in an HTTP/1.0 request",
+        "RFC 9112 §6.1: TE in an HTTP/1.0 message MUST be treated as faulty framing; HAProxy forwards it, TE and all, as HTTP/1.0",
+    ),
+    (
+        "Content-Length as a list of equal values",
+        "RFC 9110 §8.6 lets a recipient reject it (or rewrite it to one value, as HAProxy does); we reject, so no backend has to agree on a list",
+    ),
+    (
+        "obs-fold header",
+        "RFC 9112 §5.2: MUST reject with 400 or unfold before forwarding; we reject, HAProxy unfolds (both allowed)",
+    ),
+    (
+        "NUL in a header value",
+        "RFC 9110 §5.5: a NUL MUST be rejected or replaced by SP before forwarding; HAProxy forwards the NUL as is",
+    ),
+    (
+        "upgrade request with Content-Length body",
+        "RFC 9110 §9.3.1: GET content has no semantics and is a smuggling vector; after a switch a backend would read it as the new protocol; HAProxy forwards it",
+    ),
+    ("upgrade request with chunked body", "RFC 9110 §9.3.1 as with Content-Length; HAProxy forwards it"),
+    (
+        "backend reply with both Content-Length and Transfer-Encoding",
+        "RFC 9112 §6.3: ought to be handled as an error (response splitting); HAProxy may and does forward it by TE without Content-Length",
+    ),
+];
+
+/// Cases run at once in the differential test: quick enough, and light on a shared machine.
+const PARALLEL: usize = 6;
+
+/// The lines HAProxy's frontend needs to reproduce a setup, or None where it has no equivalent.
+fn haproxy_frontend(setup: Setup) -> Option<String> {
+    match setup {
+        Setup::Open | Setup::BothFramings => Some(String::new()),
+        // A host ACL in place of the route's `host:`; other hosts get the 404 we answer.
+        Setup::Hosted => {
+            Some("  http-request deny deny_status 404 unless { req.hdr(host) -i public.example }\n".into())
+        }
+        // HAProxy has no body cap. The nearest: wait for the body (whole here, these bodies are
+        // far below tune.bufsize) and refuse by its size, announced by Content-Length or, when
+        // chunked, received.
+        Setup::Capped => Some(format!(
+            "  option http-buffer-request\n  http-request deny deny_status 413 if {{ req.body_size gt {MAX_BODY} }}\n"
+        )),
+        // These cases are about our hijacked SSE path (a datapath that offers splicing), a
+        // mechanism HAProxy does not have.
+        Setup::Sse => None,
+    }
+}
+
+/// The case through HAProxy in front of the same logging backend; None where HAProxy cannot
+/// reproduce its setup.
+async fn through_haproxy(bin: &Path, case: &Case) -> Result<Option<Outcome>, String> {
+    let Some(frontend) = haproxy_frontend(case.setup) else { return Ok(None) };
+    let backend = LoggingBackend::start(reply(case.setup)).await;
+    let rest = format!("  default_backend b\nbackend b\n  server s {}\n", backend.addr);
+    let bin = bin.to_owned();
+    let haproxy = tokio::task::spawn_blocking(move || HaProxy::start(&bin, TIMEOUT, &frontend, &rest))
+        .await
+        .map_err(|e| format!("starting haproxy: {e}"))??;
+    Ok(Some(Outcome::observe(case, haproxy.addr, &backend).await))
+}
+
+/// How HAProxy's outcome differs from ours, if it does: statuses, requests the backend saw,
+/// or what they looked like (the case's check).
+fn difference(case: &Case, ours: &Outcome, theirs: &Outcome) -> Option<String> {
+    if ours.statuses != theirs.statuses || ours.seen.len() != theirs.seen.len() {
+        return Some(format!("HAProxy answered {:?}", String::from_utf8_lossy(&theirs.raw)));
+    }
+    match (ours.checked(case), theirs.checked(case)) {
+        (Some(Ok(())), Some(Err(e))) => Some(format!("HAProxy's {e}")),
+        (Some(Err(e)), Some(Ok(()))) => Some(format!("ours: {e}")),
+        _ => None,
+    }
+}
+
+/// The table's verdict on a case both ran; Err when the outcomes and `HAPROXY_DIFFERS`
+/// disagree (a difference not listed, or a listed one gone).
+fn verdict(case: &Case, ours: &Outcome, theirs: &Outcome) -> Result<String, String> {
+    let listed = HAPROXY_DIFFERS.iter().find(|(name, _)| *name == case.name).map(|(_, why)| *why);
+    match (difference(case, ours, theirs), listed) {
+        (None, None) => Ok("same".into()),
+        (Some(_), Some(why)) => Ok(format!("differs: {why}")),
+        (Some(what), None) => Err(format!("differs, not in HAPROXY_DIFFERS: {what}")),
+        (None, Some(_)) => Err("same, but listed in HAPROXY_DIFFERS (stale)".into()),
+    }
+}
+
+/// HAProxy, or why the test cannot run: a failure under CI=true, which must run it; otherwise
+/// a skip.
+async fn haproxy_or_skip(test: &str) -> Option<PathBuf> {
+    let found = tokio::task::spawn_blocking(haproxy::find_or_install).await.unwrap();
+    match found {
+        Ok(bin) => Some(bin),
+        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: no haproxy, and CI must run it: {why}")
+        }
+        Err(why) => {
+            eprintln!("skipping {test}: {why}");
+            None
+        }
+    }
+}
+
+/// The same bytes through HAProxy: every case whose setup HAProxy can reproduce, compared with
+/// SpeedMimi's outcome; a difference must be listed in `HAPROXY_DIFFERS` with why ours is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_inputs_through_haproxy() {
+    let Some(bin) = haproxy_or_skip("same_inputs_through_haproxy").await else { return };
+    let runs: Vec<_> = futures_util::stream::iter(CASES)
+        .map(|case| {
+            let bin = &bin;
+            async move { (case, tokio::join!(through_speedmimi(case), through_haproxy(bin, case))) }
+        })
+        .buffered(PARALLEL)
+        .collect()
+        .await;
+
+    let mut failed = Vec::new();
+    eprintln!("{:<64} {:<14} {:<14} verdict", "case", "SpeedMimi", "HAProxy");
+    for (case, run) in runs {
+        let (ours, theirs) = match run {
+            (Ok(ours), Ok(theirs)) => (ours, theirs),
+            (ours, theirs) => {
+                let why =
+                    [ours.err().map(|e| format!("SpeedMimi: {e}")), theirs.err().map(|e| format!("HAProxy: {e}"))];
+                failed.push(format!("{}: {}", case.name, why.into_iter().flatten().collect::<Vec<_>>().join("; ")));
+                continue;
+            }
+        };
+        let (column, verdict) = match theirs {
+            None => ("-".to_owned(), format!("no HAProxy equivalent of {:?}", case.setup)),
+            Some(theirs) => (
+                theirs.brief(),
+                verdict(case, &ours, &theirs).unwrap_or_else(|e| {
+                    failed.push(format!("{}: {e}", case.name));
+                    e
+                }),
+            ),
+        };
+        eprintln!("{:<64} {:<14} {column:<14} {verdict}", case.name, ours.brief());
+    }
+    for (name, _) in HAPROXY_DIFFERS {
+        if !CASES.iter().any(|c| c.name == *name) {
+            failed.push(format!("{name}: in HAPROXY_DIFFERS but no such case"));
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
 }
 
 /// How a stalled connection must end.

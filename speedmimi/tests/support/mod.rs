@@ -24,6 +24,7 @@ use tokio::{
 };
 
 pub mod daemon;
+pub mod haproxy;
 pub mod lab;
 pub mod logging;
 pub mod tls;
