@@ -21,7 +21,7 @@ use speedmimi::{
     Listeners,
     config::Config,
     datapath::Userspace,
-    proxy::server::Listener,
+    proxy::{admission::Admission, server::Listener},
     shutdown::{self, Trigger},
     state::State,
 };
@@ -159,7 +159,7 @@ async fn reload_serves_new_certificate_to_new_handshakes_only() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, wait) = shutdown::channel();
-    let limit = Arc::new(Semaphore::new(100));
+    let limit = Admission { slots: Arc::new(Semaphore::new(100)), per_client: None };
     let server = tokio::spawn(speedmimi::proxy::serve(listener, state.clone(), Listener::Https, limit, wait));
 
     let old = tls_connect(addr, &ca, "localhost", &[b"http/1.1"]).await;
