@@ -218,6 +218,30 @@ const CASES: &[Case] = &[
         check: None,
     },
     Case {
+        name: "chunked twice, in two fields",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "chunked twice, in one field",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[400],
+        backend: 0,
+        check: None,
+    },
+    Case {
+        name: "a coding before chunked (gzip, chunked)",
+        setup: Setup::Open,
+        send: &[b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+        statuses: &[501],
+        backend: 0,
+        check: None,
+    },
+    Case {
         name: "Transfer-Encoding in an HTTP/1.0 request",
         setup: Setup::Open,
         send: &[b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
@@ -570,6 +594,10 @@ async fn hostile_requests_and_replies() {
 /// `same_inputs_through_haproxy` against HAProxy 2.6 (Debian 12), which fails on a difference
 /// missing here and on an entry that no longer differs.
 const HAPROXY_DIFFERS: &[(&str, &str)] = &[
+    (
+        "a coding before chunked (gzip, chunked)",
+        "RFC 9112 §6.1: a transfer coding the server does not implement SHOULD get 501; HAProxy refuses it too, with 422; neither forwards",
+    ),
     (
         "absolute-form authority replaces Host and is what the backend sees",
         "RFC 9112 §3.2.2: a server MUST ignore Host and use the absolute-form's authority; HAProxy refuses a Host that differs (400)",

@@ -12,7 +12,12 @@ pub fn response(status: StatusCode, text: &'static str) -> Response<ResponseBody
 }
 
 pub fn bad_request(text: &'static str) -> Response<ResponseBody> {
-    let mut r = response(StatusCode::BAD_REQUEST, text);
+    refused(StatusCode::BAD_REQUEST, text)
+}
+
+/// A refused request whose body (if any) is left unread: the connection closes after it.
+pub fn refused(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut r = response(status, text);
     r.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
     r
 }

@@ -109,6 +109,10 @@ impl Handler {
             tracing::info!(peer = %self.peer, reason, "rejected request with ambiguous framing");
             return error::bad_request("bad request: ambiguous message framing\n");
         }
+        if let Err((status, reason)) = transfer_codings(req.headers()) {
+            tracing::info!(peer = %self.peer, reason, "rejected request with unusable transfer codings");
+            return error::refused(status, "bad request: unusable Transfer-Encoding\n");
+        }
         if let Err(reason) = admit_host(&mut req) {
             tracing::info!(peer = %self.peer, reason, "rejected request with a bad Host");
             return error::bad_request("bad request: missing, repeated or invalid Host\n");
@@ -404,6 +408,30 @@ fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
         return Some("differing Content-Length values");
     }
     None
+}
+
+/// The request's transfer codings (RFC 9112 §6.1, §7). hyper decodes one final `chunked` and
+/// the body is forwarded re-chunked, so any other coding would silently be lost on the way:
+/// `chunked` more than once is a framing error (400), and a coding the proxy does not implement
+/// gets 501 (RFC 9112 §6.1's SHOULD).
+fn transfer_codings(h: &http::HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+    let (mut fields, mut chunked, mut other) = (0, 0, 0);
+    for value in h.get_all(header::TRANSFER_ENCODING) {
+        fields += 1;
+        // Empty list elements are allowed and mean nothing (RFC 9110 §5.6.1).
+        for coding in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|c| !c.is_empty()) {
+            match coding.eq_ignore_ascii_case(b"chunked") {
+                true => chunked += 1,
+                false => other += 1,
+            }
+        }
+    }
+    match (fields, chunked, other) {
+        (0, ..) | (_, 1, 0) => Ok(()),
+        (_, 2.., _) => Err((StatusCode::BAD_REQUEST, "chunked applied more than once")),
+        (_, 0, 0) => Err((StatusCode::BAD_REQUEST, "empty Transfer-Encoding")),
+        _ => Err((StatusCode::NOT_IMPLEMENTED, "a transfer coding other than chunked")),
+    }
 }
 
 /// Admission by Host (RFC 9112 §3.2): an HTTP/1.1 request carries exactly one valid Host; an
