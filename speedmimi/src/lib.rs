@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod shutdown;
 pub mod state;
 pub mod stats;
+pub mod steering;
 pub mod telemetry;
 pub mod tls;
 
@@ -111,12 +112,14 @@ pub async fn run_with(
         n => n as usize,
     };
     let max_conn = config.file.server.max_conn as usize;
-    let state = Arc::new(State::new(config, datapath)?);
+    let steering = steering::Steering::new(datapath.clone(), &config.file.l4);
+    let follower = steering.clone().map(|s| s as Arc<dyn state::SnapshotFollower>);
+    let state = Arc::new(State::with_follower(config, datapath, follower)?);
     health::spawn(state.clone(), shutdown.clone());
     spawn_sampler(state.clone(), shutdown.clone());
     spawn_pool_reaper(state.clone(), shutdown.clone());
-    if state.datapath.steers() {
-        spawn_steering_checker(state.datapath.clone(), shutdown.clone());
+    if let Some(steering) = steering {
+        spawn_steering_checker(steering, shutdown.clone());
     }
     if let Some(path) = config_path {
         spawn_reloader(state.clone(), path, shutdown.clone());
@@ -226,7 +229,7 @@ fn spawn_pool_reaper(state: Arc<State>, shutdown: Shutdown) {
 }
 
 /// Health changes make no snapshot: every 100 ms the XDP rings catch up with them.
-fn spawn_steering_checker(datapath: Arc<dyn Datapath>, shutdown: Shutdown) {
+fn spawn_steering_checker(steering: Arc<steering::Steering>, shutdown: Shutdown) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
@@ -234,7 +237,7 @@ fn spawn_steering_checker(datapath: Arc<dyn Datapath>, shutdown: Shutdown) {
                 _ = tick.tick() => {}
                 _ = shutdown.wait() => return,
             }
-            datapath.recheck();
+            steering.recheck();
         }
     });
 }

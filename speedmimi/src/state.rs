@@ -154,6 +154,12 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
+/// Told of every routing snapshot before it is published (startup, admin API, reload); the XDP
+/// rings follow the pools through it (`crate::steering`).
+pub trait SnapshotFollower: Send + Sync {
+    fn follow(&self, snapshot: &Snapshot);
+}
+
 pub struct State {
     snapshot: ArcSwap<Snapshot>,
     config: ArcSwap<Config>,
@@ -165,6 +171,7 @@ pub struct State {
     writer: Mutex<Registry>,
     /// TLS termination (`ssl.enabled`): the certificates, reloadable in place.
     pub tls: Option<Arc<TlsState>>,
+    follower: Option<Arc<dyn SnapshotFollower>>,
 }
 
 /// What survives snapshot rebuilds besides backends: per route-backend counters.
@@ -203,10 +210,21 @@ pub enum Applied {
 
 impl State {
     pub fn new(config: Config, datapath: Arc<dyn Datapath>) -> Result<State, StateError> {
+        State::with_follower(config, datapath, None)
+    }
+
+    /// A state whose snapshots `follower` sees before they are published.
+    pub fn with_follower(
+        config: Config,
+        datapath: Arc<dyn Datapath>,
+        follower: Option<Arc<dyn SnapshotFollower>>,
+    ) -> Result<State, StateError> {
         let mut registry = Registry::default();
         let prepared = prepare(&config, &HashMap::new())?;
         let snapshot = commit(&config, prepared, &mut registry);
-        datapath.backends_changed(&snapshot);
+        if let Some(f) = &follower {
+            f.follow(&snapshot);
+        }
         let access_log = AccessLog::open(&config.file.server.access_log).map_err(|e| {
             StateError::BadInput(format!("server.access_log: cannot open {:?}: {e}", config.file.server.access_log))
         })?;
@@ -222,6 +240,7 @@ impl State {
             stats: Arc::default(),
             access_log,
             writer: Mutex::new(registry),
+            follower,
         })
     }
 
@@ -328,7 +347,9 @@ impl State {
                 drain_backend(b.clone(), drain);
             }
         }
-        self.datapath.backends_changed(&snapshot);
+        if let Some(f) = &self.follower {
+            f.follow(&snapshot);
+        }
         self.snapshot.store(Arc::new(snapshot));
         self.config.store(Arc::new(config));
         debug_assert!(self.invariants_hold());
@@ -481,7 +502,9 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
         .iter()
         .map(|(name, r)| {
             let upstream = upstreams[&r.upstream].clone();
-            let make = |a: Option<Algorithm>| balance::build(a.unwrap_or(r.load_balancer), &upstream);
+            let make = |a: Option<Algorithm>| {
+                balance::build(a.unwrap_or(r.load_balancer), &upstream.backends, &upstream.ghosts)
+            };
             let stats = upstream
                 .backends
                 .iter()

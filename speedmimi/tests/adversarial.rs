@@ -9,7 +9,6 @@ mod support;
 
 use std::{
     net::SocketAddr,
-    os::fd::BorrowedFd,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -19,10 +18,7 @@ use futures_util::StreamExt;
 
 use http::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use speedmimi::{
-    config::Config,
-    datapath::{Control, Counters, Datapath, DatapathError, Limits, Peer, SplicedPair},
-};
+use speedmimi::{config::Config, datapath::Datapath};
 use support::{
     EmptyBody, Proxy, backend_yaml,
     haproxy::{self, HaProxy},
@@ -403,24 +399,6 @@ impl Datapath for OffersSplicing {
     }
     fn can_splice(&self) -> bool {
         true
-    }
-    fn splice(&self, _: BorrowedFd<'_>, _: BorrowedFd<'_>, _: Limits, _: u32) -> Result<SplicedPair, DatapathError> {
-        Err(DatapathError::NoSplice)
-    }
-    fn counters(&self, _: u32) -> Option<Counters> {
-        None
-    }
-    fn set_control(&self, _: u64, _: Control) -> Result<(), DatapathError> {
-        Err(DatapathError::NoSplice)
-    }
-    fn peer(&self, _: u64) -> Option<Peer> {
-        None
-    }
-    fn unsplice(&self, _: SplicedPair) -> Result<(), DatapathError> {
-        Ok(())
-    }
-    fn spliced_sockets(&self) -> usize {
-        0
     }
 }
 

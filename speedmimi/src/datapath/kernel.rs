@@ -14,7 +14,7 @@ use aya::{
 use speedmimi_common::{l4, splice};
 use tokio::io::unix::AsyncFd;
 
-use super::{Datapath, DatapathError, Limits, SplicedPair, err, err_with_source, steer::Steering};
+use super::{Datapath, DatapathError, L4Plan, Limits, SplicedPair, err, err_with_source, steer::L4Maps};
 use crate::config::{EbpfSection, L4Section};
 
 /// The object `cargo xtask build-ebpf` built, or empty when it had not been built.
@@ -28,7 +28,7 @@ pub struct Kernel {
     control: Mutex<HashMap<MapData, u64, splice::Control>>,
     counters: PerCpuHashMap<MapData, u32, splice::Counters>,
     /// XDP steering of the `l4:` services, when there are any.
-    steering: Option<Steering>,
+    steering: Option<L4Maps>,
     /// Keeps the programs loaded and attached; dropping it detaches them.
     _ebpf: Ebpf,
 }
@@ -87,7 +87,7 @@ impl Kernel {
         // Attach before any socket is inserted (KERNEL-NOTES).
         verdict.attach(socks.fd()).map_err(|e| err("attaching splice_verdict", e))?;
         tracing::info!("sk_skb splice verdict loaded and attached to {}", splice::SOCKS);
-        let steering = if services.is_empty() { None } else { Some(Steering::start(&mut ebpf, services)?) };
+        let steering = if services.is_empty() { None } else { Some(L4Maps::start(&mut ebpf, services)?) };
         Ok(Kernel {
             socks: Mutex::new(socks),
             hold: Mutex::new(hold),
@@ -218,16 +218,8 @@ impl Datapath for Kernel {
         self.steering.is_some()
     }
 
-    fn backends_changed(&self, snapshot: &crate::state::Snapshot) {
-        if let Some(s) = &self.steering {
-            s.refresh(snapshot);
-        }
-    }
-
-    fn recheck(&self) {
-        if let Some(s) = &self.steering {
-            s.recheck();
-        }
+    fn write_l4(&self, plan: &L4Plan<'_>) -> Result<usize, DatapathError> {
+        self.steering.as_ref().ok_or(DatapathError::NoSteering)?.write(plan)
     }
 
     fn l4_counters(&self, backend_slot: u32) -> Option<l4::Counters> {

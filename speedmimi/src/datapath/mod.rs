@@ -37,6 +37,8 @@ pub enum DatapathError {
     NotRoot(u32),
     #[error("eBPF: {0}")]
     Ebpf(String),
+    #[error("XDP steering is not loaded in this datapath")]
+    NoSteering,
     #[error("splicing is not available in this datapath")]
     NoSplice,
     #[error("l4 services need the eBPF datapath: {0}")]
@@ -57,32 +59,56 @@ pub struct SplicedPair {
     pub b: u64,
 }
 
+/// What the XDP program of one `l4:` service reads, in its own terms: made by `crate::steering`
+/// from the routing policy, written by the datapath as is.
+pub struct L4Plan<'a> {
+    /// The service: its position in `l4:`.
+    pub service: u32,
+    /// Addresses of the backend slots the ring names.
+    pub backends: &'a [(u32, std::net::SocketAddrV4)],
+    /// The Maglev ring: for each of `maglev::TABLE_SIZE` slots, a backend slot (`maglev::EMPTY`:
+    /// no backend usable).
+    pub ring: &'a [u32],
+}
+
+/// What the kernel does for the proxy. Every method but `describe` defaults to what a datapath
+/// without kernel programs answers (nothing spliced, nothing steered).
 pub trait Datapath: Send + Sync {
     /// One line for the startup log.
     fn describe(&self) -> &'static str;
 
     /// Whether `splice` can work.
-    fn can_splice(&self) -> bool;
+    fn can_splice(&self) -> bool {
+        false
+    }
 
     /// Makes the kernel move bytes arriving on `client` out of `upstream` and vice versa, each
     /// direction at first within its limit (see `splice::Control`), counting them for the
     /// backend in `backend_slot`.
     fn splice(
         &self,
-        client: BorrowedFd<'_>,
-        upstream: BorrowedFd<'_>,
-        limits: Limits,
-        backend_slot: u32,
-    ) -> Result<SplicedPair, DatapathError>;
+        _client: BorrowedFd<'_>,
+        _upstream: BorrowedFd<'_>,
+        _limits: Limits,
+        _backend_slot: u32,
+    ) -> Result<SplicedPair, DatapathError> {
+        Err(DatapathError::NoSplice)
+    }
 
     /// Bytes the kernel moved for a backend's spliced flows (summed over CPUs).
-    fn counters(&self, backend_slot: u32) -> Option<Counters>;
+    fn counters(&self, _backend_slot: u32) -> Option<Counters> {
+        None
+    }
 
     /// Sets a spliced socket's flow control.
-    fn set_control(&self, cookie: u64, control: Control) -> Result<(), DatapathError>;
+    fn set_control(&self, _cookie: u64, _control: Control) -> Result<(), DatapathError> {
+        Err(DatapathError::NoSplice)
+    }
 
     /// A spliced socket's kernel-side state.
-    fn peer(&self, cookie: u64) -> Option<Peer>;
+    fn peer(&self, _cookie: u64) -> Option<Peer> {
+        None
+    }
 
     /// Stops the verdict for one spliced socket without discarding what the kernel queued for it
     /// (bytes passed to it, bytes redirected to it and not yet sent): the socket moves from the
@@ -99,18 +125,20 @@ pub trait Datapath: Send + Sync {
     fn release(&self, _cookie: u64) {}
 
     /// Stops splicing a pair and forgets its counters (idempotent).
-    fn unsplice(&self, pair: SplicedPair) -> Result<(), DatapathError>;
+    fn unsplice(&self, _pair: SplicedPair) -> Result<(), DatapathError> {
+        Ok(())
+    }
 
     /// Sockets currently in the splice map.
-    fn spliced_sockets(&self) -> usize;
+    fn spliced_sockets(&self) -> usize {
+        0
+    }
 
-    /// Called with every new routing snapshot (startup, admin API, reload), before it is
-    /// published: the kernel's backend maps follow the userspace pools here.
-    fn backends_changed(&self, _snapshot: &crate::state::Snapshot) {}
-
-    /// Called on a short timer while `steers()`: the kernel's rings follow backends' health,
-    /// which changes without a new snapshot.
-    fn recheck(&self) {}
+    /// Writes one `l4:` service's plan (see [`L4Plan`]): the entries that differ from what the
+    /// kernel has; returns how many ring slots changed.
+    fn write_l4(&self, _plan: &L4Plan<'_>) -> Result<usize, DatapathError> {
+        Err(DatapathError::NoSteering)
+    }
 
     /// Whether XDP steers `l4:` services.
     fn steers(&self) -> bool {
@@ -129,33 +157,6 @@ pub struct Userspace;
 impl Datapath for Userspace {
     fn describe(&self) -> &'static str {
         "userspace only (no eBPF)"
-    }
-    fn can_splice(&self) -> bool {
-        false
-    }
-    fn splice(
-        &self,
-        _c: BorrowedFd<'_>,
-        _u: BorrowedFd<'_>,
-        _l: Limits,
-        _s: u32,
-    ) -> Result<SplicedPair, DatapathError> {
-        Err(DatapathError::NoSplice)
-    }
-    fn counters(&self, _backend_slot: u32) -> Option<Counters> {
-        None
-    }
-    fn set_control(&self, _cookie: u64, _control: Control) -> Result<(), DatapathError> {
-        Err(DatapathError::NoSplice)
-    }
-    fn peer(&self, _cookie: u64) -> Option<Peer> {
-        None
-    }
-    fn unsplice(&self, _pair: SplicedPair) -> Result<(), DatapathError> {
-        Ok(())
-    }
-    fn spliced_sockets(&self) -> usize {
-        0
     }
 }
 

@@ -1,11 +1,12 @@
-//! XDP L4 steering, userspace half: attaches `l4_steer` to the `l4:` services' interfaces, keeps
-//! the services map, and keeps each service's Maglev ring equal to the `ip_hash` table of its
-//! upstream (with down backends overlaid), writing only the slots that changed.
+//! XDP L4 steering, kernel half: attaches `l4_steer` to the `l4:` services' interfaces, keeps
+//! the services map, and writes the plans `crate::steering` makes (backend addresses by slot, each
+//! service's Maglev ring), only the entries that changed. What is usable and which backend owns
+//! which ring slot is decided there, not here.
 
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
-    sync::{Arc, Mutex},
+    sync::Mutex,
 };
 
 use aya::{
@@ -18,26 +19,12 @@ use speedmimi_common::{
     maglev::{EMPTY, TABLE_SIZE},
 };
 
-use super::{DatapathError, err};
-use crate::{
-    backend::Backend,
-    balance::IpHash,
-    config::{L4Mode, L4Section},
-    state::{Snapshot, Upstream},
-};
+use super::{DatapathError, L4Plan, err};
+use crate::config::{L4Mode, L4Section};
 
-/// One steered service and what its ring holds now.
-struct Ring {
-    conf: L4Section,
-    index: u32,
-    /// Backend slot in each ring slot as written to the kernel (`EMPTY` = none).
-    written: Vec<u32>,
-    /// The upstream the ring was computed from, its table, and which backends were usable.
-    source: Option<(Arc<Upstream>, Arc<IpHash>, Vec<bool>)>,
-}
-
-pub struct Steering {
-    rings: Mutex<Vec<Ring>>,
+pub struct L4Maps {
+    /// Per service index: the backend slot in each ring slot as written (`EMPTY` = none).
+    written: Mutex<Vec<Vec<u32>>>,
     ring_map: Mutex<Array<MapData, u32>>,
     backends: Mutex<Array<MapData, BackendEntry>>,
     counters: PerCpuArray<MapData, Counters>,
@@ -50,22 +37,14 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf.take_map(name).ok_or_else(|| err("object", format!("no {name} map")))?.try_into().map_err(|e| err(name, e))
 }
 
-/// A backend as the XDP program addresses it, if it can (an IPv4 literal host).
-fn entry(b: &Backend) -> Option<BackendEntry> {
-    let conf = b.conf.load();
-    let ip: Ipv4Addr = conf.host.parse().ok()?;
-    Some(BackendEntry { addr: u32::from_ne_bytes(ip.octets()), port: conf.port.to_be(), _pad: 0 })
-}
-
-impl Steering {
-    /// Loads `l4_steer`, fills the services map and attaches to every service interface
-    /// (native XDP, else generic with a log line).
-    pub fn start(ebpf: &mut Ebpf, services: &[L4Section]) -> Result<Steering, DatapathError> {
+impl L4Maps {
+    /// Loads `l4_steer`, fills the services map (service `i` is `services[i]`) and attaches to
+    /// every service interface (native XDP, else generic with a log line).
+    pub fn start(ebpf: &mut Ebpf, services: &[L4Section]) -> Result<L4Maps, DatapathError> {
         let mut service_map: HashMap<MapData, ServiceKey, Service> = take(ebpf, l4::SERVICES)?;
         let ring_map: Array<MapData, u32> = take(ebpf, l4::RING)?;
         let backends: Array<MapData, BackendEntry> = take(ebpf, l4::BACKENDS)?;
         let counters: PerCpuArray<MapData, Counters> = take(ebpf, l4::COUNTERS)?;
-        let mut rings = Vec::new();
         for (i, s) in services.iter().enumerate() {
             let IpAddr::V4(vip) = s.vip else { return Err(err(&s.name, "IPv6 VIPs are not steered")) };
             let (mode, encap_src) = match s.mode {
@@ -83,7 +62,6 @@ impl Steering {
             service_map
                 .insert(key, Service { index: i as u32, mode, encap_src }, 0)
                 .map_err(|e| err(l4::SERVICES, e))?;
-            rings.push(Ring { conf: s.clone(), index: i as u32, written: vec![EMPTY; TABLE_SIZE], source: None });
         }
         let prog: &mut Xdp = ebpf
             .program_mut("l4_steer")
@@ -100,85 +78,38 @@ impl Steering {
             let how = super::kernel::attach_xdp(prog, name)?;
             tracing::info!(interface = name, mode = how, "XDP l4_steer attached");
         }
-        Ok(Steering {
-            rings: Mutex::new(rings),
+        Ok(L4Maps {
+            written: Mutex::new(vec![vec![EMPTY; TABLE_SIZE]; services.len()]),
             ring_map: Mutex::new(ring_map),
             backends: Mutex::new(backends),
             counters,
         })
     }
 
-    /// Brings every ring in line with a new snapshot's upstreams.
-    pub fn refresh(&self, snapshot: &Snapshot) {
-        let mut rings = self.rings.lock().expect("rings lock");
-        for ring in rings.iter_mut() {
-            if let Some(upstream) = snapshot.upstreams.get(&ring.conf.upstream) {
-                self.update(ring, upstream);
-            }
+    /// Writes a plan's backend addresses (those that differ) and then its ring slots (those
+    /// that differ); returns how many ring slots changed.
+    pub fn write(&self, plan: &L4Plan<'_>) -> Result<usize, DatapathError> {
+        if plan.ring.len() != TABLE_SIZE {
+            return Err(err(l4::RING, format!("a ring of {} slots, not {TABLE_SIZE}", plan.ring.len())));
         }
-    }
-
-    /// Follows health changes (which make no snapshot) of the upstreams the rings were built
-    /// from. Cheap when nothing changed, so it runs on a short timer.
-    pub fn recheck(&self) {
-        let mut rings = self.rings.lock().expect("rings lock");
-        for ring in rings.iter_mut() {
-            if let Some((upstream, _, _)) = &ring.source {
-                let upstream = upstream.clone();
-                self.update(ring, &upstream);
-            }
-        }
-    }
-
-    fn update(&self, ring: &mut Ring, upstream: &Arc<Upstream>) {
-        let entries: Vec<Option<BackendEntry>> = upstream.backends.iter().map(|b| entry(b)).collect();
-        let usable: Vec<bool> = upstream.backends.iter().zip(&entries).map(|(b, e)| e.is_some() && b.is_up()).collect();
-        let table = match &ring.source {
-            Some((u, t, was)) if Arc::ptr_eq(u, upstream) => {
-                if *was == usable {
-                    return;
+        {
+            let mut map = self.backends.lock().expect("backends lock");
+            for (slot, addr) in plan.backends {
+                let entry =
+                    BackendEntry { addr: u32::from_ne_bytes(addr.ip().octets()), port: addr.port().to_be(), _pad: 0 };
+                if map.get(slot, 0).ok() != Some(entry) {
+                    map.set(*slot, entry, 0).map_err(|e| err(l4::BACKENDS, e))?;
                 }
-                t.clone()
-            }
-            _ => Arc::new(IpHash::new(upstream.backends.clone(), upstream.ghosts.clone())),
-        };
-        if let Err(e) = self.write_backends(upstream, &entries) {
-            tracing::error!(service = %ring.conf.name, error = %e, "cannot update XDP backends");
-            return;
-        }
-        let effective = table.effective(&usable);
-        let wanted: Vec<u32> =
-            effective.iter().map(|&i| if i == EMPTY { EMPTY } else { upstream.backends[i as usize].slot }).collect();
-        match self.write_ring(ring, &wanted) {
-            Ok(0) => ring.source = Some((upstream.clone(), table, usable)),
-            Ok(changed) => {
-                tracing::info!(service = %ring.conf.name, changed, "XDP ring updated");
-                ring.source = Some((upstream.clone(), table, usable));
-            }
-            Err(e) => tracing::error!(service = %ring.conf.name, error = %e, "cannot update XDP ring"),
-        }
-    }
-
-    fn write_backends(&self, upstream: &Upstream, entries: &[Option<BackendEntry>]) -> Result<(), DatapathError> {
-        let mut map = self.backends.lock().expect("backends lock");
-        for (b, e) in upstream.backends.iter().zip(entries) {
-            let Some(e) = e else {
-                tracing::warn!(backend = %b.id, host = %b.conf.load().host, "not an IPv4 address; left out of XDP rings");
-                continue;
-            };
-            if map.get(&b.slot, 0).ok() != Some(*e) {
-                map.set(b.slot, e, 0).map_err(|e| err(l4::BACKENDS, e))?;
             }
         }
-        Ok(())
-    }
-
-    /// Writes the slots that differ; returns how many.
-    fn write_ring(&self, ring: &mut Ring, wanted: &[u32]) -> Result<usize, DatapathError> {
+        let mut written = self.written.lock().expect("rings lock");
+        let have = written
+            .get_mut(plan.service as usize)
+            .ok_or_else(|| err(l4::RING, format!("no l4 service {}", plan.service)))?;
         let mut map = self.ring_map.lock().expect("ring lock");
-        let base = ring.index * TABLE_SIZE as u32;
+        let base = plan.service * TABLE_SIZE as u32;
         let mut changed = 0;
-        for (i, (&want, have)) in wanted.iter().zip(ring.written.iter_mut()).enumerate() {
+        for (i, (&want, have)) in plan.ring.iter().zip(have.iter_mut()).enumerate() {
             if want != *have {
                 map.set(base + i as u32, want, 0).map_err(|e| err(l4::RING, e))?;
                 *have = want;
