@@ -14,7 +14,9 @@ pub use least_conn::{LeastConnections, Score};
 pub use round_robin::RoundRobin;
 pub use weighted::SmoothWeighted;
 
-use crate::{backend::Backend, config::Algorithm, state::Upstream};
+use speedmimi_common::maglev::Member;
+
+use crate::{backend::Backend, config::Algorithm};
 
 /// The backends of one upstream, shared by all its selectors.
 pub type Backends = Arc<[Arc<Backend>]>;
@@ -25,15 +27,16 @@ pub trait Balancer: Send + Sync {
     fn pick(&self, client_hash: u64, accept: &mut dyn FnMut(&Backend) -> bool) -> Option<usize>;
 }
 
-/// The selector for `algorithm` over an upstream's backends (and, for `ip_hash`, its ghosts).
-pub fn build(algorithm: Algorithm, upstream: &Upstream) -> Arc<dyn Balancer> {
-    let backends = upstream.backends.clone();
+/// The selector for `algorithm` over an upstream's backends (and, for `ip_hash`, the Maglev
+/// places of its removed backends, see `state::Upstream::ghosts`).
+pub fn build(algorithm: Algorithm, backends: &Backends, ghosts: &Arc<[Member]>) -> Arc<dyn Balancer> {
+    let backends = backends.clone();
     match algorithm {
         Algorithm::RoundRobin => Arc::new(RoundRobin::new(backends)),
         Algorithm::Weight => Arc::new(SmoothWeighted::new(backends)),
         Algorithm::LeastConnections => Arc::new(LeastConnections::new(backends, Score::Connections)),
         Algorithm::LeastConnectionsWeight => Arc::new(LeastConnections::new(backends, Score::PerWeight)),
         Algorithm::PerformanceLeastConnectionsWeight => Arc::new(LeastConnections::new(backends, Score::Performance)),
-        Algorithm::IpHash => Arc::new(IpHash::new(backends, upstream.ghosts.clone())),
+        Algorithm::IpHash => Arc::new(IpHash::new(backends, ghosts.clone())),
     }
 }
