@@ -451,154 +451,119 @@ impl Config {
 impl FileConfig {
     /// Checks everything serde cannot: references, uniqueness, ranges. Reports every problem.
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let mut errs = Vec::new();
-        let mut bad = |path: String, message: String| errs.push(FieldError { path, message });
+        let sections = [
+            ("server.", self.server.problems()),
+            ("ssl.", self.ssl.problems()),
+            ("grpc.", self.grpc.problems()),
+            ("ebpf.", self.ebpf.problems()),
+            ("admin.", self.admin.problems()),
+            ("", self.upstream_problems()),
+            ("", self.routing_problems()),
+            ("", self.l4_problems()),
+        ];
+        let errs: Vec<FieldError> = sections
+            .into_iter()
+            .flat_map(|(prefix, problems)| {
+                problems.into_iter().map(move |(path, message)| FieldError { path: format!("{prefix}{path}"), message })
+            })
+            .collect();
+        if !errs.is_empty() {
+            return Err(ConfigError::Invalid(errs));
+        }
+        let trusted = self.server.trusted_proxies.iter().filter_map(|p| parse_cidr(p)).collect();
+        Ok(Config { file: self, trusted_proxies: trusted })
+    }
 
-        let s = &self.server;
-        if s.port == 0 {
-            bad("server.port".into(), "must be 1-65535".into());
-        }
-        if s.max_conn == 0 {
-            bad("server.max_conn".into(), "must be at least 1".into());
-        }
-        if s.workers > 256 {
-            bad("server.workers".into(), format!("{} is more than 256", s.workers));
-        }
-        if s.max_header_bytes < 1024 {
-            bad("server.max_header_bytes".into(), "must be at least 1024".into());
-        }
-        for (field, d) in [
-            ("read_timeout", s.read_timeout),
-            ("write_timeout", s.write_timeout),
-            ("connect_timeout", s.connect_timeout),
-            ("upstream_timeout", s.upstream_timeout),
-            ("upstream_idle_timeout", s.upstream_idle_timeout),
-            ("tunnel_timeout", s.tunnel_timeout),
-            ("drain_timeout", s.drain_timeout),
-        ] {
-            if d.get().is_zero() {
-                bad(format!("server.{field}"), "must be longer than 0".into());
-            }
-        }
-        if http::HeaderName::from_bytes(s.real_ip_header.as_bytes()).is_err() {
-            bad("server.real_ip_header".into(), format!("{:?} is not a header name", s.real_ip_header));
-        }
-        let mut trusted = Vec::new();
-        for (i, p) in s.trusted_proxies.iter().enumerate() {
-            match parse_cidr(p) {
-                Some(net) => trusted.push(net),
-                None => bad(format!("server.trusted_proxies[{i}]"), format!("{p:?} is not a CIDR or IP address")),
-            }
-        }
-        if self.ssl.port == Some(0) {
-            bad("ssl.port".into(), "must be 1-65535".into());
-        }
-        let mut sni_names = HashSet::new();
-        for (i, c) in self.ssl.certificates.iter().enumerate() {
-            let at = format!("ssl.certificates[{i}]");
-            let name = c.server_name.to_ascii_lowercase();
-            let wild = name.strip_prefix("*.").unwrap_or(&name);
-            if name.is_empty() {
-                bad(format!("{at}.server_name"), "must not be empty".into());
-            } else if wild.is_empty() || wild.contains(['*', '/', ' ', ':']) {
-                bad(format!("{at}.server_name"), format!("{:?} is not a host name or *.suffix", c.server_name));
-            } else if !sni_names.insert(name) {
-                bad(format!("{at}.server_name"), format!("duplicate server_name {:?}", c.server_name));
-            }
-            for (field, path) in [("cert_file", &c.cert_file), ("key_file", &c.key_file)] {
-                if path.as_os_str().is_empty() {
-                    bad(format!("{at}.{field}"), "must name a PEM file".into());
-                }
-            }
-        }
-        if self.grpc.enabled && self.grpc.port == 0 {
-            bad("grpc.port".into(), "must be 1-65535".into());
-        }
-        if self.ebpf.splice_budget.0 < 64 * 1024 {
-            bad("ebpf.splice_budget".into(), format!("{} is below the 64KiB minimum", self.ebpf.splice_budget));
-        }
-        if self.admin.port == 0 {
-            bad("admin.port".into(), "must be 1-65535".into());
-        }
-
-        for up in self.backends.keys() {
-            if let Some(problem) = name_problem(up) {
-                bad(format!("backends.{up}"), format!("upstream name {problem}"));
-            }
-        }
+    /// `backends`: names, at least one upstream of at least one backend, unique ids, and each
+    /// backend's own fields.
+    fn upstream_problems(&self) -> Problems {
+        let mut out = Problems::new();
         if self.backends.is_empty() {
-            bad("backends".into(), "at least one upstream is needed".into());
+            out.push(("backends".into(), "at least one upstream is needed".into()));
         }
         for (up, list) in &self.backends {
+            if let Some(problem) = name_problem(up) {
+                out.push((format!("backends.{up}"), format!("upstream name {problem}")));
+            }
             if list.is_empty() {
-                bad(format!("backends.{up}"), "an upstream needs at least one backend".into());
+                out.push((format!("backends.{up}"), "an upstream needs at least one backend".into()));
             }
             let mut ids = HashSet::new();
             for (i, b) in list.iter().enumerate() {
                 let at = format!("backends.{up}[{i}]");
                 if let Some(problem) = name_problem(&b.id) {
-                    bad(format!("{at}.id"), problem);
+                    out.push((format!("{at}.id"), problem));
                 } else if !ids.insert(b.id.as_str()) {
-                    bad(format!("{at}.id"), format!("duplicate id {:?} in upstream {up:?}", b.id));
+                    out.push((format!("{at}.id"), format!("duplicate id {:?} in upstream {up:?}", b.id)));
                 }
-                for msg in b.problems() {
-                    bad(format!("{at}.{}", msg.0), msg.1);
-                }
+                out.extend(b.problems().into_iter().map(|(field, msg)| (format!("{at}.{field}"), msg)));
             }
         }
+        out
+    }
 
+    /// `routing`: names, known upstreams, paths, hosts, and no two routes for the same host
+    /// and path.
+    fn routing_problems(&self) -> Problems {
+        let mut out = Problems::new();
         if self.routing.is_empty() {
-            bad("routing".into(), "at least one route is needed".into());
+            out.push(("routing".into(), "at least one route is needed".into()));
         }
-        let mut seen_routes = HashSet::new();
+        let mut seen = HashSet::new();
         for (name, r) in &self.routing {
             let at = format!("routing.{name}");
             if let Some(problem) = name_problem(name) {
-                bad(at.clone(), format!("route name {problem}"));
+                out.push((at.clone(), format!("route name {problem}")));
             }
             if !self.backends.contains_key(&r.upstream) {
-                bad(format!("{at}.upstream"), format!("unknown upstream {:?}", r.upstream));
+                out.push((format!("{at}.upstream"), format!("unknown upstream {:?}", r.upstream)));
             }
             if !r.path.starts_with('/') {
-                bad(format!("{at}.path"), format!("{:?} must start with '/'", r.path));
+                out.push((format!("{at}.path"), format!("{:?} must start with '/'", r.path)));
             }
             if let Some(h) = &r.host
                 && (h.is_empty() || h.contains('/') || h.contains(' '))
             {
-                bad(format!("{at}.host"), format!("{h:?} is not a host name"));
+                out.push((format!("{at}.host"), format!("{h:?} is not a host name")));
             }
             let key = (r.host.as_deref().map(str::to_ascii_lowercase), r.path.clone());
-            if !seen_routes.insert(key) {
-                bad(at.clone(), format!("another route already has host {:?} and path {:?}", r.host, r.path));
+            if !seen.insert(key) {
+                out.push((at, format!("another route already has host {:?} and path {:?}", r.host, r.path)));
             }
         }
+        out
+    }
 
-        if !(1024..=1 << 24).contains(&self.ebpf.l4_flows) {
-            bad("ebpf.l4_flows".into(), format!("{} is out of range 1024-16777216", self.ebpf.l4_flows));
-        }
+    /// `l4`: how many, unique names and addresses, interfaces, and upstreams whose backends the
+    /// XDP program can reach (IPv4 hosts; in DSR mode, the service's port).
+    fn l4_problems(&self) -> Problems {
+        let mut out = Problems::new();
         if self.l4.len() > L4_MAX_SERVICES as usize {
-            bad("l4".into(), format!("{} services; at most {L4_MAX_SERVICES} are steered", self.l4.len()));
+            out.push(("l4".into(), format!("{} services; at most {L4_MAX_SERVICES} are steered", self.l4.len())));
         }
         if !self.l4.is_empty() && self.ebpf.enabled == EbpfMode::False {
-            bad("ebpf.enabled".into(), "is false, but l4 services are steered by the eBPF datapath only".into());
+            out.push(("ebpf.enabled".into(), "is false, but l4 services are steered by the eBPF datapath only".into()));
         }
-        let mut l4_names = HashSet::new();
-        let mut l4_addrs = HashSet::new();
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
         for (i, l) in self.l4.iter().enumerate() {
             let at = format!("l4[{i}]");
             if let Some(problem) = name_problem(&l.name) {
-                bad(format!("{at}.name"), problem);
-            } else if !l4_names.insert(l.name.as_str()) {
-                bad(format!("{at}.name"), format!("duplicate l4 service {:?}", l.name));
+                out.push((format!("{at}.name"), problem));
+            } else if !names.insert(l.name.as_str()) {
+                out.push((format!("{at}.name"), format!("duplicate l4 service {:?}", l.name)));
             }
             if l.port == 0 {
-                bad(format!("{at}.port"), "must be 1-65535".into());
+                out.push((format!("{at}.port"), "must be 1-65535".into()));
             }
-            if !l4_addrs.insert((l.vip, l.port)) {
-                bad(format!("{at}.vip"), format!("another l4 service already has {}:{}", l.vip, l.port));
+            if !addrs.insert((l.vip, l.port)) {
+                out.push((format!("{at}.vip"), format!("another l4 service already has {}:{}", l.vip, l.port)));
             }
             if !l.vip.is_ipv4() || l.vip.is_unspecified() {
-                bad(format!("{at}.vip"), format!("{} is not a unicast IPv4 address (IPv6 is not steered yet)", l.vip));
+                out.push((
+                    format!("{at}.vip"),
+                    format!("{} is not a unicast IPv4 address (IPv6 is not steered yet)", l.vip),
+                ));
             }
             for (field, name) in
                 [("interface", Some(&l.interface)), ("backend_interface", l.backend_interface.as_ref())]
@@ -606,36 +571,134 @@ impl FileConfig {
                 if let Some(n) = name
                     && (n.is_empty() || n.len() > 15 || n.contains(['/', ' ']))
                 {
-                    bad(format!("{at}.{field}"), format!("{n:?} is not a network interface name"));
+                    out.push((format!("{at}.{field}"), format!("{n:?} is not a network interface name")));
                 }
             }
             let Some(list) = self.backends.get(&l.upstream) else {
-                bad(format!("{at}.upstream"), format!("unknown upstream {:?}", l.upstream));
+                out.push((format!("{at}.upstream"), format!("unknown upstream {:?}", l.upstream)));
                 continue;
             };
             for (j, b) in list.iter().enumerate() {
                 if b.host.parse::<std::net::Ipv4Addr>().is_err() {
-                    bad(
+                    out.push((
                         format!("backends.{}[{j}].host", l.upstream),
                         format!("{:?} must be an IPv4 address: l4 service {:?} steers to it", b.host, l.name),
-                    );
+                    ));
                 }
                 if l.mode == L4Mode::Dsr && b.port != l.port {
-                    bad(
+                    out.push((
                         format!("backends.{}[{j}].port", l.upstream),
                         format!(
                             "{} differs from port {} of dsr service {:?} (DSR keeps ports)",
                             b.port, l.port, l.name
                         ),
-                    );
+                    ));
                 }
             }
         }
+        out
+    }
+}
 
-        if errs.is_empty() {
-            Ok(Config { file: self, trusted_proxies: trusted })
-        } else {
-            Err(ConfigError::Invalid(errs))
+/// Problems of a section: (field path, message).
+type Problems = Vec<(String, String)>;
+
+impl ServerSection {
+    fn problems(&self) -> Problems {
+        let mut out = Problems::new();
+        let mut bad = |field: &str, message: String| out.push((field.to_owned(), message));
+        if self.port == 0 {
+            bad("port", "must be 1-65535".into());
+        }
+        if self.max_conn == 0 {
+            bad("max_conn", "must be at least 1".into());
+        }
+        if self.workers > 256 {
+            bad("workers", format!("{} is more than 256", self.workers));
+        }
+        if self.max_header_bytes < 1024 {
+            bad("max_header_bytes", "must be at least 1024".into());
+        }
+        for (field, d) in [
+            ("read_timeout", self.read_timeout),
+            ("write_timeout", self.write_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("upstream_timeout", self.upstream_timeout),
+            ("upstream_idle_timeout", self.upstream_idle_timeout),
+            ("tunnel_timeout", self.tunnel_timeout),
+            ("drain_timeout", self.drain_timeout),
+        ] {
+            if d.get().is_zero() {
+                bad(field, "must be longer than 0".into());
+            }
+        }
+        if http::HeaderName::from_bytes(self.real_ip_header.as_bytes()).is_err() {
+            bad("real_ip_header", format!("{:?} is not a header name", self.real_ip_header));
+        }
+        for (i, p) in self.trusted_proxies.iter().enumerate() {
+            if parse_cidr(p).is_none() {
+                bad(&format!("trusted_proxies[{i}]"), format!("{p:?} is not a CIDR or IP address"));
+            }
+        }
+        out
+    }
+}
+
+impl SslSection {
+    fn problems(&self) -> Problems {
+        let mut out = Problems::new();
+        if self.port == Some(0) {
+            out.push(("port".into(), "must be 1-65535".into()));
+        }
+        let mut names = HashSet::new();
+        for (i, c) in self.certificates.iter().enumerate() {
+            let at = format!("certificates[{i}]");
+            let name = c.server_name.to_ascii_lowercase();
+            let wild = name.strip_prefix("*.").unwrap_or(&name);
+            if name.is_empty() {
+                out.push((format!("{at}.server_name"), "must not be empty".into()));
+            } else if wild.is_empty() || wild.contains(['*', '/', ' ', ':']) {
+                out.push((format!("{at}.server_name"), format!("{:?} is not a host name or *.suffix", c.server_name)));
+            } else if !names.insert(name) {
+                out.push((format!("{at}.server_name"), format!("duplicate server_name {:?}", c.server_name)));
+            }
+            for (field, path) in [("cert_file", &c.cert_file), ("key_file", &c.key_file)] {
+                if path.as_os_str().is_empty() {
+                    out.push((format!("{at}.{field}"), "must name a PEM file".into()));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl GrpcSection {
+    fn problems(&self) -> Problems {
+        match self.enabled && self.port == 0 {
+            true => vec![("port".into(), "must be 1-65535".into())],
+            false => Problems::new(),
+        }
+    }
+}
+
+impl EbpfSection {
+    fn problems(&self) -> Problems {
+        let mut out = Problems::new();
+        if self.splice_budget.0 < 64 * 1024 {
+            out.push(("splice_budget".into(), format!("{} is below the 64KiB minimum", self.splice_budget)));
+        }
+        if !(1024..=1 << 24).contains(&self.l4_flows) {
+            out.push(("l4_flows".into(), format!("{} is out of range 1024-16777216", self.l4_flows)));
+        }
+        out
+    }
+}
+
+impl AdminSection {
+    fn problems(&self) -> Problems {
+        match self.port {
+            0 => vec![("port".into(), "must be 1-65535".into())],
+            _ => Problems::new(),
         }
     }
 }
