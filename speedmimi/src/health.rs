@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::{
     backend::{Backend, now_ms},
     config::{HealthCheckKind, HealthCheckSection},
-    proxy::upstream::UpstreamIo,
+    proxy::upstream::{ConnectError, UpstreamIo},
     shutdown::Shutdown,
     state::State,
     tls::Alpn,
@@ -216,6 +216,37 @@ impl Checkers {
     }
 }
 
+/// Why a probe failed. Its text is what `/api/v1/backends` shows as the last error.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("{protocol} handshake: {source}")]
+    Handshake { protocol: &'static str, source: hyper::Error },
+    #[error("bad health request: {0}")]
+    Request(#[from] http::Error),
+    /// The exchange failed before an answer (`what`: `GET /path`, or `grpc Check`).
+    #[error("{what}: {source}")]
+    Exchange { what: String, source: hyper::Error },
+    #[error("GET {path}: status {status}")]
+    Status { path: String, status: StatusCode },
+    #[error("grpc Check: http status {0}")]
+    GrpcHttpStatus(StatusCode),
+    #[error("grpc Check: reading answer: {0}")]
+    GrpcBody(Box<dyn std::error::Error + Send + Sync>),
+    #[error("grpc Check: grpc-status {0}")]
+    GrpcStatus(String),
+    #[error("grpc Check: no grpc-status")]
+    NoGrpcStatus,
+    #[error("grpc Check: status {}", serving_status_name(*.0))]
+    NotServing(u64),
+    /// The answer's message could not be read.
+    #[error("grpc Check: {0}")]
+    GrpcAnswer(String),
+}
+
 /// Probes every `interval`, the first one right away, and records each outcome.
 async fn check_loop(backend: Arc<Backend>, hc: HealthCheckSection) {
     let mut tick = tokio::time::interval(hc.interval.get());
@@ -225,14 +256,14 @@ async fn check_loop(backend: Arc<Backend>, hc: HealthCheckSection) {
         let timeout = hc.timeout.get();
         let result = match tokio::time::timeout(timeout, probe(&backend, &hc)).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Err(_) => Err(ProbeError::Timeout(timeout)),
         };
         record(&backend, &hc, result);
     }
 }
 
 /// Counts one probe outcome and flips the verdict when a threshold is reached.
-fn record(b: &Backend, hc: &HealthCheckSection, result: Result<(), String>) {
+fn record(b: &Backend, hc: &HealthCheckSection, result: Result<(), ProbeError>) {
     let h = &b.health;
     h.checks.fetch_add(1, Relaxed);
     h.last_check_ms.store(now_ms().max(1), Relaxed);
@@ -250,7 +281,7 @@ fn record(b: &Backend, hc: &HealthCheckSection, result: Result<(), String>) {
             h.successes.store(0, Relaxed);
             let n = h.failures.fetch_add(1, Relaxed).saturating_add(1);
             tracing::debug!(failures = n, %error, "health probe failed");
-            *h.last_error.lock().expect("health lock") = Some(error.clone());
+            *h.last_error.lock().expect("health lock") = Some(error.to_string());
             if n >= hc.failures && b.checked_up.swap(false, Relaxed) {
                 tracing::warn!(upstream = %b.upstream, backend = %b.id, failures = n, %error,
                     "backend down: health checks fail");
@@ -260,10 +291,10 @@ fn record(b: &Backend, hc: &HealthCheckSection, result: Result<(), String>) {
 }
 
 /// One probe of the configured kind; the caller bounds it with `timeout`.
-async fn probe(b: &Backend, hc: &HealthCheckSection) -> Result<(), String> {
+async fn probe(b: &Backend, hc: &HealthCheckSection) -> Result<(), ProbeError> {
     let alpn = if hc.kind == HealthCheckKind::Grpc { Alpn::H2 } else { Alpn::Http1 };
     // Made through the backend's pool like the proxy's own: TLS (and its verification) for https.
-    let stream = b.pool.connect_io(hc.timeout.get(), alpn).await.map_err(|e| e.to_string())?;
+    let stream = b.pool.connect_io(hc.timeout.get(), alpn).await?;
     match hc.kind {
         HealthCheckKind::Tcp => Ok(()),
         HealthCheckKind::Http => probe_http(b, hc, stream).await,
@@ -281,9 +312,10 @@ impl Drop for AbortOnDrop {
 }
 
 /// `GET path` with `Host` = the backend's authority; 2xx and 3xx are up.
-async fn probe_http(b: &Backend, hc: &HealthCheckSection, stream: UpstreamIo) -> Result<(), String> {
-    let (mut sender, conn) =
-        http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("http handshake: {e}"))?;
+async fn probe_http(b: &Backend, hc: &HealthCheckSection, stream: UpstreamIo) -> Result<(), ProbeError> {
+    let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ProbeError::Handshake { protocol: "http", source })?;
     let _conn = AbortOnDrop(tokio::spawn(async move {
         let _ = conn.await;
     }));
@@ -291,25 +323,27 @@ async fn probe_http(b: &Backend, hc: &HealthCheckSection, stream: UpstreamIo) ->
         .header(header::HOST, b.authority.as_str())
         .header(header::USER_AGENT, "speedmimi-health")
         .header(header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("bad health request: {e}"))?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("GET {}: {e}", hc.path))?;
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|source| ProbeError::Exchange { what: format!("GET {}", hc.path), source })?;
     let status = resp.status();
     if status.is_success() || status.is_redirection() {
         Ok(())
     } else {
-        Err(format!("GET {}: status {status}", hc.path))
+        Err(ProbeError::Status { path: hc.path.clone(), status })
     }
 }
 
 /// grpc.health.v1 `Check` over prior-knowledge h2c; up when grpc-status is 0 and the answer
 /// says SERVING.
-async fn probe_grpc(b: &Backend, stream: UpstreamIo) -> Result<(), String> {
+async fn probe_grpc(b: &Backend, stream: UpstreamIo) -> Result<(), ProbeError> {
     let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("h2 handshake: {e}"))?;
+        .map_err(|source| ProbeError::Handshake { protocol: "h2", source })?;
     let _conn = AbortOnDrop(tokio::spawn(async move {
         let _ = conn.await;
     }));
@@ -317,26 +351,25 @@ async fn probe_grpc(b: &Backend, stream: UpstreamIo) -> Result<(), String> {
         .header(header::CONTENT_TYPE, "application/grpc")
         .header(header::TE, "trailers")
         .header(header::USER_AGENT, "speedmimi-health")
-        .body(Full::new(Bytes::from_static(GRPC_EMPTY_REQUEST)))
-        .map_err(|e| format!("bad health request: {e}"))?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("grpc Check: {e}"))?;
+        .body(Full::new(Bytes::from_static(GRPC_EMPTY_REQUEST)))?;
+    let resp =
+        sender.send_request(req).await.map_err(|source| ProbeError::Exchange { what: "grpc Check".into(), source })?;
     if resp.status() != StatusCode::OK {
-        return Err(format!("grpc Check: http status {}", resp.status()));
+        return Err(ProbeError::GrpcHttpStatus(resp.status()));
     }
     let (parts, body) = resp.into_parts();
-    let collected =
-        Limited::new(body, MAX_PROBE_BODY).collect().await.map_err(|e| format!("grpc Check: reading answer: {e}"))?;
+    let collected = Limited::new(body, MAX_PROBE_BODY).collect().await.map_err(ProbeError::GrpcBody)?;
     // A trailers-only answer carries grpc-status in the headers.
     let grpc_status = grpc_status(collected.trailers()).or_else(|| grpc_status(Some(&parts.headers)));
     match grpc_status {
         Some("0") => {}
-        Some(code) => return Err(format!("grpc Check: grpc-status {code}")),
-        None => return Err("grpc Check: no grpc-status".into()),
+        Some(code) => return Err(ProbeError::GrpcStatus(code.to_owned())),
+        None => return Err(ProbeError::NoGrpcStatus),
     }
     match serving_status(&collected.to_bytes()) {
         Ok(SERVING) => Ok(()),
-        Ok(s) => Err(format!("grpc Check: status {}", serving_status_name(s))),
-        Err(e) => Err(format!("grpc Check: {e}")),
+        Ok(s) => Err(ProbeError::NotServing(s)),
+        Err(e) => Err(ProbeError::GrpcAnswer(e)),
     }
 }
 
@@ -456,9 +489,9 @@ mod tests {
     fn thresholds_flip_the_verdict_once() {
         let hc = HealthCheckSection { failures: 2, successes: 3, ..tcp_check() };
         let b = backend(Some(hc.clone()));
-        record(&b, &hc, Err("boom".into()));
+        record(&b, &hc, Err(ProbeError::NoGrpcStatus));
         assert!(b.checked_up.load(Relaxed), "one failure of two");
-        record(&b, &hc, Err("boom again".into()));
+        record(&b, &hc, Err(ProbeError::GrpcStatus("14".into())));
         assert!(!b.checked_up.load(Relaxed));
         record(&b, &hc, Ok(()));
         record(&b, &hc, Ok(()));
@@ -467,7 +500,7 @@ mod tests {
         let s = snapshot(&b);
         assert!(s.up);
         assert_eq!((s.consecutive_successes, s.consecutive_failures, s.checks), (3, 0, 5));
-        assert_eq!(s.last_error.as_deref(), Some("boom again"));
+        assert_eq!(s.last_error.as_deref(), Some("grpc Check: grpc-status 14"));
         assert_eq!(s.kind, Some(HealthCheckKind::Tcp));
     }
 
