@@ -14,7 +14,7 @@ use aya::{
 use speedmimi_common::{l4, splice};
 use tokio::io::unix::AsyncFd;
 
-use super::{Datapath, DatapathError, L4Plan, Limits, SplicedPair, err, err_with_source, steer::L4Maps};
+use super::{Datapath, DatapathError, L4Plan, Limits, SplicedPair, err, steer::L4Maps};
 use crate::config::{EbpfSection, L4Section};
 
 /// The object `cargo xtask build-ebpf` built, or empty when it had not been built.
@@ -136,7 +136,7 @@ fn load_object(l4_flows: Option<u32>) -> Result<Ebpf, DatapathError> {
         Some(n) => loader.map_max_entries(l4::FLOWS, n).map_max_entries(l4::REVERSE, n),
         None => loader.map_max_entries(l4::RING, 1).map_max_entries(l4::FLOWS, 1024).map_max_entries(l4::REVERSE, 1024),
     };
-    loader.load(OBJECT).map_err(|e| err_with_source("loading the object", &e))
+    loader.load(OBJECT).map_err(|e| err("loading the object", e))
 }
 
 /// Attaches in native mode, falling back to generic with a log line; returns which.
@@ -284,7 +284,7 @@ impl Datapath for Kernel {
             Ok(()) => {}
             // Sockmaps take established TCP sockets only: a half-closed one is not held.
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(false),
-            Err(e) => return Err(err_with_source("SPLICE_HOLD insert", &e)),
+            Err(e) => return Err(err("SPLICE_HOLD insert", e)),
         }
         // Leaving the map with the verdict stops it for the socket; the hold keeps its psock.
         let _ = self.socks.lock().expect("socks lock").remove(&cookie);

@@ -10,13 +10,14 @@ pub use speedmimi_common::splice::{Control, Counters, Peer};
 
 use crate::config::{Config, EbpfMode};
 
-fn err(context: &str, e: impl std::fmt::Display) -> DatapathError {
-    DatapathError::Ebpf(format!("{context}: {e}"))
+/// A failed kernel operation: what was being done, and the error (aya's, kept as the source).
+fn err(context: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> DatapathError {
+    DatapathError::Ebpf { context: context.to_owned(), source: e.into() }
 }
 
-/// `err` for an error whose sources hold the errno (aya's errors name only the failed call,
-/// e.g. "failed to create map `X`", and keep "Operation not permitted" in a source).
-fn err_with_source(context: &str, e: &dyn std::error::Error) -> DatapathError {
+/// An error and its sources in one line, each source once (aya's errors name only the failed
+/// call, e.g. "failed to create map `X`", and keep "Operation not permitted" in a source).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut next = e.source();
     while let Some(source) = next {
@@ -26,7 +27,7 @@ fn err_with_source(context: &str, e: &dyn std::error::Error) -> DatapathError {
         }
         next = source.source();
     }
-    err(context, text)
+    text
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +36,8 @@ pub enum DatapathError {
     NoObject,
     #[error("loading eBPF needs root (CAP_BPF and CAP_NET_ADMIN); running as uid {0}")]
     NotRoot(u32),
-    #[error("eBPF: {0}")]
-    Ebpf(String),
+    #[error("eBPF: {context}: {}", chain(&**source))]
+    Ebpf { context: String, source: Box<dyn std::error::Error + Send + Sync> },
     #[error("XDP steering is not loaded in this datapath")]
     NoSteering,
     #[error("splicing is not available in this datapath")]
