@@ -2,6 +2,10 @@
 //! share. One `Arc<Backend>` lives as long as the backend is configured, across rebuilds of
 //! the routing snapshot, so in-flight counts and health survive config changes.
 
+pub mod health;
+
+pub use health::{Health, HealthSnapshot};
+
 use std::{
     net::{IpAddr, SocketAddr},
     sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed},
@@ -58,7 +62,7 @@ pub struct Backend {
     /// Active health verdict (true until an active check says otherwise).
     pub checked_up: AtomicBool,
     /// The active checker's record behind `checked_up` (counts, last error), for the admin API.
-    pub health: crate::health::Health,
+    pub health: health::Health,
     /// EWMA of response-head latency in µs (0 = no sample yet).
     latency_ewma_us: AtomicU64,
     /// Score from the last performance report, ×1e6 (1e6 = neutral), and when it came.
@@ -93,7 +97,7 @@ impl Backend {
             fails: AtomicU32::new(0),
             down_until: AtomicU64::new(0),
             checked_up: AtomicBool::new(true),
-            health: crate::health::Health::default(),
+            health: health::Health::default(),
             latency_ewma_us: AtomicU64::new(0),
             report_score: AtomicU32::new(NEUTRAL),
             report_at_ms: AtomicU64::new(0),

@@ -4,10 +4,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
-    },
+    sync::{Arc, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -16,12 +13,11 @@ use http::{HeaderMap, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde::Serialize;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::{
-    backend::{Backend, now_ms},
+    backend::Backend,
     config::{HealthCheckKind, HealthCheckSection},
     proxy::upstream::{ConnectError, UpstreamIo},
     shutdown::Shutdown,
@@ -44,87 +40,6 @@ const SERVING: u64 = 1;
 
 /// Probe responses bigger than this are failures: a health endpoint answers briefly.
 const MAX_PROBE_BODY: usize = 64 * 1024;
-
-/// The active-check record of one backend, for the logs and the admin API. The verdict itself
-/// is `Backend::checked_up`, which the balancers already honour.
-#[derive(Debug, Default)]
-pub struct Health {
-    successes: AtomicU32,
-    failures: AtomicU32,
-    checks: AtomicU64,
-    /// `now_ms()` of the last finished probe; 0 = none yet.
-    last_check_ms: AtomicU64,
-    /// Why the last failed probe failed (kept after recovery, as history).
-    last_error: Mutex<Option<String>>,
-}
-
-impl Health {
-    /// Consecutive successful probes (0 after a failure).
-    pub fn consecutive_successes(&self) -> u32 {
-        self.successes.load(Relaxed)
-    }
-
-    /// Consecutive failed probes (0 after a success).
-    pub fn consecutive_failures(&self) -> u32 {
-        self.failures.load(Relaxed)
-    }
-
-    /// Probes finished since the check started (or was last reset).
-    pub fn checks(&self) -> u64 {
-        self.checks.load(Relaxed)
-    }
-
-    /// How long ago the last probe finished; None before the first.
-    pub fn last_check_age(&self) -> Option<Duration> {
-        match self.last_check_ms.load(Relaxed) {
-            0 => None,
-            at => Some(Duration::from_millis(now_ms().saturating_sub(at))),
-        }
-    }
-
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().expect("health lock").clone()
-    }
-
-    /// Forgets everything: the backend's check was removed.
-    fn reset(&self) {
-        self.successes.store(0, Relaxed);
-        self.failures.store(0, Relaxed);
-        self.checks.store(0, Relaxed);
-        self.last_check_ms.store(0, Relaxed);
-        *self.last_error.lock().expect("health lock") = None;
-    }
-}
-
-/// A backend's health as the admin API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HealthSnapshot {
-    /// The configured active check, None when the backend has none.
-    #[serde(rename = "type")]
-    pub kind: Option<HealthCheckKind>,
-    /// The active-check verdict (true when no check is configured).
-    pub up: bool,
-    pub consecutive_successes: u32,
-    pub consecutive_failures: u32,
-    pub checks: u64,
-    /// Milliseconds since the last probe finished.
-    pub last_check_ms_ago: Option<u64>,
-    pub last_error: Option<String>,
-}
-
-/// The current active-check state of `backend`.
-pub fn snapshot(backend: &Backend) -> HealthSnapshot {
-    let h = &backend.health;
-    HealthSnapshot {
-        kind: backend.conf.load().health_check.as_ref().map(|c| c.kind),
-        up: backend.checked_up.load(Relaxed),
-        consecutive_successes: h.consecutive_successes(),
-        consecutive_failures: h.consecutive_failures(),
-        checks: h.checks(),
-        last_check_ms_ago: h.last_check_age().map(|d| d.as_millis() as u64),
-        last_error: h.last_error(),
-    }
-}
 
 /// Starts the supervisor: until `shutdown`, it keeps exactly one checker per configured backend
 /// that has a `health_check`, following config changes within a second.
@@ -258,35 +173,7 @@ async fn check_loop(backend: Arc<Backend>, hc: HealthCheckSection) {
             Ok(r) => r,
             Err(_) => Err(ProbeError::Timeout(timeout)),
         };
-        record(&backend, &hc, result);
-    }
-}
-
-/// Counts one probe outcome and flips the verdict when a threshold is reached.
-fn record(b: &Backend, hc: &HealthCheckSection, result: Result<(), ProbeError>) {
-    let h = &b.health;
-    h.checks.fetch_add(1, Relaxed);
-    h.last_check_ms.store(now_ms().max(1), Relaxed);
-    match result {
-        Ok(()) => {
-            h.failures.store(0, Relaxed);
-            let n = h.successes.fetch_add(1, Relaxed).saturating_add(1);
-            tracing::trace!(successes = n, "health probe passed");
-            if n >= hc.successes && !b.checked_up.swap(true, Relaxed) {
-                tracing::info!(upstream = %b.upstream, backend = %b.id, successes = n,
-                    last_error = h.last_error().as_deref().unwrap_or(""), "backend up: health checks pass again");
-            }
-        }
-        Err(error) => {
-            h.successes.store(0, Relaxed);
-            let n = h.failures.fetch_add(1, Relaxed).saturating_add(1);
-            tracing::debug!(failures = n, %error, "health probe failed");
-            *h.last_error.lock().expect("health lock") = Some(error.to_string());
-            if n >= hc.failures && b.checked_up.swap(false, Relaxed) {
-                tracing::warn!(upstream = %b.upstream, backend = %b.id, failures = n, %error,
-                    "backend down: health checks fail");
-            }
-        }
+        backend.record_probe(&hc, result.err().as_ref().map(|e| e as &dyn std::fmt::Display));
     }
 }
 
@@ -485,25 +372,6 @@ mod tests {
         HealthCheckSection { kind: HealthCheckKind::Tcp, failures: 1, successes: 1, ..Default::default() }
     }
 
-    #[test]
-    fn thresholds_flip_the_verdict_once() {
-        let hc = HealthCheckSection { failures: 2, successes: 3, ..tcp_check() };
-        let b = backend(Some(hc.clone()));
-        record(&b, &hc, Err(ProbeError::NoGrpcStatus));
-        assert!(b.checked_up.load(Relaxed), "one failure of two");
-        record(&b, &hc, Err(ProbeError::GrpcStatus("14".into())));
-        assert!(!b.checked_up.load(Relaxed));
-        record(&b, &hc, Ok(()));
-        record(&b, &hc, Ok(()));
-        assert!(!b.checked_up.load(Relaxed), "two successes of three");
-        record(&b, &hc, Ok(()));
-        let s = snapshot(&b);
-        assert!(s.up);
-        assert_eq!((s.consecutive_successes, s.consecutive_failures, s.checks), (3, 0, 5));
-        assert_eq!(s.last_error.as_deref(), Some("grpc Check: grpc-status 14"));
-        assert_eq!(s.kind, Some(HealthCheckKind::Tcp));
-    }
-
     #[tokio::test]
     async fn https_backends_are_probed_over_tls() {
         // A listener that accepts TCP but never speaks TLS: an https backend there is down.
@@ -548,7 +416,7 @@ mod tests {
         checkers.reconcile(vec![plain.clone(), checked.clone()]).await;
         assert_eq!(checkers.len(), 0);
         assert!(checked.checked_up.load(Relaxed));
-        assert_eq!(snapshot(&checked).checks, 0);
+        assert_eq!(checked.health_snapshot().checks, 0);
 
         // A rebuilt backend (new Arc) replaces the old one's checker.
         let rebuilt = backend(Some(tcp_check()));

@@ -19,10 +19,10 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::{body::Frame, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use speedmimi::{
-    backend::Backend,
+    backend::{Backend, HealthSnapshot},
     config::Config,
     datapath::Userspace,
-    health::{self, HealthSnapshot},
+    health,
     shutdown::{self, Trigger},
     state::State,
 };
@@ -110,7 +110,7 @@ impl Checked {
     }
 
     fn health(&self, id: &str) -> HealthSnapshot {
-        health::snapshot(&self.backend(id))
+        self.backend(id).health_snapshot()
     }
 }
 

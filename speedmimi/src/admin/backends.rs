@@ -31,7 +31,7 @@ pub fn view(b: &Backend, dp: &dyn Datapath) -> Value {
         "in_flight": b.inflight.load(Relaxed),
         "up": b.is_up(),
         "eligible": b.accepts(),
-        "health": crate::health::snapshot(b),
+        "health": b.health_snapshot(),
         "passive_cooldown": b.cooling_down(),
         "latency_ewma_ms": match b.latency_ewma_us() { 0 => None, us => Some(us as f64 / 1000.0) },
         "health_check": conf.health_check,
