@@ -7,34 +7,17 @@ mod support;
 use std::{sync::Arc, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
-use speedmimi::datapath::{Datapath, Userspace, kernel::Kernel};
-use support::{Origin, Proxy, one_route, root_or_skip};
+use speedmimi::datapath::Datapath;
+use support::{
+    Origin, Proxy,
+    flows::{Rng, assert_unspliced, modes},
+    one_route, root_or_skip,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 use tokio_tungstenite::tungstenite::Message;
-
-/// The two modes: the kernel datapath (splicing) and userspace copy.
-fn modes() -> Vec<(&'static str, Arc<dyn Datapath>)> {
-    vec![
-        ("splice", Arc::new(Kernel::load(&Default::default(), &[]).expect("eBPF loads"))),
-        ("copy", Arc::new(Userspace)),
-    ]
-}
-
-/// Deterministic content.
-fn payload(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_is_byte_exact_in_both_modes() {
@@ -55,7 +38,7 @@ async fn websocket_echo_is_byte_exact_in_both_modes() {
                 2 => 1 + (seed >> 40) as usize % 200_000,
                 _ => 1 + (seed >> 40) as usize % (1 << 20),
             };
-            let data = payload(seed, len);
+            let data = Rng(seed).bytes(len);
             ws.send(Message::binary(data.clone())).await.unwrap();
             let got = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("echo timed out");
             assert_eq!(got.unwrap().unwrap().into_data().as_ref(), &data[..], "{mode}: message {i} ({len} B)");
@@ -93,28 +76,6 @@ const UPGRADE_REQUEST: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgr
 /// What the raw backend answers, in one write with `HELLO` (the backend speaks first).
 const SWITCHING: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
 const HELLO: &[u8] = b"hello";
-
-/// SplitMix64: deterministic sizes and contents.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
-}
 
 /// SHA-256 (ring's, which rustls already uses) plus the exact byte count, fed in pieces of any
 /// size.
@@ -406,17 +367,6 @@ fn assert_spliced(mode: &str, dp: &Arc<dyn Datapath>, flows: usize) {
     }
 }
 
-/// After every flow ended: the SOCKHASH empties (bounded wait, 10 s).
-async fn assert_unspliced(mode: &str, dp: &Arc<dyn Datapath>) {
-    for _ in 0..500 {
-        if dp.spliced_sockets() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(dp.spliced_sockets(), 0, "{mode}: SOCKHASH empty after every flow ended");
-}
-
 /// Waits (bounded, 5 s) until the proxy reports `n` spliced flows parked: quiet flows leave tokio
 /// for the parking lot within a fraction of a second. Copy mode never parks and must report 0.
 async fn until_parked(mode: &str, proxy: &Proxy, n: u64) {
@@ -485,7 +435,7 @@ async fn websocket_echo_2000_random_messages_is_byte_exact_in_both_modes() {
     // keeps CI time sane: 40% up to 1 KiB, 20% up to 64 KiB, 15% up to 256 KiB, 25% up to 1 MiB,
     // plus exactly 1 B and exactly 1 MiB as the first two messages.
     fn size(i: usize, rng: &mut Rng) -> usize {
-        let r = rng.next();
+        let r = rng.next_u64();
         let pick = |max: u64| 1 + ((r >> 8) % max) as usize;
         match (i, r % 20) {
             (0, _) => 1,
@@ -825,7 +775,7 @@ async fn one_gib_stream_arrives_with_matching_sha256_in_both_modes() {
         while left > 0 {
             assert!(tokio::time::Instant::now() < deadline, "{mode}: 10 minutes spent, {left} bytes left");
             writes += 1;
-            let r = rng.next();
+            let r = rng.next_u64();
             let len = (1 + (r % (256 << 10))).min(left) as usize;
             let off = ((r >> 32) % (1 << 20)) as usize;
             let chunk = &block[off..off + len];
@@ -1101,7 +1051,7 @@ async fn pump_checked(
         let mut rng = Rng(seed ^ 0xABCD);
         let mut pos = 0u64;
         while pos < total {
-            let len = (1 + rng.next() % (128 << 10)).min(total - pos);
+            let len = (1 + rng.next_u64() % (128 << 10)).min(total - pos);
             let chunk: Vec<u8> = (pos..pos + len).map(at).collect();
             match tokio::time::timeout(STEP, w.write_all(&chunk)).await {
                 Err(_) => return Err(format!("write stalled at {pos}")),

@@ -18,8 +18,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use speedmimi::datapath::{Datapath, Userspace, kernel::Kernel};
-use support::{Proxy, backend_yaml, one_route, root_or_skip};
+use speedmimi::datapath::Datapath;
+use support::{
+    Proxy, backend_yaml,
+    flows::{assert_unspliced, byte_at, fill, modes},
+    one_route, root_or_skip,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
@@ -42,17 +46,6 @@ const NOISE: u64 = 192 << 20;
 static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// How long the sender pushes into a path that does not drain.
 const FLOOD: Duration = Duration::from_secs(4);
-
-/// Position-dependent byte, so loss, duplication or reordering shows.
-fn byte_at(i: u64) -> u8 {
-    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
-}
-
-fn fill(buf: &mut [u8], pos: u64) {
-    for (i, x) in buf.iter_mut().enumerate() {
-        *x = byte_at(pos + i as u64);
-    }
-}
 
 /// Host memory in use (MemTotal - MemAvailable) and TCP's accounted memory (sockstat), bytes.
 fn host_memory() -> (u64, u64) {
@@ -277,24 +270,6 @@ async fn read_back_chunked(
         }
     }
     Ok(pos.min(total))
-}
-
-fn modes() -> Vec<(&'static str, Arc<dyn Datapath>)> {
-    vec![
-        ("splice", Arc::new(Kernel::load(&Default::default(), &[]).expect("eBPF loads"))),
-        ("copy", Arc::new(Userspace)),
-    ]
-}
-
-/// Waits until the datapath holds no spliced socket (the flow ended and left the maps).
-async fn assert_unspliced(mode: &str, dp: &Arc<dyn Datapath>) {
-    for _ in 0..250 {
-        if dp.spliced_sockets() == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{mode}: {} sockets still in the SOCKHASH after the flow ended", dp.spliced_sockets());
 }
 
 const UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";

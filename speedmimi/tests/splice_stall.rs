@@ -16,7 +16,7 @@ use std::{
 };
 
 use speedmimi::datapath::{Datapath, Userspace, kernel::Kernel};
-use support::{Proxy, backend_yaml, one_route, root_or_skip};
+use support::{Proxy, backend_yaml, flows::byte_at, one_route, root_or_skip};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -44,11 +44,6 @@ fn kernel_memory() -> (u64, u64) {
             * 1024
     };
     (field("MemTotal:") - field("MemAvailable:"), field("Slab:"))
-}
-
-/// Position-dependent byte, so reordering or loss shows.
-fn byte_at(i: u64) -> u8 {
-    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
 }
 
 /// A backend that answers the upgrade, then reads nothing until `go` is set, then reads

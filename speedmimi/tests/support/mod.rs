@@ -24,6 +24,7 @@ use tokio::{
 };
 
 pub mod daemon;
+pub mod flows;
 pub mod haproxy;
 pub mod lab;
 pub mod logging;
