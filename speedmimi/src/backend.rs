@@ -19,9 +19,9 @@ use tokio::sync::watch;
 use crate::{
     command::PerformanceReport,
     config::{BackendSection, Scheme},
-    proxy::upstream::Pool,
     stats::Traffic,
     tls::UpstreamTls,
+    upstream::Pool,
 };
 
 /// A fresh kernel-counter slot (slots are recycled only after 16,384 backends have come and gone).
@@ -72,7 +72,7 @@ pub struct Backend {
     pub last_report: ArcSwapOption<PerformanceReport>,
     pub pool: Pool,
     /// Requests, statuses, latency and bytes through this backend.
-    pub traffic: Traffic,
+    pub traffic: std::sync::Arc<Traffic>,
     /// Bumped to close this backend's upgraded flows (disconnect, or the end of a drain).
     pub closer: watch::Sender<u64>,
 }
@@ -102,7 +102,7 @@ impl Backend {
             report_score: AtomicU32::new(NEUTRAL),
             report_at_ms: AtomicU64::new(0),
             last_report: ArcSwapOption::empty(),
-            traffic: Traffic::default(),
+            traffic: Default::default(),
             closer: watch::Sender::new(0),
             pool: Pool::new(addr, UpstreamTls::for_backend(conf, addr.ip())),
             authority,

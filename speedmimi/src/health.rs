@@ -19,10 +19,10 @@ use tracing::Instrument;
 use crate::{
     backend::Backend,
     config::{HealthCheckKind, HealthCheckSection},
-    proxy::upstream::{ConnectError, UpstreamIo},
     shutdown::Shutdown,
     state::State,
     tls::Alpn,
+    upstream::{ConnectError, UpstreamIo},
 };
 
 /// How often the supervisor looks for backends that gained, lost or changed a health check.

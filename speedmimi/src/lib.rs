@@ -20,6 +20,7 @@ pub mod stats;
 pub mod steering;
 pub mod telemetry;
 pub mod tls;
+pub mod upstream;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -138,7 +139,7 @@ pub async fn run_with(
         let thread = std::thread::Builder::new()
             .name(format!("speedmimi-w{i}"))
             .spawn(move || {
-                proxy::upstream::set_worker(i);
+                upstream::set_worker(i);
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("worker runtime");
                 rt.block_on(async move {
                     match TcpListener::from_std(listener) {

@@ -3,14 +3,16 @@
 //! aside) must be allowed for the directory the file is in.
 //!
 //! - `datapath/` (the kernel layer) takes kernel-shaped plans and names only `config`;
-//! - `balance/` picks among backends and knows nothing of routing state or the proxy.
+//! - `balance/` picks among backends and knows nothing of routing state or the proxy;
+//! - `backend` and `upstream/` (a backend, its record and its connections) sit below the proxy,
+//!   the routing state and the health checker.
 
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
 };
 
-/// What the files under one directory of src/ may name.
+/// What the files under one directory (or one file) of src/ may name.
 struct Rule {
     dir: &'static str,
     /// The only crate modules allowed; None: any but `denied`.
@@ -21,9 +23,18 @@ struct Rule {
 const RULES: &[Rule] = &[
     Rule { dir: "datapath", allowed: Some(&["config"]), denied: &[] },
     Rule { dir: "balance", allowed: None, denied: &["state", "proxy", "steering", "admin", "health", "datapath"] },
+    Rule { dir: "backend.rs", allowed: None, denied: UPPER },
+    Rule { dir: "backend", allowed: None, denied: UPPER },
+    Rule { dir: "upstream", allowed: None, denied: UPPER },
 ];
 
+/// What a backend and its connections must not name.
+const UPPER: &[&str] = &["state", "proxy", "balance", "steering", "admin", "health", "datapath"];
+
 fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    if dir.is_file() {
+        return vec![dir.to_owned()];
+    }
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.unwrap().path();

@@ -1,5 +1,6 @@
 //! The L7 data path: hyper servers for the HTTP and gRPC listeners, the request handler that
-//! routes and balances, the upstream connection pools, and WebSocket/SSE pass-through.
+//! routes and balances, and WebSocket/SSE pass-through. (The upstream connections it uses are
+//! `crate::upstream`.)
 
 mod activity;
 pub mod admission;
@@ -16,6 +17,7 @@ pub(crate) mod service;
 pub mod splice;
 mod sse;
 mod upgrade;
-pub mod upstream;
 
+/// The upstream connections moved below the proxy; proxy files still name them from here.
+pub use crate::upstream;
 pub use server::serve;

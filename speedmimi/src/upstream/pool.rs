@@ -24,7 +24,7 @@ use tokio::{
 };
 use tokio_rustls::client::TlsStream;
 
-use super::body::RequestBody;
+use super::RequestBody;
 use crate::{
     backend::now_ms,
     tls::{Alpn, UpstreamTls},

@@ -1,0 +1,9 @@
+//! Connections to backends, below the proxy and beside the backend that owns them: each
+//! backend's pool (HTTP/1.1 keep-alive connections per worker, one shared HTTP/2 connection,
+//! TLS to `https` backends), and the request body type those connections carry.
+
+mod body;
+mod pool;
+
+pub use body::{BodyTimeout, BodyTooLarge, BoxError, Meter, RequestBody};
+pub use pool::{ConnectError, H1Conn, Pool, UpstreamIo, set_worker};
