@@ -19,9 +19,10 @@ use tokio::{
 
 use super::{
     body::{InFlight, ResponseBody},
-    error, headers,
+    error,
+    forward::{pick, record},
+    headers,
     io::Hijack,
-    service::{pick, record},
     splice,
     splice::Tally,
     upgrade::{Ends, Splicer},

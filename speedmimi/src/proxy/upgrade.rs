@@ -21,9 +21,10 @@ use tokio::{
 
 use super::{
     body::{InFlight, RequestBody, ResponseBody},
-    error, headers, idle,
+    error,
+    forward::pick,
+    headers, idle,
     io::ClientIo,
-    service::pick,
     splice::{self, Tally},
     upstream::UpstreamIo,
 };
@@ -107,7 +108,7 @@ pub async fn relay(
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let (mut p, _) = resp.into_parts();
         headers::strip_hop_by_hop(&mut p.headers, true, false);
-        super::service::record(route, index, &backend, StatusCode::SWITCHING_PROTOCOLS.as_u16(), started);
+        super::forward::record(route, index, &backend, StatusCode::SWITCHING_PROTOCOLS.as_u16(), started);
         let pending = Box::new(Pending {
             client: client_upgrade,
             upstream: upstream_upgrade,
