@@ -55,6 +55,13 @@ pub(super) enum Failure<R> {
     Local(Response<ResponseBody>),
 }
 
+impl<R> Failure<R> {
+    /// Nothing was sent; `req` can go to another backend.
+    pub fn unsent(e: ConnectError, req: R) -> Self {
+        Failure::Connect(e, Some(Box::new(req)))
+    }
+}
+
 /// The client's response and the status counted for it: the backend's, or the proxy's when it
 /// answers on the backend's behalf. They differ only where the response head goes out another
 /// way than through hyper (a spliced SSE stream).
@@ -180,11 +187,9 @@ mod tests {
             match self.steps.pop_front().expect("no more attempts than scripted") {
                 Step::Refused => {
                     let source = std::io::ErrorKind::ConnectionRefused.into();
-                    Err(Failure::Connect(ConnectError::Io { addr, source }, Some(Box::new(req))))
+                    Err(Failure::unsent(ConnectError::Io { addr, source }, req))
                 }
-                Step::Saturated => {
-                    Err(Failure::Connect(ConnectError::Saturated { addr, limit: 1 }, Some(Box::new(req))))
-                }
+                Step::Saturated => Err(Failure::unsent(ConnectError::Saturated { addr, limit: 1 }, req)),
                 Step::Timeout => Err(Failure::Timeout(Duration::from_secs(1))),
                 Step::Broken => Err(Failure::Local(error::bad_gateway())),
                 Step::Answer(status) => Ok(status),
