@@ -3,7 +3,11 @@
 //! head), once more on another backend when nothing reached the first, and every outcome counted
 //! once for the route and for the backend that gave it.
 
-use std::{sync::Arc, time::Duration, time::Instant};
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use http::Response;
 
@@ -25,6 +29,9 @@ pub(super) trait Exchange {
     type Request;
     /// A backend's answer: its response head and what comes with it.
     type Answer;
+    /// Why the exchange may leave a backend it cannot use, having sent nothing, so that the
+    /// caller forwards the request another way (`Infallible` when it never does).
+    type Pass;
     /// Log messages of the loop's own outcomes for this kind of exchange.
     const NO_BACKEND: &'static str;
     const CONNECT_FAILED: &'static str;
@@ -37,7 +44,7 @@ pub(super) trait Exchange {
         backend: &Arc<Backend>,
         req: Self::Request,
         guard: &mut InFlight,
-    ) -> Result<Self::Answer, Failure<Self::Request>>;
+    ) -> Result<Self::Answer, Failure<Self::Request, Self::Pass>>;
 
     /// The client's response to the backend's answer (taking the in-flight slot with it for as
     /// long as the response or flow lasts), and the status counted for it.
@@ -45,7 +52,7 @@ pub(super) trait Exchange {
 }
 
 /// Why an attempt gave no answer to relay.
-pub(super) enum Failure<R> {
+pub(super) enum Failure<R, P = Infallible> {
     /// Nothing reached the backend; the request comes back when it can be resent (any method is
     /// safe to resend: the backend saw nothing).
     Connect(ConnectError, Option<Box<R>>),
@@ -53,9 +60,11 @@ pub(super) enum Failure<R> {
     Timeout(Duration),
     /// Failed after sending (logged where it happened): the proxy answers this (502, 413).
     Local(Response<ResponseBody>),
+    /// The exchange cannot use this backend and sent nothing.
+    Pass(P),
 }
 
-impl<R> Failure<R> {
+impl<R, P> Failure<R, P> {
     /// Nothing was sent; `req` can go to another backend.
     pub fn unsent(e: ConnectError, req: R) -> Self {
         Failure::Connect(e, Some(Box::new(req)))
@@ -78,7 +87,7 @@ impl From<Response<ResponseBody>> for Answered {
 
 /// Forwards `req` with `exchange` to a backend the route's balancer for `protocol` picks; on a
 /// connect failure, once more to another one. Every answer, and every failure once a backend was
-/// tried, is counted for the route and that backend.
+/// tried, is counted for the route and that backend; `Err` only when the exchange passed.
 pub(super) async fn forward<E: Exchange>(
     route: &Route,
     protocol: Protocol,
@@ -86,13 +95,13 @@ pub(super) async fn forward<E: Exchange>(
     server: &Arc<ServerStats>,
     mut req: E::Request,
     mut exchange: E,
-) -> Response<ResponseBody> {
+) -> Result<Response<ResponseBody>, E::Pass> {
     let mut failed: Option<Arc<Backend>> = None;
     loop {
         let attempt = u8::from(failed.is_some());
         let Some((index, backend)) = pick(route, protocol, hash, failed.as_deref()) else {
             tracing::warn!(route = %route.name, upstream = %route.upstream.name, "{}", E::NO_BACKEND);
-            return if failed.is_some() { error::bad_gateway() } else { error::unavailable() };
+            return Ok(if failed.is_some() { error::bad_gateway() } else { error::unavailable() });
         };
         let mut guard = InFlight::new(backend.clone(), server.clone());
         let started = Instant::now();
@@ -102,7 +111,8 @@ pub(super) async fn forward<E: Exchange>(
                 if !matches!(e, ConnectError::Saturated { .. }) {
                     backend.connect_failed();
                 }
-                tracing::warn!(route = %route.name, backend = %backend.id, attempt, error = %e, "{}", E::CONNECT_FAILED);
+                tracing::warn!(route = %route.name, backend = %backend.id, attempt, error = %e,
+                    "{}", E::CONNECT_FAILED);
                 match back {
                     Some(back) if failed.is_none() => {
                         req = *back;
@@ -117,26 +127,22 @@ pub(super) async fn forward<E: Exchange>(
                 error::gateway_timeout().into()
             }
             Err(Failure::Local(resp)) => resp.into(),
+            Err(Failure::Pass(p)) => return Err(p),
         };
         record(route, index, &backend, answered.status, started);
-        return answered.response;
+        return Ok(answered.response);
     }
 }
 
 /// Counts a backend's answer (or our answer on its behalf) for the route and the backend.
-pub(super) fn record(route: &Route, index: usize, backend: &Backend, status: u16, started: Instant) {
+fn record(route: &Route, index: usize, backend: &Backend, status: u16, started: Instant) {
     route.stats[index].record(status);
     backend.traffic.record(status, started.elapsed());
 }
 
 /// The route's balancer for this kind of request, over backends that accept one more;
 /// returns the backend and its index in the upstream.
-pub(super) fn pick(
-    route: &Route,
-    protocol: Protocol,
-    hash: u64,
-    skip: Option<&Backend>,
-) -> Option<(usize, Arc<Backend>)> {
+fn pick(route: &Route, protocol: Protocol, hash: u64, skip: Option<&Backend>) -> Option<(usize, Arc<Backend>)> {
     let backends = &route.upstream.backends;
     let i = route.balancer(protocol).pick(hash, &mut |b| b.accepts() && !skip.is_some_and(|s| std::ptr::eq(s, b)))?;
     Some((i, backends[i].clone()))
@@ -159,6 +165,7 @@ mod tests {
         Timeout,
         /// Failed after sending: the proxy answers 502.
         Broken,
+        Pass,
         /// The backend answers with this status.
         Answer(u16),
     }
@@ -172,16 +179,17 @@ mod tests {
     impl Exchange for Script<'_> {
         type Request = &'static str;
         type Answer = u16;
-        const NO_BACKEND: &'static str = "no eligible backend";
-        const CONNECT_FAILED: &'static str = "connect failed";
-        const TIMED_OUT: &'static str = "upstream timed out";
+        type Pass = ();
+        const NO_BACKEND: &'static str = "script: no backend";
+        const CONNECT_FAILED: &'static str = "script: refused";
+        const TIMED_OUT: &'static str = "script: too slow";
 
         async fn send(
             &mut self,
             backend: &Arc<Backend>,
             req: &'static str,
             _: &mut InFlight,
-        ) -> Result<u16, Failure<&'static str>> {
+        ) -> Result<u16, Failure<&'static str, ()>> {
             self.tried.push(backend.id.clone());
             let addr = backend.pool.addr();
             match self.steps.pop_front().expect("no more attempts than scripted") {
@@ -192,6 +200,7 @@ mod tests {
                 Step::Saturated => Err(Failure::unsent(ConnectError::Saturated { addr, limit: 1 }, req)),
                 Step::Timeout => Err(Failure::Timeout(Duration::from_secs(1))),
                 Step::Broken => Err(Failure::Local(error::bad_gateway())),
+                Step::Pass => Err(Failure::Pass(())),
                 Step::Answer(status) => Ok(status),
             }
         }
@@ -213,10 +222,11 @@ mod tests {
         State::new(Config::parse(&yaml).unwrap(), Arc::new(Userspace)).unwrap()
     }
 
-    /// What a run left: the status, the backends tried, and for each backend what was counted.
+    /// What a run left: the status (None: passed), the backends tried, and for each backend what
+    /// was counted.
     #[derive(Debug, PartialEq)]
     struct Outcome {
-        status: u16,
+        status: Option<u16>,
         tried: Vec<String>,
         counted: Vec<Counted>,
     }
@@ -235,7 +245,7 @@ mod tests {
         let route = &snap.routes[0];
         let mut tried = Vec::new();
         let script = Script { steps: steps.iter().copied().collect(), tried: &mut tried };
-        let resp = forward(route, Protocol::Http, 0, &state.stats, "GET /", script).await;
+        let result = forward(route, Protocol::Http, 0, &state.stats, "GET /", script).await;
         let backends = &route.upstream.backends;
         assert!(backends.iter().all(|b| b.inflight.load(Relaxed) == 0), "an in-flight slot was kept");
         let counted = backends
@@ -248,7 +258,7 @@ mod tests {
                 up: b.is_up(),
             })
             .collect();
-        Outcome { status: resp.status().as_u16(), tried, counted }
+        Outcome { status: result.ok().map(|r| r.status().as_u16()), tried, counted }
     }
 
     fn row(id: &str, codes: &[(u16, u64)], up: bool) -> Counted {
@@ -261,7 +271,11 @@ mod tests {
             [(Step::Answer(101), 101), (Step::Answer(404), 404), (Step::Timeout, 504), (Step::Broken, 502)]
         {
             let s = state(&["a"]);
-            let want = Outcome { status, tried: vec!["a".into()], counted: vec![row("a", &[(status, 1)], true)] };
+            let want = Outcome {
+                status: Some(status),
+                tried: vec!["a".into()],
+                counted: vec![row("a", &[(status, 1)], true)],
+            };
             assert_eq!(run(&s, &[step]).await, want);
         }
     }
@@ -274,7 +288,7 @@ mod tests {
         assert_ne!(first, second);
         let mut want = vec![row(first, &[], false), row(second, &[(200, 1)], true)];
         want.sort();
-        assert_eq!(out, Outcome { status: 200, tried: out.tried.clone(), counted: want });
+        assert_eq!(out, Outcome { status: Some(200), tried: out.tried.clone(), counted: want });
     }
 
     #[tokio::test]
@@ -284,16 +298,16 @@ mod tests {
         let second = out.tried[1].as_str();
         let mut want = vec![row(&out.tried[0], &[], false), row(second, &[(502, 1)], false)];
         want.sort();
-        assert_eq!(out, Outcome { status: 502, tried: out.tried.clone(), counted: want });
+        assert_eq!(out, Outcome { status: Some(502), tried: out.tried.clone(), counted: want });
     }
 
     #[tokio::test]
     async fn nothing_left_to_try_is_502_after_a_failure_and_503_before_any() {
         let s = state(&["a"]);
-        let want = Outcome { status: 502, tried: vec!["a".into()], counted: vec![row("a", &[], false)] };
+        let want = Outcome { status: Some(502), tried: vec!["a".into()], counted: vec![row("a", &[], false)] };
         assert_eq!(run(&s, &[Step::Refused]).await, want);
         // `a` sits out its cool-down now.
-        let want = Outcome { status: 503, tried: vec![], counted: vec![row("a", &[], false)] };
+        let want = Outcome { status: Some(503), tried: vec![], counted: vec![row("a", &[], false)] };
         assert_eq!(run(&s, &[]).await, want);
     }
 
@@ -303,6 +317,13 @@ mod tests {
         let out = run(&s, &[Step::Saturated, Step::Answer(200)]).await;
         let mut want = vec![row(&out.tried[0], &[], true), row(&out.tried[1], &[(200, 1)], true)];
         want.sort();
-        assert_eq!(out, Outcome { status: 200, tried: out.tried.clone(), counted: want });
+        assert_eq!(out, Outcome { status: Some(200), tried: out.tried.clone(), counted: want });
+    }
+
+    #[tokio::test]
+    async fn a_pass_counts_nothing() {
+        let s = state(&["a"]);
+        let want = Outcome { status: None, tried: vec!["a".into()], counted: vec![row("a", &[], true)] };
+        assert_eq!(run(&s, &[Step::Pass]).await, want);
     }
 }

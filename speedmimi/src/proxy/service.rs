@@ -3,6 +3,7 @@
 //! spliced SSE stream; a plain one's answer streams back.
 
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering::Relaxed},
     time::Instant,
@@ -190,7 +191,8 @@ impl Handler {
         };
         let plain = Plain { route, protocol, settings };
         let req = Request::from_parts(parts, body);
-        forward(route, protocol, hash, &self.state.stats, req, plain).await
+        let Ok(resp) = forward(route, protocol, hash, &self.state.stats, req, plain).await;
+        resp
     }
 }
 
@@ -205,6 +207,7 @@ struct Plain<'a> {
 impl Exchange for Plain<'_> {
     type Request = Request<RequestBody>;
     type Answer = Response<Incoming>;
+    type Pass = Infallible;
     const NO_BACKEND: &'static str = "no eligible backend";
     const CONNECT_FAILED: &'static str = "connect failed";
     const TIMED_OUT: &'static str = "upstream timed out";

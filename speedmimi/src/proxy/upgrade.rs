@@ -4,6 +4,7 @@
 //! insertion), with the same behaviour seen from outside.
 
 use std::{
+    convert::Infallible,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -56,7 +57,8 @@ pub async fn relay(
     let client = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
     let handshake = Handshake { route, settings: &snap.settings, server, client, splicer };
-    forward(route, Protocol::WebSocket, hash, server, parts, handshake).await
+    let Ok(resp) = forward(route, Protocol::WebSocket, hash, server, parts, handshake).await;
+    resp
 }
 
 /// An upgrade handshake with one backend, and what the client side needs once it succeeds.
@@ -71,6 +73,7 @@ struct Handshake<'a> {
 impl Exchange for Handshake<'_> {
     type Request = http::request::Parts;
     type Answer = Response<Incoming>;
+    type Pass = Infallible;
     const NO_BACKEND: &'static str = "no eligible backend for upgrade";
     const CONNECT_FAILED: &'static str = "connect failed";
     const TIMED_OUT: &'static str = "upstream timed out on upgrade";
