@@ -1,5 +1,6 @@
 //! Long-lived and streamed exchanges through SpeedMimi over real sockets: WebSocket echo and
-//! ip_hash stickiness, SSE delivered as it is produced, large streamed bodies, h2c and gRPC.
+//! ip_hash stickiness, failed and declined upgrades counted like any request, SSE delivered as it
+//! is produced, large streamed bodies, h2c and gRPC.
 
 mod support;
 
@@ -287,6 +288,110 @@ async fn websocket_ip_hash_keeps_a_client_on_one_origin() {
         reached.insert(connect_as(&proxy, &origins, &format!("192.0.2.{}", i * 17)).await);
     }
     assert!(reached.len() > 1, "12 different X-Real-IP values all reached {reached:?}; counters {:?}", counts());
+}
+
+/// A WebSocket upgrade request for `path` on a connection of its own; returns the status the
+/// proxy answered with.
+async fn upgrade_status(proxy: &Proxy, path: String) -> u16 {
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let answer = guard("upgrade answer", support::raw(proxy.addr, req.as_bytes())).await;
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok());
+    status.unwrap_or_else(|| panic!("{path}: no status line in {answer:?}"))
+}
+
+/// The value of the exposition line `key value` (a count), 0 when absent.
+fn metric(text: &str, key: &str) -> u64 {
+    text.lines().filter_map(|l| l.rsplit_once(' ')).find(|(k, _)| *k == key).map_or(0, |(_, v)| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_declined_upgrades_are_counted_for_route_and_backend() {
+    use support::logging::{LoggingBackend, Reply};
+    let garbage = LoggingBackend::start(Reply::raw_then_close(b"SSH-2.0-not-http\r\n\r\n")).await;
+    let closes = LoggingBackend::start(Reply::raw_then_close(b"")).await;
+    let not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nnot found\n".to_vec();
+    let missing = LoggingBackend::start(Reply { bytes: not_found, close: false }).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let (declined, ws) = (Origin::start("declined").await, Origin::start("ws").await);
+    // Two addresses where nothing listens (both bound at once, so they differ).
+    let (l1, l2) =
+        (std::net::TcpListener::bind("127.0.0.1:0").unwrap(), std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let (dead1, dead2) = (l1.local_addr().unwrap(), l2.local_addr().unwrap());
+    drop((l1, l2));
+
+    // (route and upstream, its backends, what the client gets): failed (502, 504), declined
+    // with the backend's own answer (200 from `/declined`, 404), and a 101 counted once.
+    let cases = [
+        ("garbage", vec![("garbage", garbage.addr)], 502),
+        ("closes", vec![("closes", closes.addr)], 502),
+        ("silent", vec![("silent", silent_addr)], 504),
+        ("dead", vec![("dead1", dead1), ("dead2", dead2)], 502),
+        ("declined", vec![("declined", declined.addr)], 200),
+        ("missing", vec![("missing", missing.addr)], 404),
+        ("ws", vec![("ws", ws.addr)], 101),
+    ];
+    let mut yaml = "server:\n  host: 127.0.0.1\n  port: 8080\n  upstream_timeout: 500ms\nbackends:\n".to_owned();
+    for (name, backends, _) in &cases {
+        yaml += &format!("  {name}:\n");
+        for (id, addr) in backends {
+            yaml += &support::backend_yaml(id, *addr, 1);
+        }
+    }
+    yaml += "routing:\n";
+    for (name, ..) in &cases {
+        yaml += &format!("  {name}:\n    path: /{name}\n    upstream: {name}\n    load_balancer: round_robin\n");
+    }
+    let proxy = Proxy::start(&yaml).await;
+
+    let statuses =
+        futures_util::future::join_all(cases.iter().map(|(name, ..)| upgrade_status(&proxy, format!("/{name}")))).await;
+    let want: Vec<u16> = cases.iter().map(|c| c.2).collect();
+    assert_eq!(statuses, want, "answers to {:?}", cases.iter().map(|c| c.0).collect::<Vec<_>>());
+
+    let c = client();
+    let (_, _, metrics) = support::get(&c, &proxy.admin_url("/metrics"), &[]).await;
+    let mut wrong = Vec::new();
+    for (name, backends, code) in &cases {
+        let (mut total, mut in_class, mut by_code, mut timed) = (0, 0, 0, 0);
+        for (id, _) in backends {
+            let url = proxy.admin_url(&format!("/api/v1/stats/backend?upstream={name}&backend_id={id}"));
+            let (status, _, text) = support::get(&c, &url, &[]).await;
+            assert_eq!(status, StatusCode::OK, "{text}");
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            total += v["requests"]["total"].as_u64().unwrap();
+            in_class += v["status"][format!("{}xx", code / 100)].as_u64().unwrap();
+            let labels = format!("route=\"{name}\",upstream=\"{name}\",backend=\"{id}\"");
+            by_code += metric(&metrics, &format!("speedmimi_requests_total{{{labels},code=\"{code}\"}}"));
+            let labels = format!("upstream=\"{name}\",backend=\"{id}\"");
+            timed += metric(&metrics, &format!("speedmimi_request_duration_seconds_count{{{labels}}}"));
+        }
+        let per_route: u64 = metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("speedmimi_requests_total{{route=\"{name}\",")))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+            .sum();
+        let counted = (total, in_class, by_code, per_route, timed);
+        if counted != (1, 1, 1, 1, 1) {
+            wrong.push(format!("{name} ({code}): {counted:?}"));
+        }
+    }
+    holder.abort();
+    assert!(
+        wrong.is_empty(),
+        "counted once for backend (requests, {{class}}xx in /api/v1/stats/backend), route (its code, all its \
+         codes in speedmimi_requests_total) and backend latency (_count), not so for:\n{}\n{metrics}",
+        wrong.join("\n")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ pub mod admission;
 pub mod body;
 mod detach;
 mod error;
+mod forward;
 pub(crate) mod framing;
 pub mod headers;
 pub(crate) mod idle;

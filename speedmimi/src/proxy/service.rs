@@ -1,7 +1,9 @@
-//! One request through the proxy: validate framing, route, pick a backend, forward, stream
-//! the answer back; one retry on another backend when connecting fails.
+//! One request through the proxy: validate framing, route, and forward it (`forward`: a backend
+//! picked, one retry on another when connecting fails) as a plain request, an upgrade or a
+//! spliced SSE stream; a plain one's answer streams back.
 
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering::Relaxed},
     time::Instant,
@@ -15,6 +17,7 @@ use super::{
     activity::Activity,
     body::{BodyTooLarge, InFlight, RequestBody, ResponseBody},
     error,
+    forward::{Answered, Exchange, Failure, forward},
     framing::Ambiguous,
     headers,
     io::Hijack,
@@ -25,7 +28,6 @@ use crate::{
     backend::{Backend, client_hash},
     config::Scheme,
     state::{Protocol, Route, Settings, Snapshot, State},
-    stats::ServerStats,
 };
 
 /// Chunked body bytes read ahead of forwarding, to catch bad framing before a backend sees
@@ -187,113 +189,72 @@ impl Handler {
             let read_timeout = (protocol != Protocol::Grpc).then_some(settings.read_timeout);
             RequestBody::streamed(body, read_timeout, settings.max_body_bytes)
         };
-        forward(snap, route, protocol, Request::from_parts(parts, body), hash, &self.state.stats).await
+        let plain = Plain { route, protocol, settings };
+        let req = Request::from_parts(parts, body);
+        let Ok(resp) = forward(route, protocol, hash, &self.state.stats, req, plain).await;
+        resp
     }
 }
 
-/// Sends the request to a backend chosen by the route's balancer; on a connect failure, once
-/// more to another backend (nothing reached the first one, so any method is safe to resend).
-async fn forward(
-    snap: &Snapshot,
-    route: &Route,
+/// A request forwarded the ordinary way: HTTP/1.1 on a pooled connection, or over the backend's
+/// HTTP/2 connection for gRPC.
+struct Plain<'a> {
+    route: &'a Route,
     protocol: Protocol,
-    mut req: Request<RequestBody>,
-    hash: u64,
-    server: &Arc<ServerStats>,
-) -> Response<ResponseBody> {
-    let settings = &snap.settings;
-    let mut failed: Option<Arc<Backend>> = None;
-    for attempt in 0..2 {
-        let Some((index, backend)) = pick(route, protocol, hash, failed.as_deref()) else {
-            tracing::warn!(route = %route.name, upstream = %route.upstream.name, "no eligible backend");
-            return if failed.is_some() { error::bad_gateway() } else { error::unavailable() };
-        };
-        let mut guard = InFlight::new(backend.clone(), server.clone());
+    settings: &'a Settings,
+}
+
+impl Exchange for Plain<'_> {
+    type Request = Request<RequestBody>;
+    type Answer = Response<Incoming>;
+    type Pass = Infallible;
+    const NO_BACKEND: &'static str = "no eligible backend";
+    const CONNECT_FAILED: &'static str = "connect failed";
+    const TIMED_OUT: &'static str = "upstream timed out";
+
+    async fn send(
+        &mut self,
+        backend: &Arc<Backend>,
+        mut req: Request<RequestBody>,
+        guard: &mut InFlight,
+    ) -> Result<Response<Incoming>, Failure<Request<RequestBody>>> {
         req.body_mut().meter = Some(guard.meter());
-        let started = Instant::now();
-        let sent = if protocol == Protocol::Grpc {
-            send_h2(&backend, req, settings).await
+        let sent = if self.protocol == Protocol::Grpc {
+            send_h2(backend, req, self.settings).await
         } else {
-            send_h1(&backend, req, &mut guard, settings).await
+            send_h1(backend, req, guard, self.settings).await
         };
-        let resp = match sent {
-            Ok(resp) => resp,
-            Err(SendError::Connect(e, back)) => {
-                if !matches!(e, ConnectError::Saturated { .. }) {
-                    backend.connect_failed();
-                }
-                tracing::warn!(route = %route.name, backend = %backend.id, attempt, error = %e, "connect failed");
-                match back {
-                    Some(r) if attempt == 0 => {
-                        req = *r;
-                        failed = Some(backend);
-                        continue;
-                    }
-                    _ => {
-                        let resp = error::bad_gateway();
-                        record(route, index, &backend, resp.status().as_u16(), started);
-                        return resp;
-                    }
-                }
+        let route = &self.route.name;
+        sent.map_err(|e| match e {
+            SendError::Connect(e, back) => Failure::Connect(e, back),
+            SendError::Timeout => Failure::Timeout(self.settings.upstream_timeout),
+            SendError::Upstream(e) if BodyTooLarge::caused(&e) => {
+                tracing::info!(route = %route, backend = %backend.id, error = %e, "request body too large");
+                Failure::Local(error::payload_too_large())
             }
-            Err(SendError::Timeout) => {
-                tracing::warn!(route = %route.name, backend = %backend.id, timeout = ?settings.upstream_timeout,
-                    "upstream timed out");
-                let resp = error::gateway_timeout();
-                record(route, index, &backend, resp.status().as_u16(), started);
-                return resp;
+            SendError::Upstream(e) => {
+                tracing::warn!(route = %route, backend = %backend.id, error = %e, "upstream request failed");
+                Failure::Local(error::bad_gateway())
             }
-            Err(SendError::Upstream(e)) if BodyTooLarge::caused(&e) => {
-                tracing::info!(route = %route.name, backend = %backend.id, error = %e, "request body too large");
-                let resp = error::payload_too_large();
-                record(route, index, &backend, resp.status().as_u16(), started);
-                return resp;
-            }
-            Err(SendError::Upstream(e)) => {
-                tracing::warn!(route = %route.name, backend = %backend.id, error = %e, "upstream request failed");
-                let resp = error::bad_gateway();
-                record(route, index, &backend, resp.status().as_u16(), started);
-                return resp;
-            }
-        };
+        })
+    }
+
+    fn answer(self, resp: Response<Incoming>, backend: &Arc<Backend>, guard: InFlight, started: Instant) -> Answered {
         backend.connect_succeeded();
         backend.observe_latency(started.elapsed());
         if both_framings(resp.headers()) {
             // Dropped unread with its guard not clean: the connection is not reused.
-            tracing::warn!(route = %route.name, backend = %backend.id,
+            tracing::warn!(route = %self.route.name, backend = %backend.id,
                 "upstream reply has both Content-Length and Transfer-Encoding");
-            let resp = error::bad_gateway();
-            record(route, index, &backend, resp.status().as_u16(), started);
-            return resp;
+            return error::bad_gateway().into();
         }
-        record(route, index, &backend, resp.status().as_u16(), started);
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false, false);
-        if settings.tag_backend {
+        if self.settings.tag_backend {
             parts.extensions.insert(BackendTag(backend.clone()));
         }
-        return Response::from_parts(parts, ResponseBody::upstream(body, guard));
+        Response::from_parts(parts, ResponseBody::upstream(body, guard)).into()
     }
-    error::bad_gateway()
-}
-
-/// Counts a backend's answer (or our answer on its behalf) for the route and the backend.
-pub(super) fn record(route: &Route, index: usize, backend: &Backend, status: u16, started: Instant) {
-    route.stats[index].record(status);
-    backend.traffic.record(status, started.elapsed());
-}
-
-/// The route's balancer for this kind of request, over backends that accept one more;
-/// returns the backend and its index in the upstream.
-pub(super) fn pick(
-    route: &Route,
-    protocol: Protocol,
-    hash: u64,
-    skip: Option<&Backend>,
-) -> Option<(usize, Arc<Backend>)> {
-    let backends = &route.upstream.backends;
-    let i = route.balancer(protocol).pick(hash, &mut |b| b.accepts() && !skip.is_some_and(|s| std::ptr::eq(s, b)))?;
-    Some((i, backends[i].clone()))
 }
 
 enum SendError {

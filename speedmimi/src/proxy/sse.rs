@@ -19,9 +19,11 @@ use tokio::{
 
 use super::{
     body::{InFlight, ResponseBody},
-    error, headers,
+    error,
+    forward::{Answered, Exchange, Failure, forward},
+    headers,
     io::Hijack,
-    service::{pick, record},
+    service::both_framings,
     splice,
     splice::Tally,
     upgrade::{Ends, Splicer},
@@ -29,7 +31,7 @@ use super::{
 };
 use crate::{
     backend::Backend,
-    state::{Protocol, Route, Snapshot},
+    state::{Protocol, Route, Settings, Snapshot},
     stats::ServerStats,
     tls::Alpn,
 };
@@ -37,8 +39,9 @@ use crate::{
 /// Longest response head read from a backend.
 const MAX_HEAD: usize = 64 * 1024;
 
-/// Relays an SSE request with a spliced body; `None` when this request cannot take the raw
-/// path (the caller then proxies it the ordinary way, nothing having been sent).
+/// Relays an SSE request with a spliced body (a connect failure goes once more to another
+/// backend, as for any request); `None` when this request cannot take the raw path (the caller
+/// then proxies it the ordinary way, nothing having been sent).
 pub async fn relay<B>(
     snap: &Snapshot,
     route: &Route,
@@ -48,69 +51,109 @@ pub async fn relay<B>(
     splicer: &Splicer,
     hijack: &Hijack,
 ) -> Option<Response<ResponseBody>> {
-    let settings = &snap.settings;
-    let (index, backend) = pick(route, Protocol::Sse, hash, None)?;
-    let guard = InFlight::new(backend.clone(), server.clone());
-    let started = Instant::now();
-    // A connection of its own, plain TCP: a TLS one cannot be spliced, so proxy normally.
-    let mut upstream = match backend.pool.connect_io(settings.connect_timeout, Alpn::Http1).await {
-        Ok(UpstreamIo::Tcp(tcp)) => tcp,
-        Ok(UpstreamIo::Tls(_)) => return None,
-        Err(e) => {
-            backend.connect_failed();
-            tracing::warn!(route = %route.name, backend = %backend.id, error = %e, "connect failed (sse)");
-            return None;
+    let raw = Raw { route, settings: &snap.settings, server, splicer, hijack, head: request_head(req) };
+    forward(route, Protocol::Sse, hash, server, (), raw).await.ok()
+}
+
+/// An SSE request sent raw on a plain TCP connection of its own, and the client connection the
+/// stream takes over once the response head is in.
+struct Raw<'a> {
+    route: &'a Route,
+    settings: &'a Settings,
+    server: &'a Arc<ServerStats>,
+    splicer: &'a Splicer,
+    hijack: &'a Hijack,
+    /// The request head, as sent to whichever backend is tried.
+    head: Vec<u8>,
+}
+
+/// A TLS backend: its stream cannot be spliced, so the request is proxied the ordinary way.
+struct NotPlain;
+
+/// A backend's answer to the raw request: the head, the body bytes read with it, the connection.
+struct Headed {
+    head: Head,
+    body_ahead: Bytes,
+    upstream: TcpStream,
+}
+
+impl Exchange for Raw<'_> {
+    /// Nothing to give back: the head is in `Raw`, ready for another backend.
+    type Request = ();
+    type Answer = Headed;
+    type Pass = NotPlain;
+    // What was logged when this case fell through to the ordinary way, which found none either.
+    const NO_BACKEND: &'static str = "no eligible backend";
+    const CONNECT_FAILED: &'static str = "connect failed (sse)";
+    const TIMED_OUT: &'static str = "upstream timed out (sse)";
+
+    async fn send(
+        &mut self,
+        backend: &Arc<Backend>,
+        (): (),
+        _: &mut InFlight,
+    ) -> Result<Headed, Failure<(), NotPlain>> {
+        let (route, settings) = (&self.route.name, self.settings);
+        // A connection of its own, plain TCP: a TLS one cannot be spliced, so proxy normally.
+        let mut upstream = match backend.pool.connect_io(settings.connect_timeout, Alpn::Http1).await {
+            Ok(UpstreamIo::Tcp(tcp)) => tcp,
+            Ok(UpstreamIo::Tls(_)) => return Err(Failure::Pass(NotPlain)),
+            Err(e) => return Err(Failure::unsent(e, ())),
+        };
+        backend.connect_succeeded();
+        if let Err(e) = upstream.write_all(&self.head).await {
+            tracing::warn!(route = %route, backend = %backend.id, error = %e, "sse request failed");
+            return Err(Failure::Local(error::bad_gateway()));
         }
-    };
-    backend.connect_succeeded();
-    if let Err(e) = upstream.write_all(&request_head(req)).await {
-        tracing::warn!(route = %route.name, backend = %backend.id, error = %e, "sse request failed");
-        return Some(finish(route, index, &backend, error::bad_gateway(), started));
+        match tokio::time::timeout(settings.upstream_timeout, read_head(&mut upstream)).await {
+            Err(_) => Err(Failure::Timeout(settings.upstream_timeout)),
+            Ok(Err(e)) => {
+                tracing::warn!(route = %route, backend = %backend.id, error = %e, "bad sse response head");
+                Err(Failure::Local(error::bad_gateway()))
+            }
+            Ok(Ok((head, body_ahead))) => Ok(Headed { head, body_ahead, upstream }),
+        }
     }
-    let (head, body_ahead) = match tokio::time::timeout(settings.upstream_timeout, read_head(&mut upstream)).await {
-        Err(_) => return Some(finish(route, index, &backend, error::gateway_timeout(), started)),
-        Ok(Err(e)) => {
-            tracing::warn!(route = %route.name, backend = %backend.id, error = %e, "bad sse response head");
-            return Some(finish(route, index, &backend, error::bad_gateway(), started));
-        }
-        Ok(Ok(x)) => x,
-    };
-    let client = match hijack.duplicate() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot take over the client connection");
-            return Some(finish(route, index, &backend, error::bad_gateway(), started));
-        }
-    };
-    // From here the connection is ours: hyper's answer to this request goes nowhere.
-    hijack.take_over();
-    backend.observe_latency(started.elapsed());
-    record(route, index, &backend, head.status, started);
-    let tally = Tally { open: server.upgraded(), guard };
-    // Subscribed before the head goes out, so a disconnect from now on reaches this stream.
-    let ends = Ends { closer: backend.closer.subscribe(), idle: settings.tunnel_timeout };
-    let stream = Box::new(Stream {
-        client,
-        head: head.bytes,
-        upstream,
-        body_ahead,
-        splicer: splicer.clone(),
-        ends,
-        tally,
-        route: route.name.clone(),
-    });
-    tokio::spawn(async move {
-        // Boxed: a copied stream's whole life is large; an idle spliced stream's task keeps
-        // only what follows.
-        if let Some(spliced) = Box::pin(stream.start()).await {
-            spliced.run().await;
-        }
-    });
-    // What hyper writes for this goes nowhere; the client already has (or will have) ours.
-    // `close` ends hyper's side after it: requests pipelined behind this one are not served.
-    let mut resp = Response::new(ResponseBody::Local(None));
-    resp.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-    Some(resp)
+
+    fn answer(self, answer: Headed, backend: &Arc<Backend>, guard: InFlight, started: Instant) -> Answered {
+        let Headed { head, body_ahead, upstream } = answer;
+        let client = match self.hijack.duplicate() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(route = %self.route.name, backend = %backend.id, error = %e,
+                    "cannot take over the client connection");
+                return error::bad_gateway().into();
+            }
+        };
+        // From here the connection is ours: hyper's answer to this request goes nowhere.
+        self.hijack.take_over();
+        backend.observe_latency(started.elapsed());
+        let tally = Tally { open: self.server.upgraded(), guard };
+        // Subscribed before the head goes out, so a disconnect from now on reaches this stream.
+        let ends = Ends { closer: backend.closer.subscribe(), idle: self.settings.tunnel_timeout };
+        let stream = Box::new(Stream {
+            client,
+            head: head.bytes,
+            upstream,
+            body_ahead,
+            splicer: self.splicer.clone(),
+            ends,
+            tally,
+            route: self.route.name.clone(),
+        });
+        tokio::spawn(async move {
+            // Boxed: a copied stream's whole life is large; an idle spliced stream's task keeps
+            // only what follows.
+            if let Some(spliced) = Box::pin(stream.start()).await {
+                spliced.run().await;
+            }
+        });
+        // What hyper writes for this goes nowhere; the client already has (or will have) ours.
+        // `close` ends hyper's side after it: requests pipelined behind this one are not served.
+        let mut resp = Response::new(ResponseBody::Local(None));
+        resp.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        Answered { response: resp, status: head.status }
+    }
 }
 
 /// A stream whose head is going out to the client.
@@ -173,17 +216,6 @@ async fn copy_one_way(
     }
 }
 
-fn finish(
-    route: &Route,
-    index: usize,
-    backend: &Backend,
-    resp: Response<ResponseBody>,
-    started: Instant,
-) -> Response<ResponseBody> {
-    record(route, index, backend, resp.status().as_u16(), started);
-    resp
-}
-
 /// The request as an HTTP/1.1 head for a connection of its own.
 fn request_head<B>(req: &Request<B>) -> Vec<u8> {
     let mut out = BytesMut::with_capacity(512);
@@ -233,7 +265,7 @@ async fn read_head(s: &mut TcpStream) -> std::io::Result<(Head, Bytes)> {
                         map.append(n, v);
                     }
                 }
-                if super::service::both_framings(&map) {
+                if both_framings(&map) {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         "both Content-Length and Transfer-Encoding",

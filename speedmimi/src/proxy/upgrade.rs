@@ -3,7 +3,11 @@
 //! datapath can, copied in userspace otherwise (TLS, no eBPF, `ebpf.splice: false`, a failed
 //! insertion), with the same behaviour seen from outside.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -21,16 +25,18 @@ use tokio::{
 
 use super::{
     body::{InFlight, RequestBody, ResponseBody},
-    error, headers, idle,
+    error,
+    forward::{Answered, Exchange, Failure, forward},
+    headers, idle,
     io::ClientIo,
-    service::pick,
+    service::both_framings,
     splice::{self, Tally},
     upstream::UpstreamIo,
 };
 use crate::{
     backend::Backend,
     datapath::Datapath,
-    state::{Protocol, Route, Snapshot},
+    state::{Protocol, Route, Settings, Snapshot},
     stats::ServerStats,
     tls::Alpn,
 };
@@ -38,6 +44,8 @@ use crate::{
 /// Copy buffer per direction: small enough for many idle flows.
 const COPY_BUF: usize = 64 * 1024;
 
+/// Relays an upgrade request: the handshake goes to a backend on a connection of its own; a 101
+/// joins the client and that connection, any other answer goes back as an ordinary response.
 pub async fn relay(
     snap: &Snapshot,
     route: &Route,
@@ -46,32 +54,47 @@ pub async fn relay(
     server: &Arc<ServerStats>,
     splicer: Option<Splicer>,
 ) -> Response<ResponseBody> {
-    let settings = &snap.settings;
-    let client_upgrade = hyper::upgrade::on(&mut req);
+    let client = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
-    let mut failed: Option<Arc<Backend>> = None;
-    for attempt in 0..2 {
-        let Some((index, backend)) = pick(route, Protocol::WebSocket, hash, failed.as_deref()) else {
-            tracing::warn!(route = %route.name, upstream = %route.upstream.name, "no eligible backend for upgrade");
-            return if failed.is_some() { error::bad_gateway() } else { error::unavailable() };
-        };
-        let guard = InFlight::new(backend.clone(), server.clone());
-        let started = std::time::Instant::now();
+    let handshake = Handshake { route, settings: &snap.settings, server, client, splicer };
+    let Ok(resp) = forward(route, Protocol::WebSocket, hash, server, parts, handshake).await;
+    resp
+}
+
+/// An upgrade handshake with one backend, and what the client side needs once it succeeds.
+struct Handshake<'a> {
+    route: &'a Route,
+    settings: &'a Settings,
+    server: &'a Arc<ServerStats>,
+    client: OnUpgrade,
+    splicer: Option<Splicer>,
+}
+
+impl Exchange for Handshake<'_> {
+    type Request = http::request::Parts;
+    type Answer = Response<Incoming>;
+    type Pass = Infallible;
+    const NO_BACKEND: &'static str = "no eligible backend for upgrade";
+    const CONNECT_FAILED: &'static str = "connect failed";
+    const TIMED_OUT: &'static str = "upstream timed out on upgrade";
+
+    async fn send(
+        &mut self,
+        backend: &Arc<Backend>,
+        parts: http::request::Parts,
+        _guard: &mut InFlight,
+    ) -> Result<Response<Incoming>, Failure<http::request::Parts>> {
+        let (route, settings) = (&self.route.name, self.settings);
         let stream = match backend.pool.connect_io(settings.connect_timeout, Alpn::Http1).await {
             Ok(s) => s,
-            Err(e) => {
-                backend.connect_failed();
-                tracing::warn!(route = %route.name, backend = %backend.id, attempt, error = %e, "connect failed");
-                failed = Some(backend);
-                continue;
-            }
+            Err(e) => return Err(Failure::unsent(e, parts)),
         };
         backend.connect_succeeded();
         let (mut sender, conn) = match http1::handshake(TokioIo::new(stream)).await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(route = %route.name, backend = %backend.id, error = %e, "upstream handshake failed");
-                return error::bad_gateway();
+                tracing::warn!(route = %route, backend = %backend.id, error = %e, "upstream handshake failed");
+                return Err(Failure::Local(error::bad_gateway()));
             }
         };
         tokio::spawn(async move {
@@ -81,42 +104,40 @@ pub async fn relay(
         });
         let mut up_req = Request::from_parts(parts, RequestBody::empty());
         *up_req.version_mut() = http::Version::HTTP_11;
-        let resp = match tokio::time::timeout(settings.upstream_timeout, sender.send_request(up_req)).await {
-            Err(_) => {
-                tracing::warn!(route = %route.name, backend = %backend.id, "upstream timed out on upgrade");
-                return error::gateway_timeout();
-            }
+        match tokio::time::timeout(settings.upstream_timeout, sender.send_request(up_req)).await {
+            Err(_) => Err(Failure::Timeout(settings.upstream_timeout)),
             Ok(Err(e)) => {
-                tracing::warn!(route = %route.name, backend = %backend.id, error = %e, "upgrade request failed");
-                return error::bad_gateway();
+                tracing::warn!(route = %route, backend = %backend.id, error = %e, "upgrade request failed");
+                Err(Failure::Local(error::bad_gateway()))
             }
-            Ok(Ok(r)) => r,
-        };
-        if super::service::both_framings(resp.headers()) {
-            tracing::warn!(route = %route.name, backend = %backend.id,
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    fn answer(self, mut resp: Response<Incoming>, backend: &Arc<Backend>, guard: InFlight, _: Instant) -> Answered {
+        if both_framings(resp.headers()) {
+            tracing::warn!(route = %self.route.name, backend = %backend.id,
                 "upstream reply to an upgrade has both Content-Length and Transfer-Encoding");
-            return error::bad_gateway();
+            return error::bad_gateway().into();
         }
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // The backend declined: its answer goes back as an ordinary response.
             let (mut p, body) = resp.into_parts();
             headers::strip_hop_by_hop(&mut p.headers, false, false);
-            return Response::from_parts(p, ResponseBody::upstream(body, guard));
+            return Response::from_parts(p, ResponseBody::upstream(body, guard)).into();
         }
-        let mut resp = resp;
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let upstream = hyper::upgrade::on(&mut resp);
         let (mut p, _) = resp.into_parts();
         headers::strip_hop_by_hop(&mut p.headers, true, false);
-        super::service::record(route, index, &backend, StatusCode::SWITCHING_PROTOCOLS.as_u16(), started);
         let pending = Box::new(Pending {
-            client: client_upgrade,
-            upstream: upstream_upgrade,
-            splicer,
+            client: self.client,
+            upstream,
+            splicer: self.splicer,
             // Subscribed before the 101 goes out, so a disconnect from now on reaches this flow.
-            ends: Ends { closer: backend.closer.subscribe(), idle: settings.tunnel_timeout },
+            ends: Ends { closer: backend.closer.subscribe(), idle: self.settings.tunnel_timeout },
             guard,
-            server: server.clone(),
-            route: route.name.clone(),
+            server: self.server.clone(),
+            route: self.route.name.clone(),
         });
         tokio::spawn(async move {
             // Boxed: everything before a flow is spliced (the upgrade, a copied flow's whole
@@ -125,9 +146,8 @@ pub async fn relay(
                 spliced.run().await;
             }
         });
-        return Response::from_parts(p, ResponseBody::Local(None));
+        Response::from_parts(p, ResponseBody::Local(None)).into()
     }
-    error::bad_gateway()
 }
 
 /// What splicing needs: the datapath and the per-flow budget.
