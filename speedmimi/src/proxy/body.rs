@@ -15,8 +15,11 @@ use hyper::{body::Incoming, client::conn::http1};
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::activity::Open;
-pub use crate::upstream::{BodyTimeout, BodyTooLarge, BoxError, Meter, RequestBody};
-use crate::{backend::Backend, stats::ServerStats};
+use crate::{
+    backend::Backend,
+    stats::ServerStats,
+    upstream::{BoxError, Meter, RequestBody},
+};
 
 /// Held while a request uses a backend: releases the in-flight slot on drop and, when the
 /// response ended cleanly, returns the HTTP/1 connection to the pool.

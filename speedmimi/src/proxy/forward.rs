@@ -14,12 +14,12 @@ use http::Response;
 use super::{
     body::{InFlight, ResponseBody},
     error,
-    upstream::ConnectError,
 };
 use crate::{
     backend::Backend,
     state::{Protocol, Route},
     stats::ServerStats,
+    upstream::ConnectError,
 };
 
 /// What one attempt sends to a backend, and how its answer reaches the client: the part of
@@ -97,20 +97,25 @@ pub(super) async fn forward<E: Exchange>(
     mut exchange: E,
 ) -> Result<Response<ResponseBody>, E::Pass> {
     let mut failed: Option<Arc<Backend>> = None;
+    // Every backend tried so far only had no connection to spare (`max_conn`): no backend
+    // failed, they are all busy, which is a 503 like finding none eligible.
+    let mut only_busy = true;
     loop {
         let attempt = u8::from(failed.is_some());
         let Some((index, backend)) = pick(route, protocol, hash, failed.as_deref()) else {
             tracing::warn!(route = %route.name, upstream = %route.upstream.name, "{}", E::NO_BACKEND);
-            return Ok(if failed.is_some() { error::bad_gateway() } else { error::unavailable() });
+            return Ok(if only_busy { error::unavailable() } else { error::bad_gateway() });
         };
         let mut guard = InFlight::new(backend.clone(), server.clone());
         let started = Instant::now();
         let answered = match exchange.send(&backend, req, &mut guard).await {
             Ok(answer) => exchange.answer(answer, &backend, guard, started),
             Err(Failure::Connect(e, back)) => {
-                if !matches!(e, ConnectError::Saturated { .. }) {
+                let busy = matches!(e, ConnectError::Saturated { .. });
+                if !busy {
                     backend.connect_failed();
                 }
+                only_busy &= busy;
                 tracing::warn!(route = %route.name, backend = %backend.id, attempt, error = %e,
                     "{}", E::CONNECT_FAILED);
                 match back {
@@ -119,6 +124,7 @@ pub(super) async fn forward<E: Exchange>(
                         failed = Some(backend);
                         continue;
                     }
+                    _ if only_busy => error::unavailable().into(),
                     _ => error::bad_gateway().into(),
                 }
             }
@@ -318,6 +324,18 @@ mod tests {
         let mut want = vec![row(&out.tried[0], &[], true), row(&out.tried[1], &[(200, 1)], true)];
         want.sort();
         assert_eq!(out, Outcome { status: Some(200), tried: out.tried.clone(), counted: want });
+    }
+
+    #[tokio::test]
+    async fn busy_backends_only_are_503_not_502() {
+        let s = state(&["a"]);
+        let want = Outcome { status: Some(503), tried: vec!["a".into()], counted: vec![row("a", &[], true)] };
+        assert_eq!(run(&s, &[Step::Saturated]).await, want);
+        let s = state(&["a", "b"]);
+        let out = run(&s, &[Step::Saturated, Step::Saturated]).await;
+        assert_eq!(out.status, Some(503), "{out:?}");
+        let out = run(&s, &[Step::Saturated, Step::Refused]).await;
+        assert_eq!(out.status, Some(502), "one backend failed: {out:?}");
     }
 
     #[tokio::test]

@@ -19,6 +19,4 @@ pub mod splice;
 mod sse;
 mod upgrade;
 
-/// The upstream connections moved below the proxy; proxy files still name them from here.
-pub use crate::upstream;
 pub use server::serve;

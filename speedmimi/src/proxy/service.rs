@@ -15,19 +15,19 @@ use hyper::body::Incoming;
 
 use super::{
     activity::Activity,
-    body::{BodyTooLarge, InFlight, RequestBody, ResponseBody},
+    body::{InFlight, ResponseBody},
     error,
     forward::{Answered, Exchange, Failure, forward},
     framing::Ambiguous,
     headers,
     io::Hijack,
     sse, upgrade,
-    upstream::ConnectError,
 };
 use crate::{
     backend::{Backend, client_hash},
     config::Scheme,
     state::{Protocol, Route, Settings, Snapshot, State},
+    upstream::{BodyTooLarge, ConnectError, RequestBody},
 };
 
 /// Chunked body bytes read ahead of forwarding, to catch bad framing before a backend sees

@@ -27,13 +27,13 @@ use super::{
     splice,
     splice::Tally,
     upgrade::{Ends, Splicer},
-    upstream::UpstreamIo,
 };
 use crate::{
     backend::Backend,
     state::{Protocol, Route, Settings, Snapshot},
     stats::ServerStats,
     tls::Alpn,
+    upstream::UpstreamIo,
 };
 
 /// Longest response head read from a backend.

@@ -24,14 +24,13 @@ use tokio::{
 };
 
 use super::{
-    body::{InFlight, RequestBody, ResponseBody},
+    body::{InFlight, ResponseBody},
     error,
     forward::{Answered, Exchange, Failure, forward},
     headers, idle,
     io::ClientIo,
     service::both_framings,
     splice::{self, Tally},
-    upstream::UpstreamIo,
 };
 use crate::{
     backend::Backend,
@@ -39,6 +38,7 @@ use crate::{
     state::{Protocol, Route, Settings, Snapshot},
     stats::ServerStats,
     tls::Alpn,
+    upstream::{RequestBody, UpstreamIo},
 };
 
 /// Copy buffer per direction: small enough for many idle flows.
