@@ -74,6 +74,20 @@ pub struct Route {
 }
 
 impl Route {
+    /// The route's balancer for this kind of request, over backends that accept one more
+    /// (`skip`: one that just failed); the backend and its index in the upstream.
+    pub fn pick(&self, protocol: Protocol, hash: u64, skip: Option<&Backend>) -> Option<(usize, Arc<Backend>)> {
+        let accept = &mut |b: &Backend| b.accepts() && !skip.is_some_and(|s| std::ptr::eq(s, b));
+        let i = self.balancer(protocol).pick(hash, accept)?;
+        Some((i, self.upstream.backends[i].clone()))
+    }
+
+    /// Counts a backend's answer (or the proxy's on its behalf) for this route and the backend.
+    pub fn record(&self, index: usize, backend: &Backend, status: u16, took: std::time::Duration) {
+        self.stats[index].record(status);
+        backend.traffic.record(status, took);
+    }
+
     pub fn balancer(&self, p: Protocol) -> &dyn Balancer {
         &*self.balancers[p as usize]
     }

@@ -102,7 +102,7 @@ pub(super) async fn forward<E: Exchange>(
     let mut only_busy = true;
     loop {
         let attempt = u8::from(failed.is_some());
-        let Some((index, backend)) = pick(route, protocol, hash, failed.as_deref()) else {
+        let Some((index, backend)) = route.pick(protocol, hash, failed.as_deref()) else {
             tracing::warn!(route = %route.name, upstream = %route.upstream.name, "{}", E::NO_BACKEND);
             return Ok(if only_busy { error::unavailable() } else { error::bad_gateway() });
         };
@@ -135,23 +135,9 @@ pub(super) async fn forward<E: Exchange>(
             Err(Failure::Local(resp)) => resp.into(),
             Err(Failure::Pass(p)) => return Err(p),
         };
-        record(route, index, &backend, answered.status, started);
+        route.record(index, &backend, answered.status, started.elapsed());
         return Ok(answered.response);
     }
-}
-
-/// Counts a backend's answer (or our answer on its behalf) for the route and the backend.
-fn record(route: &Route, index: usize, backend: &Backend, status: u16, started: Instant) {
-    route.stats[index].record(status);
-    backend.traffic.record(status, started.elapsed());
-}
-
-/// The route's balancer for this kind of request, over backends that accept one more;
-/// returns the backend and its index in the upstream.
-fn pick(route: &Route, protocol: Protocol, hash: u64, skip: Option<&Backend>) -> Option<(usize, Arc<Backend>)> {
-    let backends = &route.upstream.backends;
-    let i = route.balancer(protocol).pick(hash, &mut |b| b.accepts() && !skip.is_some_and(|s| std::ptr::eq(s, b)))?;
-    Some((i, backends[i].clone()))
 }
 
 #[cfg(test)]

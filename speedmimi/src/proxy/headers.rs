@@ -129,6 +129,13 @@ pub fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>, real_ip_header:
     headers.insert(X_REAL_IP.clone(), client);
 }
 
+/// A message framed both by Content-Length and Transfer-Encoding (RFC 9112 §6.3: a sign of
+/// smuggling). From a backend, hyper reads it as chunked; relaying it would leave the client a
+/// Content-Length that does not match the body, so the proxy answers 502 instead.
+pub fn both_framings(h: &HeaderMap) -> bool {
+    h.contains_key(http::header::TRANSFER_ENCODING) && h.contains_key(http::header::CONTENT_LENGTH)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -242,7 +242,7 @@ impl Exchange for Plain<'_> {
     fn answer(self, resp: Response<Incoming>, backend: &Arc<Backend>, guard: InFlight, started: Instant) -> Answered {
         backend.connect_succeeded();
         backend.observe_latency(started.elapsed());
-        if both_framings(resp.headers()) {
+        if headers::both_framings(resp.headers()) {
             // Dropped unread with its guard not clean: the connection is not reused.
             tracing::warn!(route = %self.route.name, backend = %backend.id,
                 "upstream reply has both Content-Length and Transfer-Encoding");
@@ -348,18 +348,11 @@ async fn head_within<F: Future>(
     tokio::time::timeout(limit, send).await
 }
 
-/// A message framed both by Content-Length and Transfer-Encoding (RFC 9112 §6.3: a sign of
-/// smuggling). From a backend, hyper reads it as chunked; relaying it would leave the client a
-/// Content-Length that does not match the body, so the proxy answers 502 instead.
-pub(super) fn both_framings(h: &http::HeaderMap) -> bool {
-    h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH)
-}
-
 /// Request-smuggling guards hyper does not apply itself: a message with both Content-Length
 /// and Transfer-Encoding is rejected rather than reinterpreted (RFC 9112 §6.1 allows either).
 fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
     let h = req.headers();
-    if both_framings(h) {
+    if headers::both_framings(h) {
         return Some("both Content-Length and Transfer-Encoding");
     }
     let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();

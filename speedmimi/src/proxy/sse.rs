@@ -23,7 +23,6 @@ use super::{
     forward::{Answered, Exchange, Failure, forward},
     headers,
     io::Hijack,
-    service::both_framings,
     splice,
     splice::Tally,
     upgrade::{Ends, Splicer},
@@ -265,7 +264,7 @@ async fn read_head(s: &mut TcpStream) -> std::io::Result<(Head, Bytes)> {
                         map.append(n, v);
                     }
                 }
-                if both_framings(&map) {
+                if headers::both_framings(&map) {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         "both Content-Length and Transfer-Encoding",

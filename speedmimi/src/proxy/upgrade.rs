@@ -29,7 +29,6 @@ use super::{
     forward::{Answered, Exchange, Failure, forward},
     headers, idle,
     io::ClientIo,
-    service::both_framings,
     splice::{self, Tally},
 };
 use crate::{
@@ -115,7 +114,7 @@ impl Exchange for Handshake<'_> {
     }
 
     fn answer(self, mut resp: Response<Incoming>, backend: &Arc<Backend>, guard: InFlight, _: Instant) -> Answered {
-        if both_framings(resp.headers()) {
+        if headers::both_framings(resp.headers()) {
             tracing::warn!(route = %self.route.name, backend = %backend.id,
                 "upstream reply to an upgrade has both Content-Length and Transfer-Encoding");
             return error::bad_gateway().into();
