@@ -129,6 +129,8 @@ pub struct Settings {
     pub max_body_bytes: Option<u64>,
     /// Idle limit of upgraded flows and SSE streams.
     pub tunnel_timeout: Duration,
+    /// `ebpf.splice_budget`: bytes per direction a spliced flow may have in kernel queues.
+    pub splice_budget: u64,
     pub trusted_proxies: Vec<IpNet>,
     pub real_ip_header: HeaderName,
     /// Responses carry which backend answered (for the access log).
@@ -554,6 +556,7 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
         read_timeout: s.read_timeout.get(),
         max_body_bytes: s.max_body_bytes.map(|b| b.0),
         tunnel_timeout: s.tunnel_timeout.get(),
+        splice_budget: file.ebpf.splice_budget.0,
         trusted_proxies: config.trusted_proxies.clone(),
         real_ip_header: HeaderName::from_bytes(s.real_ip_header.as_bytes()).expect("validated header name"),
         tag_backend: !s.access_log.is_empty(),

@@ -26,6 +26,7 @@ use super::{
 use crate::{
     backend::{Backend, client_hash},
     config::Scheme,
+    datapath::Datapath,
     state::{Protocol, Route, Settings, Snapshot, State},
     upstream::{BodyTooLarge, ConnectError, RequestBody},
 };
@@ -77,13 +78,10 @@ impl Handler {
         Handler { state, peer, peer_header, listener, ambiguous, proto, hijack, activity }
     }
 
-    /// What splicing needs, when this daemon splices at all.
-    fn splicer(&self) -> Option<upgrade::Splicer> {
-        let config = self.state.config();
-        (config.file.ebpf.splice && self.state.datapath.can_splice()).then(|| upgrade::Splicer {
-            datapath: self.state.datapath.clone(),
-            budget: config.file.ebpf.splice_budget.0,
-        })
+    /// The datapath that splices upgraded flows and SSE streams, when this daemon splices at all.
+    fn splicer(&self) -> Option<Arc<dyn Datapath>> {
+        let splice = self.state.config().file.ebpf.splice;
+        (splice && self.state.datapath.can_splice()).then(|| self.state.datapath.clone())
     }
 
     pub async fn handle(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, std::convert::Infallible> {

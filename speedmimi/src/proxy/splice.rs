@@ -48,6 +48,7 @@ use super::{
 };
 use crate::{
     datapath::{Datapath, Limits, SplicedPair},
+    state::Settings,
     stats::{ParkedGuard, UpgradedGuard},
 };
 
@@ -81,6 +82,13 @@ pub struct Policy {
     pub one_way: bool,
     /// The flow is closed after this long without a byte in either direction.
     pub idle: Duration,
+}
+
+impl Policy {
+    /// The policy of the running config for a flow (`one_way`: a response stream).
+    pub fn of(settings: &Settings, one_way: bool) -> Policy {
+        Policy { budget: settings.splice_budget, one_way, idle: settings.tunnel_timeout }
+    }
 }
 
 /// What the flow's task knows of a spliced flow, kept while it is parked.

@@ -25,10 +25,10 @@ use super::{
     io::Hijack,
     splice,
     splice::Tally,
-    upgrade::{Ends, Splicer},
 };
 use crate::{
     backend::Backend,
+    datapath::Datapath,
     state::{Protocol, Route, Settings, Snapshot},
     stats::ServerStats,
     tls::Alpn,
@@ -47,10 +47,12 @@ pub async fn relay<B>(
     req: &Request<B>,
     hash: u64,
     server: &Arc<ServerStats>,
-    splicer: &Splicer,
+    splicer: &Arc<dyn Datapath>,
     hijack: &Hijack,
 ) -> Option<Response<ResponseBody>> {
-    let raw = Raw { route, settings: &snap.settings, server, splicer, hijack, head: request_head(req) };
+    // A response stream: only the backend's bytes are spliced.
+    let policy = splice::Policy::of(&snap.settings, true);
+    let raw = Raw { route, settings: &snap.settings, server, splicer, policy, hijack, head: request_head(req) };
     forward(route, Protocol::Sse, hash, server, (), raw).await.ok()
 }
 
@@ -60,7 +62,8 @@ struct Raw<'a> {
     route: &'a Route,
     settings: &'a Settings,
     server: &'a Arc<ServerStats>,
-    splicer: &'a Splicer,
+    splicer: &'a Arc<dyn Datapath>,
+    policy: splice::Policy,
     hijack: &'a Hijack,
     /// The request head, as sent to whichever backend is tried.
     head: Vec<u8>,
@@ -128,15 +131,15 @@ impl Exchange for Raw<'_> {
         self.hijack.take_over();
         backend.observe_latency(started.elapsed());
         let tally = Tally { open: self.server.upgraded(), guard };
-        // Subscribed before the head goes out, so a disconnect from now on reaches this stream.
-        let ends = Ends { closer: backend.closer.subscribe(), idle: self.settings.tunnel_timeout };
         let stream = Box::new(Stream {
             client,
             head: head.bytes,
             upstream,
             body_ahead,
             splicer: self.splicer.clone(),
-            ends,
+            policy: self.policy,
+            // Subscribed before the head goes out, so a disconnect from now on reaches this stream.
+            closer: backend.closer.subscribe(),
             tally,
             route: self.route.name.clone(),
         });
@@ -161,8 +164,9 @@ struct Stream {
     head: Bytes,
     upstream: TcpStream,
     body_ahead: Bytes,
-    splicer: Splicer,
-    ends: Ends,
+    splicer: Arc<dyn Datapath>,
+    policy: splice::Policy,
+    closer: tokio::sync::watch::Receiver<u64>,
     tally: Tally,
     route: String,
 }
@@ -171,12 +175,11 @@ impl Stream {
     /// Writes the head and hands the body to the kernel: returns the flow when the kernel splices
     /// it; copies it to its end otherwise.
     async fn start(self: Box<Self>) -> Option<splice::Started> {
-        let Stream { mut client, head, upstream, body_ahead, splicer, ends, tally, route } = *self;
+        let Stream { mut client, head, upstream, body_ahead, splicer, policy, closer, tally, route } = *self;
         client.write_all(&head).await.ok()?;
         drop(head);
         let flow = splice::Flow { client, client_ahead: Bytes::new(), upstream, upstream_ahead: body_ahead };
-        let policy = splice::Policy { budget: splicer.budget, one_way: true, idle: ends.idle };
-        match splice::start(splicer.datapath, flow, policy, ends.closer.clone(), tally).await {
+        match splice::start(splicer, flow, policy, closer.clone(), tally).await {
             Ok(started) => {
                 tracing::debug!(route, "sse stream spliced");
                 Some(started)
@@ -185,7 +188,7 @@ impl Stream {
                 let splice::Unspliced { client, upstream, reason, tally } = *unspliced;
                 tracing::debug!(route, %reason, "copying this sse stream");
                 tally.copied();
-                copy_one_way(upstream, client, ends.closer, ends.idle).await;
+                copy_one_way(upstream, client, closer, policy.idle).await;
                 None
             }
         }

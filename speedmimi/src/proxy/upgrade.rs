@@ -51,11 +51,12 @@ pub async fn relay(
     mut req: Request<Incoming>,
     hash: u64,
     server: &Arc<ServerStats>,
-    splicer: Option<Splicer>,
+    splicer: Option<Arc<dyn Datapath>>,
 ) -> Response<ResponseBody> {
     let client = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
-    let handshake = Handshake { route, settings: &snap.settings, server, client, splicer };
+    let policy = splice::Policy::of(&snap.settings, false);
+    let handshake = Handshake { route, settings: &snap.settings, server, client, splicer, policy };
     let Ok(resp) = forward(route, Protocol::WebSocket, hash, server, parts, handshake).await;
     resp
 }
@@ -66,7 +67,9 @@ struct Handshake<'a> {
     settings: &'a Settings,
     server: &'a Arc<ServerStats>,
     client: OnUpgrade,
-    splicer: Option<Splicer>,
+    /// The datapath that splices the flow when both sides are plain TCP.
+    splicer: Option<Arc<dyn Datapath>>,
+    policy: splice::Policy,
 }
 
 impl Exchange for Handshake<'_> {
@@ -132,8 +135,9 @@ impl Exchange for Handshake<'_> {
             client: self.client,
             upstream,
             splicer: self.splicer,
+            policy: self.policy,
             // Subscribed before the 101 goes out, so a disconnect from now on reaches this flow.
-            ends: Ends { closer: backend.closer.subscribe(), idle: self.settings.tunnel_timeout },
+            closer: backend.closer.subscribe(),
             guard,
             server: self.server.clone(),
             route: self.route.name.clone(),
@@ -149,26 +153,14 @@ impl Exchange for Handshake<'_> {
     }
 }
 
-/// What splicing needs: the datapath and the per-flow budget.
-#[derive(Clone)]
-pub struct Splicer {
-    pub datapath: Arc<dyn Datapath>,
-    pub budget: u64,
-}
-
-/// What ends a flow besides its sockets: a disconnect or drain, and the idle limit.
-#[derive(Clone)]
-pub struct Ends {
-    pub closer: watch::Receiver<u64>,
-    pub idle: Duration,
-}
-
 /// An upgrade on its way: the 101 is going out to the client.
 struct Pending {
     client: OnUpgrade,
     upstream: OnUpgrade,
-    splicer: Option<Splicer>,
-    ends: Ends,
+    splicer: Option<Arc<dyn Datapath>>,
+    policy: splice::Policy,
+    /// Fires on a disconnect or drain of the backend.
+    closer: watch::Receiver<u64>,
     guard: InFlight,
     server: Arc<ServerStats>,
     route: String,
@@ -178,7 +170,7 @@ impl Pending {
     /// Completes the upgrade on both sides and joins them: returns the flow when the kernel
     /// splices it; copies it to its end otherwise.
     async fn join(self: Box<Self>) -> Option<splice::Started> {
-        let Pending { client, upstream, splicer, ends, guard, server, route } = *self;
+        let Pending { client, upstream, splicer, policy, closer, guard, server, route } = *self;
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(x) => x,
             Err(e) => {
@@ -187,11 +179,11 @@ impl Pending {
             }
         };
         let tally = Tally { open: server.upgraded(), guard };
-        let (flow, splicer) = match plan(client, upstream, splicer) {
-            Some(Plan::Splice(flow, splicer)) => (flow, splicer),
+        let (flow, datapath) = match plan(client, upstream, splicer) {
+            Some(Plan::Splice(flow, datapath)) => (flow, datapath),
             Some(Plan::Copy(client, upstream, upstream_ahead)) => {
                 tally.copied();
-                copy(TokioIo::new(client), Bytes::new(), upstream, upstream_ahead, ends, &route).await;
+                copy(TokioIo::new(client), Bytes::new(), upstream, upstream_ahead, closer, policy.idle, &route).await;
                 return None;
             }
             None => {
@@ -199,8 +191,7 @@ impl Pending {
                 return None;
             }
         };
-        let policy = splice::Policy { budget: splicer.budget, one_way: false, idle: ends.idle };
-        match splice::start(splicer.datapath, flow, policy, ends.closer.clone(), tally).await {
+        match splice::start(datapath, flow, policy, closer.clone(), tally).await {
             Ok(started) => {
                 tracing::debug!(route, "flow spliced");
                 Some(started)
@@ -210,7 +201,7 @@ impl Pending {
                 // Prefixes were written already and nothing is in flight: copy on from here.
                 tracing::debug!(route, %reason, "copying this flow");
                 tally.copied();
-                copy(client, Bytes::new(), UpstreamIo::Tcp(upstream), Bytes::new(), ends, &route).await;
+                copy(client, Bytes::new(), UpstreamIo::Tcp(upstream), Bytes::new(), closer, policy.idle, &route).await;
                 None
             }
         }
@@ -220,7 +211,7 @@ impl Pending {
 /// How an upgraded flow is joined.
 enum Plan {
     /// Both sides are plain TCP and splicing is on.
-    Splice(splice::Flow, Splicer),
+    Splice(splice::Flow, Arc<dyn Datapath>),
     /// The client connection, the upstream one and what hyper read ahead from the upstream.
     Copy(Upgraded, UpstreamIo, Bytes),
 }
@@ -228,7 +219,7 @@ enum Plan {
 /// Takes the sockets out of the upgraded connections. Not async, so that the connections' wrappers
 /// (large) never become part of the flow task's state, which an idle flow holds for its life.
 /// None when the upstream connection is not ours (never expected).
-fn plan(client: Upgraded, upstream: Upgraded, splicer: Option<Splicer>) -> Option<Plan> {
+fn plan(client: Upgraded, upstream: Upgraded, splicer: Option<Arc<dyn Datapath>>) -> Option<Plan> {
     // Our upstream connections are always `UpstreamIo`; only plain TCP on both sides splices.
     let upstream = upstream.downcast::<TokioIo<UpstreamIo>>().ok()?;
     let (up_io, upstream_ahead) = (upstream.io.into_inner(), upstream.read_buf);
@@ -252,11 +243,17 @@ fn plan(client: Upgraded, upstream: Upgraded, splicer: Option<Splicer>) -> Optio
 }
 
 /// Userspace copy in both directions, after writing what each side had already sent.
-async fn copy<C>(client: C, client_ahead: Bytes, upstream: UpstreamIo, upstream_ahead: Bytes, ends: Ends, route: &str)
-where
+async fn copy<C>(
+    client: C,
+    client_ahead: Bytes,
+    upstream: UpstreamIo,
+    upstream_ahead: Bytes,
+    mut closer: watch::Receiver<u64>,
+    idle: Duration,
+    route: &str,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let Ends { mut closer, idle } = ends;
     let clock = idle::Clock::new();
     let (mut client, mut upstream) = (idle::Stamped::new(client, &clock), idle::Stamped::new(upstream, &clock));
     let copied = async {
