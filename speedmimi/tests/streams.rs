@@ -19,7 +19,7 @@ use http::{HeaderMap, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use support::{Origin, Proxy, client, h2c, one_route};
+use support::{Origin, Proxy, client, flows::Rng, h2c, one_route};
 use tokio::{net::TcpStream, sync::mpsc};
 use tokio_tungstenite::{
     WebSocketStream,
@@ -31,33 +31,6 @@ const GUARD: Duration = Duration::from_secs(20);
 
 async fn guard<F: Future>(what: &str, f: F) -> F::Output {
     tokio::time::timeout(GUARD, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-/// Deterministic xorshift64 content generator.
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> Self {
-        XorShift(seed | 1)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(n + 8);
-        while out.len() < n {
-            out.extend_from_slice(&self.next_u64().to_le_bytes());
-        }
-        out.truncate(n);
-        out
-    }
 }
 
 /// FNV-1a over a byte stream.
@@ -163,7 +136,7 @@ async fn websocket_echo_is_byte_exact_across_frame_size_boundaries() {
     assert!(resp.headers().contains_key("sec-websocket-accept"), "101 without accept key: {:?}", resp.headers());
     assert_eq!(origin.requests(), 1, "the handshake should have reached the origin once");
 
-    let mut rng = XorShift::new(0x5eed_0001);
+    let mut rng = Rng(0x5eed_0001);
     let mut sizes = vec![1usize, 2, 125, 126, 65535, 65536, 1_048_576];
     for _ in 0..3 {
         sizes.push(127 + (rng.next_u64() % (65535 - 127)) as usize);
@@ -233,7 +206,7 @@ async fn websocket_close_handshake_is_relayed_both_ways() {
     let proxy = Proxy::start(&one_route(&upstream, "round_robin", "")).await;
     let (mut ws, resp) = ws_connect(&proxy, &[]).await;
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-    let data = XorShift::new(7).bytes(70_000);
+    let data = Rng(7).bytes(70_000);
     let echoed = ws_roundtrip(&mut ws, Message::binary(data.clone())).await;
     assert!(echoed.into_data()[..] == data[..], "echo through proxy differs");
     ws_close(ws).await;
@@ -520,7 +493,7 @@ async fn large_streamed_body_echoes_byte_exact() {
 
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let producer = tokio::spawn(async move {
-        let mut rng = XorShift::new(0x0b16_b0d7);
+        let mut rng = Rng(0x0b16_b0d7);
         let mut sum = Fnv::new();
         let mut sent = 0usize;
         while sent < TOTAL {
@@ -645,7 +618,7 @@ async fn grpc_concurrent_calls_share_one_h2_connection() {
     let grpc = proxy.grpc.expect("grpc listener");
     let sender = h2c::<Full<Bytes>>(grpc).await;
 
-    let mut rng = XorShift::new(0x09f0_ca11);
+    let mut rng = Rng(0x09f0_ca11);
     let payloads: Vec<Vec<u8>> = [16usize, 4096, 200 * 1024].iter().map(|&n| rng.bytes(n)).collect();
     let calls = payloads.iter().map(|p| {
         let mut s = sender.clone();
