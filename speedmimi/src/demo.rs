@@ -121,16 +121,7 @@ impl DemoBackend {
             "/echo" => {
                 // Streams the request body back as it arrives.
                 let (tx, body) = DemoBody::channel();
-                let mut incoming = req.into_body();
-                tokio::spawn(async move {
-                    while let Some(Ok(frame)) = incoming.frame().await {
-                        if let Ok(data) = frame.into_data()
-                            && tx.send(Frame::data(data)).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(echo_data(req.into_body(), tx));
                 Response::new(body)
             }
             "/slow" => {
@@ -213,15 +204,9 @@ impl DemoBackend {
     fn grpc_echo(&self, req: Request<Incoming>) -> Response<DemoBody> {
         let (tx, body) = DemoBody::channel();
         let id = self.id.clone();
-        let mut incoming = req.into_body();
+        let incoming = req.into_body();
         tokio::spawn(async move {
-            while let Some(Ok(frame)) = incoming.frame().await {
-                if let Ok(data) = frame.into_data()
-                    && tx.send(Frame::data(data)).await.is_err()
-                {
-                    return;
-                }
-            }
+            let Some(tx) = echo_data(incoming, tx).await else { return };
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", HeaderValue::from_static("0"));
             trailers.insert("grpc-message", HeaderValue::from_static("ok"));
@@ -238,6 +223,19 @@ impl DemoBackend {
 
 fn param(query: &str, name: &str) -> Option<u64> {
     query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).and_then(|(_, v)| v.parse().ok())
+}
+
+/// Sends the data frames of `incoming` back on `tx` as they arrive; the sender once the body
+/// ended, None when the client went away.
+async fn echo_data(mut incoming: Incoming, tx: mpsc::Sender<Frame<Bytes>>) -> Option<mpsc::Sender<Frame<Bytes>>> {
+    while let Some(Ok(frame)) = incoming.frame().await {
+        if let Ok(data) = frame.into_data()
+            && tx.send(Frame::data(data)).await.is_err()
+        {
+            return None;
+        }
+    }
+    Some(tx)
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<DemoBody> {

@@ -220,12 +220,19 @@ fn start_speedmimi(bin: &Path, dir: &Path) -> anyhow::Result<Child> {
             "server:\n  host: 127.0.0.1\n  port: {PROXY_PORT}\nbackends:\n  b:\n    - id: b1\n      host: 127.0.0.1\n      port: {BACKEND_PORT}\nrouting:\n  all:\n    path: /\n    upstream: b\n    load_balancer: round_robin\nebpf:\n  enabled: false\n"
         ),
     )?;
+    spawn_speedmimi(bin, &config, PROXY_CORE)
+}
+
+/// The SpeedMimi binary on `config`, pinned to `core`, logging warnings only.
+pub(crate) fn spawn_speedmimi(bin: &Path, config: &Path, core: &str) -> anyhow::Result<Child> {
     Command::new("taskset")
-        .args(["-c", PROXY_CORE])
+        .args(["-c", core])
         .arg(bin)
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .env("RUST_LOG", "warn")
+        .env_remove("SPEEDMIMI_ADMIN_TOKEN")
+        .stdin(std::process::Stdio::null())
         .spawn()
         .context("start speedmimi")
 }

@@ -446,16 +446,7 @@ fn start_speedmimi(bin: &Path, dir: &Path, splice: bool, budget: &str) -> anyhow
             "server:\n  host: 127.0.0.1\n  port: {PROXY_PORT}\n  workers: 1\nadmin:\n  host: 127.0.0.1\n  port: {ADMIN_PORT}\nbackends:\n  b:\n    - id: b1\n      host: 127.0.0.1\n      port: {BACKEND_PORT}\n      max_conn: 100000\nrouting:\n  all:\n    path: /\n    upstream: b\nebpf:\n  enabled: true\n  splice: {splice}\n  splice_budget: {budget}\n"
         ),
     )?;
-    Command::new("taskset")
-        .args(["-c", PROXY_CORE])
-        .arg(bin)
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .env_remove("SPEEDMIMI_ADMIN_TOKEN")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("start speedmimi")
+    crate::bench::spawn_speedmimi(bin, &config, PROXY_CORE)
 }
 
 fn start_nginx(dir: &Path) -> anyhow::Result<std::process::Child> {
