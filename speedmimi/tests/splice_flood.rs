@@ -21,7 +21,7 @@ use std::{
 use speedmimi::datapath::Datapath;
 use support::{
     Proxy, backend_yaml,
-    flows::{assert_unspliced, byte_at, fill, modes},
+    flows::{assert_unspliced, byte_at, fill, modes, read_head},
     one_route, root_or_skip,
 };
 use tokio::{
@@ -156,16 +156,6 @@ async fn sse_backend(listener: TcpListener, written: Arc<AtomicU64>, limit: u64)
         }
     }
     let _ = s.shutdown().await;
-}
-
-async fn read_head(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).await?;
-        head.push(b[0]);
-    }
-    Ok(head)
 }
 
 /// A client connection to the proxy with the given receive buffer (None: the default), past its

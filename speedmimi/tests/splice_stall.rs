@@ -16,7 +16,11 @@ use std::{
 };
 
 use speedmimi::datapath::{Datapath, Userspace, kernel::Kernel};
-use support::{Proxy, backend_yaml, flows::byte_at, one_route, root_or_skip};
+use support::{
+    Proxy, backend_yaml,
+    flows::{byte_at, read_head},
+    one_route, root_or_skip,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -50,12 +54,7 @@ fn kernel_memory() -> (u64, u64) {
 /// everything, checking each byte; returns the count of correct bytes (stops at the first wrong one).
 async fn stalled_backend(listener: TcpListener, go: Arc<AtomicBool>) -> Result<u64, String> {
     let (mut s, _) = listener.accept().await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
+    read_head(&mut s).await.unwrap();
     s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
         .await
         .unwrap();
@@ -88,12 +87,7 @@ async fn run(mode: &str, dp: Arc<dyn Datapath>) {
 
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
     c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        c.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
+    let head = read_head(&mut c).await.unwrap();
     assert!(head.starts_with(b"HTTP/1.1 101"), "{mode}: {}", String::from_utf8_lossy(&head));
 
     let (base_used, base_slab) = kernel_memory();

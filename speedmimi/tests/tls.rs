@@ -343,12 +343,7 @@ async fn https_backend_without_verification() {
     let handshake = "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
     s.write_all(handshake.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        tokio::time::timeout(WAIT, s.read_exact(&mut b)).await.unwrap().unwrap();
-        head.push(b[0]);
-    }
+    let head = tokio::time::timeout(WAIT, support::flows::read_head(&mut s)).await.unwrap().unwrap();
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
     s.write_all(b"ping over tls").await.unwrap();
     let mut echo = [0u8; 13];

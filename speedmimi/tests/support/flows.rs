@@ -5,6 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use speedmimi::datapath::{Datapath, Userspace, kernel::Kernel};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// ("splice", the kernel datapath) and ("copy", userspace): every flow test runs in both.
 pub fn modes() -> Vec<(&'static str, Arc<dyn Datapath>)> {
@@ -57,4 +58,16 @@ pub fn fill(buf: &mut [u8], pos: u64) {
     for (i, x) in buf.iter_mut().enumerate() {
         *x = byte_at(pos + i as u64);
     }
+}
+
+/// Reads an HTTP head up to its blank line, byte by byte, so that nothing after it is consumed
+/// (what follows is the flow's, checked on its own).
+pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await?;
+        head.push(b[0]);
+    }
+    Ok(head)
 }
