@@ -1076,84 +1076,75 @@ fn find_u64(v: &serde_json::Value, key: &str) -> Option<u64> {
     }
 }
 
-/// An nftables table in this (the host's) namespace dropping `percent`% of the TCP packets to
-/// and from one loopback port as they arrive; removed on drop, also when the test fails.
-struct Loss {
+/// A table of the test's own in nftables (inet family), deleted when dropped.
+struct NftTable {
     nft: std::path::PathBuf,
-    table: String,
+    name: String,
 }
 
-impl Loss {
-    fn install(port: u16, percent: u32) -> Result<Loss, String> {
+impl NftTable {
+    /// Creates `speedmimi_test_<kind>_<pid><suffix>` with `body` (chains, counters) inside.
+    fn create(kind: &str, suffix: &str, body: &str) -> Result<NftTable, String> {
         let nft = support::lab::program("nft", "nftables")?;
-        let table = format!("speedmimi_test_loss_{}_{port}", std::process::id());
-        let rules = format!(
-            "table inet {table} {{\n  counter dropped {{ }}\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    iif lo tcp sport {port} numgen random mod 100 < {percent} counter name dropped drop\n    iif lo tcp dport {port} numgen random mod 100 < {percent} counter name dropped drop\n  }}\n}}\n"
-        );
-        let loss = Loss { nft, table };
-        loss.nft(&["-f", "-"], Some(&rules))?;
-        Ok(loss)
+        let name = format!("speedmimi_test_{kind}_{}{suffix}", std::process::id());
+        let table = NftTable { nft, name };
+        table.run(&["-f", "-"], Some(&format!("table inet {} {{\n{body}}}\n", table.name)))?;
+        Ok(table)
     }
 
-    /// Packets dropped so far.
-    fn dropped(&self) -> u64 {
-        let out = self.nft(&["list", "counter", "inet", &self.table, "dropped"], None).unwrap_or_default();
-        out.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok()).unwrap_or(0)
-    }
-
-    fn nft(&self, args: &[&str], input: Option<&str>) -> Result<String, String> {
+    fn run(&self, args: &[&str], input: Option<&str>) -> Result<String, String> {
         support::lab::run_fed(std::process::Command::new(&self.nft).args(args), input)
     }
 }
 
-impl Drop for Loss {
+impl Drop for NftTable {
     fn drop(&mut self) {
-        if let Err(e) = self.nft(&["delete", "table", "inet", &self.table], None) {
-            eprintln!("removing the loss table: {e}");
+        if let Err(e) = self.run(&["delete", "table", "inet", &self.name], None) {
+            eprintln!("removing nftables table {}: {e}", self.name);
         }
     }
 }
 
-/// nftables chains that drop chosen packets on loopback while closed: one chain per name.
-struct Gate {
-    nft: std::path::PathBuf,
-    table: String,
+/// An nftables table in this (the host's) namespace dropping `percent`% of the TCP packets to
+/// and from one loopback port as they arrive; removed on drop, also when the test fails.
+struct Loss(NftTable);
+
+impl Loss {
+    fn install(port: u16, percent: u32) -> Result<Loss, String> {
+        let body = format!(
+            "  counter dropped {{ }}\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    iif lo tcp sport {port} numgen random mod 100 < {percent} counter name dropped drop\n    iif lo tcp dport {port} numgen random mod 100 < {percent} counter name dropped drop\n  }}\n"
+        );
+        NftTable::create("loss", &format!("_{port}"), &body).map(Loss)
+    }
+
+    /// Packets dropped so far.
+    fn dropped(&self) -> u64 {
+        let out = self.0.run(&["list", "counter", "inet", &self.0.name, "dropped"], None).unwrap_or_default();
+        out.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok()).unwrap_or(0)
+    }
 }
+
+/// nftables chains that drop chosen packets on loopback while closed: one chain per name.
+struct Gate(NftTable);
 
 impl Gate {
     const CHAINS: [&str; 2] = ["acks", "data"];
 
     fn install() -> Result<Gate, String> {
-        let nft = support::lab::program("nft", "nftables")?;
-        let table = format!("speedmimi_test_gate_{}", std::process::id());
         let chains: String = Self::CHAINS
             .iter()
             .map(|c| format!("  chain {c} {{\n    type filter hook input priority 0; policy accept;\n  }}\n"))
             .collect();
-        let gate = Gate { nft, table };
-        gate.nft(&["-f", "-"], Some(&format!("table inet {} {{\n{chains}}}\n", gate.table)))?;
-        Ok(gate)
+        NftTable::create("gate", "", &chains).map(Gate)
     }
 
     /// Drops loopback packets matching `matches` (nft syntax) until `open(chain)`.
     fn close(&self, chain: &str, matches: &str) -> Result<(), String> {
-        let rule = format!("add rule inet {} {chain} iif lo {matches} drop", self.table);
-        self.nft(&["-f", "-"], Some(&rule)).map(drop)
+        let rule = format!("add rule inet {} {chain} iif lo {matches} drop", self.0.name);
+        self.0.run(&["-f", "-"], Some(&rule)).map(drop)
     }
 
     fn open(&self, chain: &str) -> Result<(), String> {
-        self.nft(&["flush", "chain", "inet", &self.table, chain], None).map(drop)
-    }
-
-    fn nft(&self, args: &[&str], input: Option<&str>) -> Result<String, String> {
-        support::lab::run_fed(std::process::Command::new(&self.nft).args(args), input)
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        if let Err(e) = self.nft(&["delete", "table", "inet", &self.table], None) {
-            eprintln!("removing the gate table: {e}");
-        }
+        self.0.run(&["flush", "chain", "inet", &self.0.name, chain], None).map(drop)
     }
 }
