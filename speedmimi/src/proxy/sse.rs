@@ -50,9 +50,7 @@ pub async fn relay<B>(
     splicer: &Arc<dyn Datapath>,
     hijack: &Hijack,
 ) -> Option<Response<ResponseBody>> {
-    // A response stream: only the backend's bytes are spliced.
-    let policy = splice::Policy::of(&snap.settings, true);
-    let raw = Raw { route, settings: &snap.settings, server, splicer, policy, hijack, head: request_head(req) };
+    let raw = Raw { route, settings: &snap.settings, server, splicer, hijack, head: request_head(req) };
     forward(route, Protocol::Sse, hash, server, (), raw).await.ok()
 }
 
@@ -63,7 +61,6 @@ struct Raw<'a> {
     settings: &'a Settings,
     server: &'a Arc<ServerStats>,
     splicer: &'a Arc<dyn Datapath>,
-    policy: splice::Policy,
     hijack: &'a Hijack,
     /// The request head, as sent to whichever backend is tried.
     head: Vec<u8>,
@@ -137,7 +134,8 @@ impl Exchange for Raw<'_> {
             upstream,
             body_ahead,
             splicer: self.splicer.clone(),
-            policy: self.policy,
+            // A response stream: only the backend's bytes are spliced.
+            policy: splice::Policy::of(self.settings, true),
             // Subscribed before the head goes out, so a disconnect from now on reaches this stream.
             closer: backend.closer.subscribe(),
             tally,

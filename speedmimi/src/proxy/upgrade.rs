@@ -55,8 +55,7 @@ pub async fn relay(
 ) -> Response<ResponseBody> {
     let client = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
-    let policy = splice::Policy::of(&snap.settings, false);
-    let handshake = Handshake { route, settings: &snap.settings, server, client, splicer, policy };
+    let handshake = Handshake { route, settings: &snap.settings, server, client, splicer };
     let Ok(resp) = forward(route, Protocol::WebSocket, hash, server, parts, handshake).await;
     resp
 }
@@ -69,7 +68,6 @@ struct Handshake<'a> {
     client: OnUpgrade,
     /// The datapath that splices the flow when both sides are plain TCP.
     splicer: Option<Arc<dyn Datapath>>,
-    policy: splice::Policy,
 }
 
 impl Exchange for Handshake<'_> {
@@ -135,7 +133,7 @@ impl Exchange for Handshake<'_> {
             client: self.client,
             upstream,
             splicer: self.splicer,
-            policy: self.policy,
+            policy: splice::Policy::of(self.settings, false),
             // Subscribed before the 101 goes out, so a disconnect from now on reaches this flow.
             closer: backend.closer.subscribe(),
             guard,
