@@ -24,9 +24,7 @@ pub fn refused(status: StatusCode, text: &'static str) -> Response<ResponseBody>
 
 /// Closes the connection: the body left unread must not be taken for the next request.
 pub fn payload_too_large() -> Response<ResponseBody> {
-    let mut r = response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
-    r.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-    r
+    refused(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
 }
 
 pub fn no_route() -> Response<ResponseBody> {
