@@ -112,6 +112,10 @@ pub struct ServerSection {
     pub trusted_proxies: Vec<String>,
     /// One line per request: empty = off, `-` = stdout, else a file appended to. (new)
     pub access_log: String,
+    /// Plain HTTP/1.1 exchanges (no upgrade, no `Expect`, a body of known length) are served
+    /// by the proxy's own HTTP/1 engine; anything else, and every connection after it, by
+    /// hyper. `false`: hyper serves every connection. Read per connection. (new)
+    pub http1_fast_path: bool,
 }
 
 impl Default for ServerSection {
@@ -133,6 +137,7 @@ impl Default for ServerSection {
             max_body_bytes: None,
             real_ip_header: "X-Real-IP".into(),
             trusted_proxies: Vec::new(),
+            http1_fast_path: true,
             access_log: String::new(),
         }
     }
