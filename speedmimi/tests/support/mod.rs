@@ -29,6 +29,7 @@ pub mod haproxy;
 pub mod lab;
 pub mod logging;
 pub mod tls;
+pub mod wire;
 
 /// True when the test may run (running as root, so it can load eBPF). Without root: under
 /// CI=true it panics, because CI must run these tests; otherwise it prints why the test is
