@@ -95,7 +95,7 @@ impl Scanner {
                     let take = (n as usize).min(data.len());
                     data = &data[take..];
                     let left = n - take as u64;
-                    self.state = if left == 0 { State::Head } else { State::Body(left) };
+                    self.state = if left == 0 { self.message_done() } else { State::Body(left) };
                 }
                 State::ChunkData(n) => {
                     let take = (n as usize).min(data.len());
@@ -275,6 +275,19 @@ mod tests {
         let evil = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(scan(&[head.as_bytes(), body, evil]));
         assert!(scan(&[chunked, evil]));
+    }
+
+    /// Found by the differential test of the two HTTP/1 engines: the end of a Content-Length
+    /// body did not reset the head state, so a chunked request after a Content-Length one on
+    /// the same connection was taken for one with both framings (400, connection closed).
+    #[test]
+    fn a_length_body_ends_its_message() {
+        let post = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc";
+        let chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert!(!scan(&[post, chunked]));
+        assert!(!scan(&[&[post.as_slice(), chunked.as_slice()].concat()]));
+        let evil = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(scan(&[post, evil]));
     }
 
     #[test]
