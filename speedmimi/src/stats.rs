@@ -220,6 +220,9 @@ pub struct ServerStats {
     pub connections_total: AtomicU64,
     /// Connections closed at accept for `server.max_conn_per_client`.
     pub refused_per_client: AtomicU64,
+    /// HTTP/1 connections the proxy's own engine handed to hyper (at a request it does not
+    /// serve itself: an upgrade, a chunked body, ...).
+    pub http1_handovers: AtomicU64,
     pub upgraded_open: AtomicU64,
     pub upgraded_total: AtomicU64,
     /// Upgraded flows that ended, by how they were joined.
@@ -237,6 +240,7 @@ impl Default for ServerStats {
             connections_open: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
             refused_per_client: AtomicU64::new(0),
+            http1_handovers: AtomicU64::new(0),
             upgraded_open: AtomicU64::new(0),
             upgraded_total: AtomicU64::new(0),
             spliced_flows: AtomicU64::new(0),

@@ -61,6 +61,13 @@ pub fn text(state: &State) -> String {
         "speedmimi_connections_refused_total{{reason=\"per_client\"}} {}",
         s.refused_per_client.load(Relaxed)
     );
+    family(
+        &mut out,
+        "speedmimi_http1_handovers_total",
+        "counter",
+        "HTTP/1 connections the proxy's own engine handed to hyper, at a request it does not serve itself.",
+    );
+    let _ = writeln!(out, "speedmimi_http1_handovers_total {}", s.http1_handovers.load(Relaxed));
     family(&mut out, "speedmimi_upgraded_flows_open", "gauge", "Upgraded (WebSocket) flows open now.");
     let _ = writeln!(out, "speedmimi_upgraded_flows_open {}", s.upgraded_open.load(Relaxed));
     family(&mut out, "speedmimi_spliced_flows_open", "gauge", "Flows spliced in the kernel now.");

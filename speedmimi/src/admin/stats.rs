@@ -16,6 +16,7 @@ pub async fn server(AxState(admin): AxState<Admin>) -> Json<Value> {
             "open": s.connections_open.load(Relaxed),
             "total": s.connections_total.load(Relaxed),
             "refused_per_client": s.refused_per_client.load(Relaxed),
+            "http1_handovers": s.http1_handovers.load(Relaxed),
         },
         "requests": t.requests,
         "status": t.status,

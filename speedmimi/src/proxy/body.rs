@@ -48,6 +48,18 @@ impl InFlight {
         &self.server
     }
 
+    /// Counts request body bytes the backend was sent.
+    pub fn count_received(&self, n: u64) {
+        self.server.traffic.bytes_in.fetch_add(n, Relaxed);
+        self.backend.traffic.bytes_in.fetch_add(n, Relaxed);
+    }
+
+    /// Counts response body bytes relayed to the client.
+    pub fn count_sent(&self, n: u64) {
+        self.server.traffic.bytes_out.fetch_add(n, Relaxed);
+        self.backend.traffic.bytes_out.fetch_add(n, Relaxed);
+    }
+
     pub fn set_conn(&mut self, conn: http1::SendRequest<RequestBody>) {
         self.conn = Some(conn);
     }
@@ -96,9 +108,7 @@ impl Body for ResponseBody {
             ResponseBody::Upstream { inner, guard } => {
                 let r = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 if let (Some(Ok(f)), Some(g)) = (&r, guard.as_ref()) {
-                    let n = f.data_ref().map_or(0, |d| d.len() as u64);
-                    g.server.traffic.bytes_out.fetch_add(n, Relaxed);
-                    g.backend.traffic.bytes_out.fetch_add(n, Relaxed);
+                    g.count_sent(f.data_ref().map_or(0, |d| d.len() as u64));
                 }
                 match &r {
                     None => finish(guard, true),

@@ -32,6 +32,9 @@ pub(super) trait Exchange {
     /// Why the exchange may leave a backend it cannot use, having sent nothing, so that the
     /// caller forwards the request another way (`Infallible` when it never does).
     type Pass;
+    /// What reaches the client: a response for hyper to write, or what the proxy's own engine
+    /// relays; the proxy's own answers (502, 503, 504) become one.
+    type Reply: From<Response<ResponseBody>>;
     /// Log messages of the loop's own outcomes for this kind of exchange.
     const NO_BACKEND: &'static str;
     const CONNECT_FAILED: &'static str;
@@ -48,7 +51,13 @@ pub(super) trait Exchange {
 
     /// The client's response to the backend's answer (taking the in-flight slot with it for as
     /// long as the response or flow lasts), and the status counted for it.
-    fn answer(self, answer: Self::Answer, backend: &Arc<Backend>, guard: InFlight, started: Instant) -> Answered;
+    fn answer(
+        self,
+        answer: Self::Answer,
+        backend: &Arc<Backend>,
+        guard: InFlight,
+        started: Instant,
+    ) -> Answered<Self::Reply>;
 }
 
 /// Why an attempt gave no answer to relay.
@@ -74,9 +83,16 @@ impl<R, P> Failure<R, P> {
 /// The client's response and the status counted for it: the backend's, or the proxy's when it
 /// answers on the backend's behalf. They differ only where the response head goes out another
 /// way than through hyper (a spliced SSE stream).
-pub(super) struct Answered {
-    pub response: Response<ResponseBody>,
+pub(super) struct Answered<R = Response<ResponseBody>> {
+    pub response: R,
     pub status: u16,
+}
+
+impl<R: From<Response<ResponseBody>>> Answered<R> {
+    /// The proxy's own answer.
+    fn local(response: Response<ResponseBody>) -> Self {
+        Answered { status: response.status().as_u16(), response: response.into() }
+    }
 }
 
 impl From<Response<ResponseBody>> for Answered {
@@ -95,7 +111,7 @@ pub(super) async fn forward<E: Exchange>(
     server: &Arc<ServerStats>,
     mut req: E::Request,
     mut exchange: E,
-) -> Result<Response<ResponseBody>, E::Pass> {
+) -> Result<E::Reply, E::Pass> {
     let mut failed: Option<Arc<Backend>> = None;
     // Every backend tried so far only had no connection to spare (`max_conn`): no backend
     // failed, they are all busy, which is a 503 like finding none eligible.
@@ -104,7 +120,7 @@ pub(super) async fn forward<E: Exchange>(
         let attempt = u8::from(failed.is_some());
         let Some((index, backend)) = route.pick(protocol, hash, failed.as_deref()) else {
             tracing::warn!(route = %route.name, upstream = %route.upstream.name, "{}", E::NO_BACKEND);
-            return Ok(if only_busy { error::unavailable() } else { error::bad_gateway() });
+            return Ok(if only_busy { error::unavailable() } else { error::bad_gateway() }.into());
         };
         let mut guard = InFlight::new(backend.clone(), server.clone());
         let started = Instant::now();
@@ -124,15 +140,15 @@ pub(super) async fn forward<E: Exchange>(
                         failed = Some(backend);
                         continue;
                     }
-                    _ if only_busy => error::unavailable().into(),
-                    _ => error::bad_gateway().into(),
+                    _ if only_busy => Answered::local(error::unavailable()),
+                    _ => Answered::local(error::bad_gateway()),
                 }
             }
             Err(Failure::Timeout(limit)) => {
                 tracing::warn!(route = %route.name, backend = %backend.id, timeout = ?limit, "{}", E::TIMED_OUT);
-                error::gateway_timeout().into()
+                Answered::local(error::gateway_timeout())
             }
-            Err(Failure::Local(resp)) => resp.into(),
+            Err(Failure::Local(resp)) => Answered::local(resp),
             Err(Failure::Pass(p)) => return Err(p),
         };
         route.record(index, &backend, answered.status, started.elapsed());
@@ -172,6 +188,7 @@ mod tests {
         type Request = &'static str;
         type Answer = u16;
         type Pass = ();
+        type Reply = Response<ResponseBody>;
         const NO_BACKEND: &'static str = "script: no backend";
         const CONNECT_FAILED: &'static str = "script: refused";
         const TIMED_OUT: &'static str = "script: too slow";

@@ -34,6 +34,9 @@ pub struct ClientIo<T> {
     stall: Option<Pin<Box<Sleep>>>,
     /// Read from the socket while sniffing the protocol, not yet handed to hyper.
     prefix: Bytes,
+    /// `prefix` went through the framing scanner already (bytes the proxy's own HTTP/1
+    /// engine read and handed back), so replaying it must not feed the scanner again.
+    prefix_scanned: bool,
     http1: Option<Box<Http1Watch>>,
     /// Bytes were written and not yet flushed: a response may be half out.
     unflushed: bool,
@@ -77,7 +80,24 @@ impl<T> ClientIo<T> {
         http1: Option<Http1Watch>,
         hijacked: Option<Hijack>,
     ) -> Self {
-        ClientIo { inner, hijacked, timeout, stall: None, prefix, http1: http1.map(Box::new), unflushed: false }
+        ClientIo {
+            inner,
+            hijacked,
+            timeout,
+            stall: None,
+            prefix,
+            prefix_scanned: false,
+            http1: http1.map(Box::new),
+            unflushed: false,
+        }
+    }
+
+    /// Puts back bytes read through this connection (and scanned) but not consumed, to be
+    /// read again first. Only when nothing else is waiting to be replayed.
+    pub fn unread(&mut self, bytes: Bytes) {
+        debug_assert!(self.prefix.is_empty(), "unread over unreplayed bytes");
+        self.prefix = bytes;
+        self.prefix_scanned = true;
     }
 
     fn is_hijacked(&self) -> bool {
@@ -149,6 +169,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if this.prefix_scanned {
+                return Poll::Ready(Ok(()));
+            }
             Poll::Ready(Ok(()))
         };
         let Some(watch) = this.http1.as_mut() else { return r };

@@ -28,6 +28,7 @@ use super::{
     admission::{Admission, ClientSlot},
     body::Tracked,
     framing::Scanner,
+    h1,
     io::{ClientIo, Hijack, Http1Watch},
     service::Handler,
 };
@@ -120,6 +121,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, kind: Listener, adm
             _client: client,
             shutdown: shutdown.clone(),
             drain,
+            max_head,
         };
         let Some(tls) = &tls else {
             tokio::spawn(async move {
@@ -200,6 +202,8 @@ struct Conn {
     shutdown: Shutdown,
     /// After a stop, how long the connection may finish its requests.
     drain: Duration,
+    /// `server.max_header_bytes` (at least 8 KiB).
+    max_head: usize,
 }
 
 impl Conn {
@@ -218,14 +222,24 @@ impl Conn {
             false => (None, None),
         };
         let activity = self.activity.clone();
+        let fast = http1 && self.state.config().file.server.http1_fast_path;
         let handler = Handler::new(self.state, self.peer, self.kind, ambiguous, hijack.clone(), activity.clone());
+        let mut io = ClientIo::new(io, self.write_timeout, sniffed, watch, hijack);
+        if fast {
+            // The proxy's own engine serves plain exchanges; hyper takes the connection over
+            // at the first request that is not one.
+            match h1::serve(io, &handler, self.max_head, &self.shutdown, self.drain).await {
+                h1::Served::Closed => return,
+                h1::Served::Hyper(rest) => io = rest,
+            }
+        }
         let service = service_fn(move |req| {
             // Open from the head to the end of the response body.
             let open = activity.open();
             let handled = handler.clone().handle(req);
             async move { handled.await.map(|resp| resp.map(|body| Tracked::new(body, open))) }
         });
-        let io = TokioIo::new(ClientIo::new(io, self.write_timeout, sniffed, watch, hijack));
+        let io = TokioIo::new(io);
         let result = if http1 {
             // HTTP/1 heads are watched in `ClientIo`, which can still answer 408.
             let conn = self.builder.h1.serve_connection(io, service).with_upgrades();

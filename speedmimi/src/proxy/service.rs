@@ -91,7 +91,9 @@ impl Handler {
         let resp = self.proxy(&snap, req).await;
         self.state.stats.traffic.record(resp.status().as_u16(), started.elapsed());
         if let (Some(log), Some(line)) = (&self.state.access_log, line) {
-            log.log(line.finish(&resp, started));
+            let bytes = resp.body().size_hint().exact();
+            let backend = resp.extensions().get::<BackendTag>().map(|t| t.0.id.as_str());
+            log.log(line.finish(resp.status().as_u16(), bytes, backend, started));
         }
         Ok(resp)
     }
@@ -206,6 +208,7 @@ impl Exchange for Plain<'_> {
     type Request = Request<RequestBody>;
     type Answer = Response<Incoming>;
     type Pass = Infallible;
+    type Reply = Response<ResponseBody>;
     const NO_BACKEND: &'static str = "no eligible backend";
     const CONNECT_FAILED: &'static str = "connect failed";
     const TIMED_OUT: &'static str = "upstream timed out";
@@ -247,6 +250,9 @@ impl Exchange for Plain<'_> {
             return error::bad_gateway().into();
         }
         let (mut parts, body) = resp.into_parts();
+        // An intermediary sends its own HTTP version (RFC 9110 §6.2): an HTTP/1.0 backend's
+        // answer goes out as HTTP/1.1, re-framed, on a connection that stays open.
+        parts.version = Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers, false, false);
         if self.settings.tag_backend {
             parts.extensions.insert(BackendTag(backend.clone()));
@@ -462,13 +468,13 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
 pub struct BackendTag(pub Arc<Backend>);
 
 /// What the access log keeps of a request until its response is known.
-struct RequestLine {
-    client: std::net::IpAddr,
-    method: Method,
-    target: String,
-    version: Version,
-    referer: String,
-    user_agent: String,
+pub(super) struct RequestLine {
+    pub client: std::net::IpAddr,
+    pub method: Method,
+    pub target: String,
+    pub version: Version,
+    pub referer: String,
+    pub user_agent: String,
 }
 
 impl RequestLine {
@@ -485,9 +491,9 @@ impl RequestLine {
     }
 
     /// `client - - [time] "METHOD target VERSION" status bytes "referer" "agent" ms backend`
-    fn finish<B: http_body::Body>(self, resp: &Response<B>, started: Instant) -> String {
-        let bytes = resp.body().size_hint().exact().map_or_else(|| "-".to_owned(), |n| n.to_string());
-        let backend = resp.extensions().get::<BackendTag>().map_or("-", |t| t.0.id.as_str());
+    pub(super) fn finish(self, status: u16, bytes: Option<u64>, backend: Option<&str>, started: Instant) -> String {
+        let bytes = bytes.map_or_else(|| "-".to_owned(), |n| n.to_string());
+        let backend = backend.unwrap_or("-");
         format!(
             "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" {:.3} {}",
             self.client,
@@ -495,7 +501,7 @@ impl RequestLine {
             self.method,
             self.target,
             self.version,
-            resp.status().as_u16(),
+            status,
             bytes,
             self.referer,
             self.user_agent,

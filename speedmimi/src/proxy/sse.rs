@@ -81,6 +81,7 @@ impl Exchange for Raw<'_> {
     type Request = ();
     type Answer = Headed;
     type Pass = NotPlain;
+    type Reply = Response<ResponseBody>;
     // What was logged when this case fell through to the ordinary way, which found none either.
     const NO_BACKEND: &'static str = "no eligible backend";
     const CONNECT_FAILED: &'static str = "connect failed (sse)";

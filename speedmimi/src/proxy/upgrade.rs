@@ -74,6 +74,7 @@ impl Exchange for Handshake<'_> {
     type Request = http::request::Parts;
     type Answer = Response<Incoming>;
     type Pass = Infallible;
+    type Reply = Response<ResponseBody>;
     const NO_BACKEND: &'static str = "no eligible backend for upgrade";
     const CONNECT_FAILED: &'static str = "connect failed";
     const TIMED_OUT: &'static str = "upstream timed out on upgrade";

@@ -6,4 +6,4 @@ mod body;
 mod pool;
 
 pub use body::{BodyTimeout, BodyTooLarge, BoxError, Meter, RequestBody};
-pub use pool::{ConnectError, H1Conn, Pool, UpstreamIo, set_worker};
+pub use pool::{ConnectError, H1Conn, Pool, RawConn, UpstreamIo, set_worker};

@@ -1,7 +1,7 @@
 //! Connections to one backend: a pool of idle HTTP/1.1 keep-alive connections (at most the
-//! backend's `max_conn` open, idle ones closed after `server.upstream_idle_timeout`), one shared
-//! HTTP/2 connection (gRPC multiplexes on it), and raw connections for upgrades; over TLS for
-//! `https` backends.
+//! backend's `max_conn` open, idle ones closed after `server.upstream_idle_timeout`): hyper's,
+//! and plain TCP ones the proxy's own HTTP/1 engine speaks on; one shared HTTP/2 connection
+//! (gRPC multiplexes on it), and raw connections for upgrades; over TLS for `https` backends.
 
 use std::{
     cell::Cell,
@@ -12,7 +12,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU32, Ordering::Relaxed},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -72,11 +72,45 @@ struct Idle {
     since_ms: u64,
 }
 
+/// A plain HTTP/1.1 connection the proxy's own engine reads and writes itself (no task of its
+/// own, no channel): it holds its share of `Pool::open` while it is open.
+pub struct RawConn {
+    pub stream: TcpStream,
+    /// It came from the pool: the backend may have closed it while it was idle.
+    pub reused: bool,
+    _slot: OpenSlot,
+}
+
+/// An idle raw connection and when it was put back (`now_ms`).
+struct RawIdle {
+    conn: RawConn,
+    since_ms: u64,
+}
+
+impl RawConn {
+    /// Whether the idle connection can carry a request: nothing arrived on it since its last
+    /// response (neither bytes nor the backend's FIN). Costs a system call when the socket
+    /// was reported readable, as it is after most responses.
+    fn is_clean(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
 pub struct Pool {
     addr: SocketAddr,
     /// Set for `https` backends: every connection runs TLS first.
     tls: Option<UpstreamTls>,
     idle: [Mutex<Vec<Idle>>; SHARDS],
+    /// Idle connections of the proxy's own HTTP/1 engine, per worker like `idle`.
+    raw_idle: [Mutex<Vec<RawIdle>>; SHARDS],
     /// HTTP/1.1 connections open to the backend, in use or idle, across all workers; a new one
     /// is made only below the backend's `max_conn`. Without this bound, idle connections of one
     /// worker were invisible to the others, so connections grew past `max_conn`.
@@ -119,6 +153,7 @@ impl Pool {
             addr,
             tls,
             idle: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            raw_idle: std::array::from_fn(|_| Mutex::new(Vec::new())),
             open: Arc::new(AtomicU32::new(0)),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
@@ -151,6 +186,52 @@ impl Pool {
         Err(ConnectError::Saturated { addr: self.addr, limit })
     }
 
+    /// For the proxy's own engine: an idle plain connection of this worker, or a new one while
+    /// fewer than `limit` are open, or else an idle one of another worker. Only for backends
+    /// without TLS (`is_plain`). With `probe`, an idle connection is first checked for a close
+    /// by the backend (a system call): for requests that cannot simply be sent again.
+    pub async fn raw(&self, connect_timeout: Duration, limit: u32, probe: bool) -> Result<RawConn, ConnectError> {
+        if let Some(conn) = self.take_raw(shard(), probe) {
+            return Ok(conn);
+        }
+        if let Some(slot) = OpenSlot::reserve(&self.open, limit) {
+            let stream = self.connect_tcp(connect_timeout).await?;
+            return Ok(RawConn { stream, reused: false, _slot: slot });
+        }
+        for i in (0..SHARDS).filter(|&i| i != shard()) {
+            if let Some(conn) = self.take_raw(i, probe) {
+                return Ok(conn);
+            }
+        }
+        Err(ConnectError::Saturated { addr: self.addr, limit })
+    }
+
+    /// Whether connections to the backend are plain TCP (the proxy's own engine speaks on them).
+    pub fn is_plain(&self) -> bool {
+        self.tls.is_none()
+    }
+
+    /// An idle raw connection of worker `i` (a clean one, with `probe`; closed ones found on
+    /// the way are dropped).
+    fn take_raw(&self, i: usize, probe: bool) -> Option<RawConn> {
+        let mut idle = self.raw_idle[i].lock().expect("pool lock");
+        while let Some(RawIdle { mut conn, .. }) = idle.pop() {
+            if !probe || conn.is_clean() {
+                conn.reused = true;
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a raw connection whose last response ended exactly where the next may begin.
+    pub fn put_raw(&self, conn: RawConn) {
+        let mut idle = self.raw_idle[shard()].lock().expect("pool lock");
+        if idle.len() < MAX_IDLE {
+            idle.push(RawIdle { conn, since_ms: now_ms() });
+        }
+    }
+
     /// A live idle connection of worker `i`; dead ones found on the way are dropped.
     async fn take_idle(&self, i: usize) -> Option<http1::SendRequest<RequestBody>> {
         loop {
@@ -169,6 +250,9 @@ impl Pool {
         for shard in &self.idle {
             shard.lock().expect("pool lock").clear();
         }
+        for shard in &self.raw_idle {
+            shard.lock().expect("pool lock").clear();
+        }
         *self.h2.lock().expect("pool lock") = None;
     }
 
@@ -182,6 +266,12 @@ impl Pool {
             let mut idle = shard.lock().expect("pool lock");
             let before = idle.len();
             idle.retain(|c| c.since_ms > cutoff && !c.sender.is_closed());
+            dropped += before - idle.len();
+        }
+        for shard in &self.raw_idle {
+            let mut idle = shard.lock().expect("pool lock");
+            let before = idle.len();
+            idle.retain(|c| c.since_ms > cutoff && c.conn.is_clean());
             dropped += before - idle.len();
         }
         let mut h2 = self.h2.lock().expect("pool lock");
