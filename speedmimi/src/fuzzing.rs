@@ -1,5 +1,5 @@
 //! Entry points for the fuzz targets in `fuzz/` into code the crate keeps private (the framing
-//! scanner, protocol sniffing, Host admission). Not an API: hidden from the docs, and nothing in
+//! scanner, protocol sniffing, Host admission, the own HTTP/1 engine's reading of responses). Not an API: hidden from the docs, and nothing in
 //! the daemon uses it.
 
 use std::{
@@ -55,4 +55,36 @@ pub fn sniff(reads: Vec<Vec<u8>>) -> Option<(bool, Bytes, Vec<u8>)> {
 /// Host admission, as the request handler runs it before routing.
 pub fn admit_host(req: &mut Request<()>) -> Result<(), &'static str> {
     crate::proxy::service::admit_host(req)
+}
+
+/// The own HTTP/1 engine's rewrite of a backend's response head for the client: (status, the
+/// head as the client gets it, whether the body is re-chunked, whether the backend connection
+/// may be reused), or why the proxy answers 502 instead.
+pub fn h1_response_head(
+    head: &[u8],
+    head_method: bool,
+    close: bool,
+) -> Result<(u16, Vec<u8>, bool, bool), &'static str> {
+    use crate::proxy::h1::Framing;
+    let mut out = Vec::new();
+    let (status, framing, reusable) = crate::proxy::h1::response_head(head, head_method, close, &mut out)?;
+    Ok((status, out, matches!(framing, Framing::Chunked | Framing::Close), reusable))
+}
+
+/// The own HTTP/1 engine's chunked-body reader fed `pieces` as they arrive: (Ok(true) once the
+/// body ended, Ok(false) while it goes on, Err on bad framing; the data; whether nothing
+/// followed the end).
+pub fn h1_chunked<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> (Result<bool, ()>, Vec<u8>, bool) {
+    let mut d = crate::proxy::h1::chunked::Decoder::default();
+    let mut data = Vec::new();
+    let mut r = Ok(false);
+    for p in pieces {
+        // Bytes after the end are read too: they must not be taken for the body, and they
+        // make the connection unusable, as a later read's would when the pool takes it back.
+        r = d.feed(p, |x| data.extend_from_slice(x));
+        if r.is_err() {
+            break;
+        }
+    }
+    (r, data, d.done_exactly())
 }

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use crate::{build_ebpf, workspace};
 
 /// The targets, in the order they run. `xdp` needs root (BPF_PROG_TEST_RUN) and the eBPF object.
-pub const TARGETS: [&str; 4] = ["config", "request_head", "admin", "xdp"];
+pub const TARGETS: [&str; 5] = ["config", "request_head", "h1_response", "admin", "xdp"];
 /// The cargo-fuzz release the targets are known to build with.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// One input running longer than this is a hang: libFuzzer stops and saves it (`-timeout`).

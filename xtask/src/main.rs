@@ -66,7 +66,7 @@ enum Command {
         /// Seconds of fuzzing per target.
         #[arg(long, default_value_t = 30)]
         time: u64,
-        /// Targets to run (default: all of config, request_head, admin, xdp).
+        /// Targets to run (default: all of config, request_head, h1_response, admin, xdp).
         targets: Vec<String>,
     },
     /// A network-namespace lab (client, load balancer, switch, backends) for L4 work by hand (needs root).

@@ -474,21 +474,9 @@ fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The hop-by-hop fields `headers::strip_hop_by_hop` removes.
+/// The hop-by-hop fields `headers::strip_hop_by_hop` removes, in any case.
 fn is_hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "te",
-        "transfer-encoding",
-        "upgrade",
-        "trailer",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "keep-alive",
-        "proxy-connection",
-    ]
-    .iter()
-    .any(|n| name.eq_ignore_ascii_case(n))
+    headers::HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
 }
 
 fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
@@ -529,7 +517,7 @@ impl From<Response<ResponseBody>> for Reply {
 
 /// How a backend's response body is delimited (RFC 9112 §6.3).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Framing {
+pub(crate) enum Framing {
     /// No body (HEAD, 1xx, 204, 304).
     Empty,
     Length(u64),
@@ -588,15 +576,15 @@ impl Exchange for Plain<'_> {
     async fn send(&mut self, backend: &Arc<Backend>, (): (), _: &mut InFlight) -> Result<Answer, Failure<()>> {
         loop {
             let limit = backend.max_conn.load(std::sync::atomic::Ordering::Relaxed);
-            // An idempotent request that finds its connection closed is sent again on another;
-            // any other only goes on a connection checked first.
-            let conn = match backend.pool.raw(self.settings.connect_timeout, limit, !self.idempotent).await {
+            let conn = match backend.pool.raw(self.settings.connect_timeout, limit).await {
                 Ok(c) => c,
                 Err(e) => return Err(Failure::unsent(e, ())),
             };
             let reused = conn.reused;
             match self.try_send(conn).await {
                 Ok(answer) => return Ok(answer),
+                // Closed by the backend between the check and the request: an idempotent request
+                // is sent again on another connection.
                 Err(Broken::Stale) if reused && self.idempotent => continue,
                 Err(Broken::Stale) => {
                     tracing::warn!(route = %self.route.name, backend = %backend.id, "upstream closed the connection before answering");
@@ -699,7 +687,7 @@ async fn write_pair<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> std
 /// the relay will send it, a `Date` when it has none, `Connection: close` when the client
 /// asked for it. Returns the status, the body's framing and whether the backend connection may
 /// be reused; Err when the head is one to answer 502 for.
-fn response_head(
+pub(crate) fn response_head(
     head: &[u8],
     head_method: bool,
     close: bool,
@@ -719,7 +707,6 @@ fn response_head(
     let mut te = false;
     let mut chunked = false;
     let mut reusable = resp.version == Some(1);
-    let mut has_date = false;
     let mut listed: [&[u8]; MAX_LISTED] = [&[]; MAX_LISTED];
     let mut n_listed = 0;
     for h in resp.headers.iter() {
@@ -746,8 +733,6 @@ fn response_head(
                     return Err("too many names in the upstream's Connection");
                 }
             }
-        } else if h.name.eq_ignore_ascii_case("date") {
-            has_date = true;
         }
     }
     if te && length.is_some() {
@@ -776,14 +761,18 @@ fn response_head(
         _ => out.extend_from_slice(canonical.as_bytes()),
     }
     out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
     for h in resp.headers.iter() {
         let name = h.name;
+        let length = name.eq_ignore_ascii_case("content-length");
+        // A length `Connection` lists still frames the body (hyper writes it again).
         if is_hop_by_hop(name)
-            || (no_length && name.eq_ignore_ascii_case("content-length"))
-            || listed[..n_listed].iter().any(|l| name.as_bytes().eq_ignore_ascii_case(l))
+            || (no_length && length)
+            || (!length && listed[..n_listed].iter().any(|l| name.as_bytes().eq_ignore_ascii_case(l)))
         {
             continue;
         }
+        has_date |= name.eq_ignore_ascii_case("date");
         put_header(out, name.as_bytes(), h.value);
     }
     if matches!(framing, Framing::Chunked | Framing::Close) {
@@ -990,7 +979,7 @@ mod date {
 }
 
 /// Reading a chunked body's framing (RFC 9112 §7.1) as it streams by.
-mod chunked {
+pub(crate) mod chunked {
     /// Longest chunk-size line (with extensions) and trailer section accepted.
     const MAX_LINE: usize = 4096;
     const MAX_TRAILERS: usize = 16 * 1024;

@@ -9,7 +9,7 @@ mod detach;
 mod error;
 mod forward;
 pub(crate) mod framing;
-mod h1;
+pub(crate) mod h1;
 pub mod headers;
 pub(crate) mod idle;
 mod io;

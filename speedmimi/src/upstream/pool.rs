@@ -188,10 +188,11 @@ impl Pool {
 
     /// For the proxy's own engine: an idle plain connection of this worker, or a new one while
     /// fewer than `limit` are open, or else an idle one of another worker. Only for backends
-    /// without TLS (`is_plain`). With `probe`, an idle connection is first checked for a close
-    /// by the backend (a system call): for requests that cannot simply be sent again.
-    pub async fn raw(&self, connect_timeout: Duration, limit: u32, probe: bool) -> Result<RawConn, ConnectError> {
-        if let Some(conn) = self.take_raw(shard(), probe) {
+    /// without TLS (`is_plain`). An idle connection is checked first (`RawConn::is_clean`): a
+    /// backend that closed it, or sent bytes after its last response, must not have them taken
+    /// for the next answer.
+    pub async fn raw(&self, connect_timeout: Duration, limit: u32) -> Result<RawConn, ConnectError> {
+        if let Some(conn) = self.take_raw(shard()) {
             return Ok(conn);
         }
         if let Some(slot) = OpenSlot::reserve(&self.open, limit) {
@@ -199,7 +200,7 @@ impl Pool {
             return Ok(RawConn { stream, reused: false, _slot: slot });
         }
         for i in (0..SHARDS).filter(|&i| i != shard()) {
-            if let Some(conn) = self.take_raw(i, probe) {
+            if let Some(conn) = self.take_raw(i) {
                 return Ok(conn);
             }
         }
@@ -211,12 +212,11 @@ impl Pool {
         self.tls.is_none()
     }
 
-    /// An idle raw connection of worker `i` (a clean one, with `probe`; closed ones found on
-    /// the way are dropped).
-    fn take_raw(&self, i: usize, probe: bool) -> Option<RawConn> {
+    /// A clean idle raw connection of worker `i`; others found on the way are dropped.
+    fn take_raw(&self, i: usize) -> Option<RawConn> {
         let mut idle = self.raw_idle[i].lock().expect("pool lock");
         while let Some(RawIdle { mut conn, .. }) = idle.pop() {
-            if !probe || conn.is_clean() {
+            if conn.is_clean() {
                 conn.reused = true;
                 return Some(conn);
             }
