@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a demo origin: answers with its id, /health, WebSocket echo at /ws, SSE at /events.
+    /// Run a demo origin: answers with its id, /health, WebSocket echo at /ws, SSE at /events,
+    /// N bytes at /bytes?n=N.
     DemoBackend {
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
