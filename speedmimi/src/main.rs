@@ -6,6 +6,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use speedmimi::{Listeners, config::Config, demo::DemoBackend, preflight, shutdown, telemetry};
 
+/// Bench builds count allocations, reported as `speedmimi_allocations_total` in `/metrics`.
+#[cfg(feature = "count-allocs")]
+#[global_allocator]
+static ALLOCATOR: speedmimi::alloc_count::Counting = speedmimi::alloc_count::Counting;
+
 #[derive(Parser)]
 #[command(name = "speedmimi", version, about = "eBPF-assisted L4/L7 load balancer")]
 struct Cli {
