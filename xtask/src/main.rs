@@ -7,6 +7,7 @@ mod bench_splice;
 mod build_ebpf;
 mod fuzz;
 mod lab;
+mod open_loop;
 mod run;
 mod test;
 mod workspace;
@@ -48,7 +49,7 @@ enum Command {
         #[command(subcommand)]
         which: BenchKind,
     },
-    /// The load generator and backend of `bench splice`, run as pinned child processes.
+    /// The load generators and backend of `bench splice` and `bench http`, run as pinned child processes.
     #[command(hide = true)]
     BenchPeer {
         #[command(subcommand)]
