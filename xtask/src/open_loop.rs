@@ -1,23 +1,27 @@
 //! `cargo xtask bench-peer open-loop`: latency at a fixed request rate, measured from the time
 //! each request was due rather than sent, so a slow answer also counts against the requests
 //! queued behind it (free of coordinated omission, as wrk2 measures; Debian has no wrk2).
-//! Requests fall due at even intervals and are dealt round-robin to `connections` threads, each
-//! holding one keep-alive HTTP/1.1 connection (or a new one per request with `--close`); a thread
-//! behind schedule sends at once. HTTP/1.1 is spoken by hand: the answers are Content-Length framed.
+//! Requests fall due at even intervals; each goes out on the first free one of `connections`
+//! keep-alive HTTP/1.1 connections (or a new connection per request with `--close`), at once if
+//! it is already late. One thread and one epoll set, woken with nanosecond timeouts
+//! (epoll_pwait2): a thread per connection cost six times wrk's CPU per request and starved the
+//! backend sharing the load core. HTTP/1.1 is spoken by hand: the answers are Content-Length framed.
 
 use std::{
-    io::{Read, Write},
+    io::{self, Read, Write},
     net::TcpStream,
-    thread,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 
-/// Bounds every socket operation; a request that takes longer counts as an error.
+/// A request unanswered for this long, or a run this far past its end, counts as errors.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most requests one run schedules (the latencies are kept to sort them).
 const MAX_REQUESTS: u64 = 5_000_000;
+/// Longest response head accepted.
+const MAX_HEAD: usize = 64 << 10;
 
 /// What to send, how often and for how long.
 #[derive(Debug, clap::Args)]
@@ -42,7 +46,7 @@ pub struct Load {
     pub close: bool,
 }
 
-/// What one client thread saw.
+/// What the run saw.
 #[derive(Default)]
 struct Tally {
     /// Due-to-complete times of the 2xx answers, in nanoseconds.
@@ -56,35 +60,97 @@ pub fn run(load: &Load) -> anyhow::Result<()> {
     if load.rate == 0 || load.seconds == 0 || load.connections == 0 {
         bail!("--rate, --seconds and --connections must all be at least 1");
     }
+    // Wake within a microsecond of the due time (the default slack is 50 µs).
+    // SAFETY: PR_SET_TIMERSLACK takes a plain integer and changes only this thread's slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
     let total = (load.rate * load.seconds).min(MAX_REQUESTS);
     let request = request(load);
-    // Time for every thread to start and connect before the first request falls due.
-    let start = Instant::now() + Duration::from_millis(200);
-    let tallies: Vec<Tally> = thread::scope(|s| {
-        let clients: Vec<_> = (0..load.connections.min(total))
-            .map(|k| {
-                let request = &request;
-                thread::Builder::new()
-                    .stack_size(256 << 10)
-                    .spawn_scoped(s, move || client(load, request, start, k, total))
-                    .expect("spawn a client thread")
-            })
-            .collect();
-        clients.into_iter().map(|c| c.join().expect("a client thread panicked")).collect()
-    });
-    let mut all: Vec<u64> = tallies.iter().flat_map(|t| t.latencies.iter().copied()).collect();
+    let epoll = Epoll::new().context("epoll_create1")?;
+    let mut conns: Vec<Conn> = (0..load.connections).map(|_| Conn::default()).collect();
+    if !load.close {
+        // Keep-alive connections are opened ahead, so only `--close` times connecting.
+        for (i, c) in conns.iter_mut().enumerate() {
+            c.open(load.port, &epoll, i)?;
+        }
+    }
+    let mut idle: Vec<usize> = (0..conns.len()).rev().collect();
+    let start = Instant::now() + Duration::from_millis(20);
+    let interval_ns = 1e9 / load.rate as f64;
+    let due = |i: u64| start + Duration::from_nanos((i as f64 * interval_ns) as u64);
+    let give_up = start + Duration::from_secs(2 * load.seconds) + IO_TIMEOUT;
+    let mut tally = Tally { latencies: Vec::with_capacity(total as usize), ..Tally::default() };
+    let (mut next, mut in_flight) = (0u64, 0u64);
+    let mut buf = vec![0u8; 256 << 10];
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+    loop {
+        let now = Instant::now();
+        while next < total && due(next) <= now {
+            let Some(i) = idle.pop() else { break };
+            match conns[i].send(load.port, &epoll, i, &request, due(next)) {
+                Ok(()) => in_flight += 1,
+                Err(e) => {
+                    tally.error(&e);
+                    conns[i] = Conn::default();
+                    idle.push(i);
+                }
+            }
+            next += 1;
+        }
+        if next == total && in_flight == 0 {
+            break;
+        }
+        if now > give_up {
+            tally.errors += total - next + in_flight;
+            break;
+        }
+        // Until the next request falls due (when a connection is free to send it) or an answer comes.
+        let wait = if next < total && !idle.is_empty() { due(next) - now.min(due(next)) } else { IO_TIMEOUT / 50 };
+        let ready = epoll.wait(&mut events, wait)?;
+        for ev in &events[..ready] {
+            let i = ev.u64 as usize;
+            match conns[i].on_readable(&mut buf) {
+                Ok(None) => continue,
+                Ok(Some((status, latency))) => {
+                    if (200..300).contains(&status) {
+                        tally.latencies.push(latency.as_nanos() as u64);
+                    } else {
+                        tally.non_2xx += 1;
+                    }
+                    if load.close || !conns[i].keep {
+                        conns[i] = Conn::default();
+                    }
+                }
+                Err(e) => {
+                    tally.error(&e);
+                    conns[i] = Conn::default();
+                }
+            }
+            in_flight -= 1;
+            idle.push(i);
+        }
+    }
+    let mut all = tally.latencies;
     all.sort_unstable();
-    let non_2xx: u64 = tallies.iter().map(|t| t.non_2xx).sum();
-    let errors: u64 = tallies.iter().map(|t| t.errors).sum();
     let us = |q: f64| percentile(&all, q) as f64 / 1e3;
     println!(
-        "latency {:.1} {:.1} {:.1} requests {} non2xx {non_2xx} errors {errors}",
+        "latency {:.1} {:.1} {:.1} requests {} non2xx {} errors {}",
         us(0.50),
         us(0.99),
         us(0.999),
-        all.len()
+        all.len(),
+        tally.non_2xx,
+        tally.errors
     );
     Ok(())
+}
+
+impl Tally {
+    fn error(&mut self, e: &anyhow::Error) {
+        if self.errors == 0 {
+            eprintln!("open-loop: {e:#}");
+        }
+        self.errors += 1;
+    }
 }
 
 /// The value at quantile `q` of sorted `v` (nearest rank); 0 when empty.
@@ -108,102 +174,143 @@ fn request(load: &Load) -> Vec<u8> {
     bytes
 }
 
-/// Sends requests `k`, `k + connections`, … of `total`, each when due.
-fn client(load: &Load, request: &[u8], start: Instant, k: u64, total: u64) -> Tally {
-    // Sleep to within a microsecond of the due time (the default slack is 50 µs).
-    // SAFETY: PR_SET_TIMERSLACK takes a plain integer and changes only this thread's slack.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
-    let interval_ns = 1e9 / load.rate as f64;
-    // Past this, the target has fallen hopelessly behind: the rest count as errors.
-    let give_up = start + Duration::from_secs(2 * load.seconds) + IO_TIMEOUT;
-    let mut tally =
-        Tally { latencies: Vec::with_capacity((total / load.connections + 1) as usize), ..Tally::default() };
-    // Keep-alive connections are opened ahead, so only `--close` times connecting.
-    let mut conn = if load.close { None } else { connect(load.port).ok() };
-    let mut buf = vec![0u8; 64 << 10];
-    for i in (k..total).step_by(load.connections as usize) {
-        let due = start + Duration::from_nanos((i as f64 * interval_ns) as u64);
-        let now = Instant::now();
-        if now > give_up {
-            tally.errors += (total - i).div_ceil(load.connections);
-            break;
-        }
-        if due > now {
-            thread::sleep(due - now);
-        }
-        match exchange(&mut conn, load.port, request, &mut buf) {
-            Ok((status, keep)) => {
-                if (200..300).contains(&status) {
-                    tally.latencies.push(due.elapsed().as_nanos() as u64);
-                } else {
-                    tally.non_2xx += 1;
-                }
-                if load.close || !keep {
-                    conn = None;
-                }
-            }
-            Err(e) => {
-                if tally.errors == 0 {
-                    eprintln!("open-loop: {e:#}");
-                }
-                tally.errors += 1;
-                conn = None;
-            }
-        }
+/// One connection and the exchange in flight on it.
+#[derive(Default)]
+struct Conn {
+    stream: Option<TcpStream>,
+    /// When the request in flight fell due.
+    due: Option<Instant>,
+    /// The response head read so far.
+    head: Vec<u8>,
+    /// Once the head is read: its status and the body bytes still to come.
+    body: Option<(u16, usize)>,
+    /// Whether the last answer allows another request on the connection.
+    keep: bool,
+}
+
+impl Conn {
+    fn open(&mut self, port: u16, epoll: &Epoll, token: usize) -> anyhow::Result<()> {
+        // On loopback a blocking connect returns at once.
+        let s = TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("connect to {port}"))?;
+        s.set_nodelay(true)?;
+        s.set_nonblocking(true)?;
+        epoll.add(s.as_raw_fd(), token).context("epoll_ctl")?;
+        self.stream = Some(s);
+        Ok(())
     }
-    tally
+
+    fn send(&mut self, port: u16, epoll: &Epoll, token: usize, request: &[u8], due: Instant) -> anyhow::Result<()> {
+        if self.stream.is_none() {
+            self.open(port, epoll, token)?;
+        }
+        let s = self.stream.as_mut().expect("opened above");
+        // An idle socket's send buffer takes a whole request.
+        let n = s.write(request).context("send")?;
+        if n < request.len() {
+            bail!("sent {n} of {} request bytes", request.len());
+        }
+        self.due = Some(due);
+        Ok(())
+    }
+
+    /// Reads what arrived; the status and due-to-now time once the answer is complete.
+    fn on_readable(&mut self, buf: &mut [u8]) -> anyhow::Result<Option<(u16, Duration)>> {
+        let s = self.stream.as_mut().context("an event on a closed connection")?;
+        let n = match s.read(buf) {
+            Ok(0) => bail!("closed before the end of the answer"),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e).context("read"),
+        };
+        let (status, left) = match self.body {
+            Some((status, left)) => (status, left.checked_sub(n).context("bytes beyond the response body")?),
+            None => {
+                let from = self.head.len().saturating_sub(3);
+                self.head.extend_from_slice(&buf[..n]);
+                let Some(p) = self.head[from..].windows(4).position(|w| w == b"\r\n\r\n") else {
+                    if self.head.len() > MAX_HEAD {
+                        bail!("response head longer than {MAX_HEAD} bytes");
+                    }
+                    return Ok(None);
+                };
+                let end = from + p + 4;
+                let (status, length, keep) = parse_head(&self.head[..end])?;
+                self.keep = keep;
+                let left = length.checked_sub(self.head.len() - end).context("bytes beyond the response body")?;
+                self.head.clear();
+                (status, left)
+            }
+        };
+        if left > 0 {
+            self.body = Some((status, left));
+            return Ok(None);
+        }
+        self.body = None;
+        let due = self.due.take().context("an answer to no request")?;
+        Ok(Some((status, due.elapsed())))
+    }
 }
 
-fn connect(port: u16) -> anyhow::Result<TcpStream> {
-    let s = TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("connect to {port}"))?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(s)
-}
-
-/// One request and its answer on `conn` (connecting first when there is none): the status and
-/// whether the connection may be reused.
-fn exchange(conn: &mut Option<TcpStream>, port: u16, request: &[u8], buf: &mut [u8]) -> anyhow::Result<(u16, bool)> {
-    let s = match conn {
-        Some(s) => s,
-        None => conn.insert(connect(port)?),
-    };
-    s.write_all(request).context("send")?;
-    let mut filled = 0;
-    let head_end = loop {
-        if filled == buf.len() {
-            bail!("response head longer than {} bytes", buf.len());
-        }
-        let n = s.read(&mut buf[filled..]).context("read the head")?;
-        if n == 0 {
-            bail!("closed before the response head");
-        }
-        filled += n;
-        if let Some(p) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-    };
-    let head = std::str::from_utf8(&buf[..head_end]).context("response head is not UTF-8")?;
-    let status: u16 =
-        head.get(9..12).and_then(|c| c.parse().ok()).with_context(|| format!("bad status line: {head}"))?;
+/// Status, Content-Length and whether the connection stays open.
+fn parse_head(head: &[u8]) -> anyhow::Result<(u16, usize, bool)> {
+    let head = std::str::from_utf8(head).context("response head is not UTF-8")?;
+    let status = head.get(9..12).and_then(|c| c.parse().ok()).with_context(|| format!("bad status line: {head}"))?;
     let header = |name: &str| {
         head.lines().skip(1).filter_map(|l| l.split_once(':')).find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
     };
-    let length: usize = header("content-length")
+    let length = header("content-length")
         .and_then(|(_, v)| v.trim().parse().ok())
         .with_context(|| format!("no Content-Length: {head}"))?;
     let keep = !header("connection").is_some_and(|(_, v)| v.trim().eq_ignore_ascii_case("close"));
-    let mut left = (length + head_end).checked_sub(filled).context("bytes beyond the response body")?;
-    while left > 0 {
-        let want = left.min(buf.len());
-        let n = s.read(&mut buf[..want]).context("read the body")?;
-        if n == 0 {
-            bail!("closed {left} bytes before the end of the body");
+    Ok((status, length, keep))
+}
+
+/// An epoll set of readable sockets, each known by a token.
+struct Epoll(OwnedFd);
+
+impl Epoll {
+    fn new() -> io::Result<Epoll> {
+        // SAFETY: epoll_create1 takes a flag and returns a new descriptor or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
         }
-        left -= n;
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
-    Ok((status, keep))
+
+    /// Watches `fd` for reading; closing the socket removes it.
+    fn add(&self, fd: RawFd, token: usize) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token as u64 };
+        // SAFETY: both descriptors are open and `ev` lives across the call.
+        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` (to the nanosecond: epoll_pwait2) and returns how many `events` are filled.
+    fn wait(&self, events: &mut [libc::epoll_event], timeout: Duration) -> io::Result<usize> {
+        let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos().into() };
+        // SAFETY: `events` is writable for its length, `ts` lives across the call, and a null
+        // signal mask leaves the mask alone.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_epoll_pwait2,
+                self.0.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as libc::c_int,
+                &ts as *const libc::timespec,
+                std::ptr::null::<libc::sigset_t>(),
+                0usize,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) };
+        }
+        Ok(n as usize)
+    }
 }
 
 #[cfg(test)]
