@@ -9,7 +9,6 @@
 //! build).
 
 use std::{
-    env,
     ffi::OsStr,
     fmt::Write as _,
     fs,
@@ -130,7 +129,7 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
     }
     let bin = build_release()?;
     let counting = build_counting()?;
-    let exe = env::current_exe().context("locate the xtask binary")?;
+    let peer = build_peer()?;
     let dir = workspace::target_dir().join("bench");
     fs::create_dir_all(&dir)?;
     let scripts = CASES.iter().map(|c| bench_probe::write_script(&dir, c)).collect::<anyhow::Result<Vec<_>>>()?;
@@ -199,7 +198,7 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
         for t in &TARGETS {
             let seconds = opts.seconds.min(FIXED_RATE_SECONDS);
             let latency = bench
-                .with_target(t, &bin, (case, script), |_| bench_probe::fixed_rate(&exe, case, t.port, rate, seconds))
+                .with_target(t, &bin, (case, script), |_| bench_probe::fixed_rate(&peer, case, t.port, rate, seconds))
                 .with_context(|| format!("{} at {rate} req/s against {}", case.key, t.name))?;
             println!(
                 "bench: fixed {rate} req/s {:<6} {:<10} p50 {:.3} p99 {:.3} p99.9 {:.3} ms",
@@ -465,6 +464,13 @@ pub(crate) fn ensure_packages(pkgs: &[&str]) -> anyhow::Result<()> {
 pub(crate) fn build_release() -> anyhow::Result<PathBuf> {
     workspace::run_checked(workspace::cargo().args(["build", "--release", "-p", "speedmimi"]))?;
     Ok(workspace::target_dir().join("release/speedmimi"))
+}
+
+/// xtask with the release profile, for the open-loop peer: a dev build spends ten times the user
+/// CPU per request on the core the peer shares with the backend.
+fn build_peer() -> anyhow::Result<PathBuf> {
+    workspace::run_checked(workspace::cargo().args(["build", "--release", "-p", "xtask"]))?;
+    Ok(workspace::target_dir().join("release/xtask"))
 }
 
 /// SpeedMimi with its allocation counter (`count-allocs`), in a target directory of its own so
