@@ -1,13 +1,14 @@
 //! The demo and test origin (`speedmimi demo-backend`): answers with its id, serves `/health`,
 //! a WebSocket echo at `/ws`, an SSE ticker at `/events`, and a few endpoints the tests use to
-//! see what reached a backend (`/headers`, `/echo`) and to slow it down (`/slow`, `set_delay`).
+//! see what reached a backend (`/headers`, `/echo`) and to slow it down (`/slow`, `set_delay`),
+//! and `/bytes?n=N`, a body of N bytes that costs the origin little (the benchmarks' response).
 //! HTTP/1.1 and prior-knowledge h2c; gRPC-framed requests are echoed with trailers.
 
 use std::{
     convert::Infallible,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     task::{Context, Poll},
@@ -31,6 +32,9 @@ use tokio_tungstenite::{
 };
 
 use crate::shutdown::Shutdown;
+
+/// Largest body `/bytes` serves.
+const MAX_BYTES: usize = 16 << 20;
 
 /// A demo origin. Counters let tests see exactly what reached it.
 pub struct DemoBackend {
@@ -123,6 +127,15 @@ impl DemoBackend {
                 let (tx, body) = DemoBody::channel();
                 tokio::spawn(echo_data(req.into_body(), tx));
                 Response::new(body)
+            }
+            "/bytes" => {
+                // A request body (the POST benchmark's) is read to its end and dropped.
+                let mut body = req.into_body();
+                while let Some(Ok(_)) = body.frame().await {}
+                match param(&query, "n").filter(|&n| n <= MAX_BYTES as u64) {
+                    Some(n) => text(StatusCode::OK, filler().slice(..n as usize)),
+                    None => text(StatusCode::BAD_REQUEST, format!("/bytes needs n=0..={MAX_BYTES}\n")),
+                }
             }
             "/slow" => {
                 let ms = param(&query, "ms").unwrap_or(1000);
@@ -223,6 +236,12 @@ impl DemoBackend {
 
 fn param(query: &str, name: &str) -> Option<u64> {
     query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).and_then(|(_, v)| v.parse().ok())
+}
+
+/// The bytes `/bytes` slices its answers from: built once, so an answer costs a reference count.
+fn filler() -> &'static Bytes {
+    static FILLER: OnceLock<Bytes> = OnceLock::new();
+    FILLER.get_or_init(|| Bytes::from(vec![b'x'; MAX_BYTES]))
 }
 
 /// Sends the data frames of `incoming` back on `tx` as they arrive; the sender once the body

@@ -3,6 +3,8 @@
 
 pub mod access_log;
 pub mod admin;
+#[cfg(feature = "count-allocs")]
+pub mod alloc_count;
 pub mod backend;
 pub mod balance;
 pub mod command;

@@ -6,6 +6,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use speedmimi::{Listeners, config::Config, demo::DemoBackend, preflight, shutdown, telemetry};
 
+/// Bench builds count allocations, reported as `speedmimi_allocations_total` in `/metrics`.
+#[cfg(feature = "count-allocs")]
+#[global_allocator]
+static ALLOCATOR: speedmimi::alloc_count::Counting = speedmimi::alloc_count::Counting;
+
 #[derive(Parser)]
 #[command(name = "speedmimi", version, about = "eBPF-assisted L4/L7 load balancer")]
 struct Cli {
@@ -21,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a demo origin: answers with its id, /health, WebSocket echo at /ws, SSE at /events.
+    /// Run a demo origin: answers with its id, /health, WebSocket echo at /ws, SSE at /events,
+    /// N bytes at /bytes?n=N.
     DemoBackend {
         #[arg(long, default_value = "127.0.0.1")]
         host: String,

@@ -441,3 +441,23 @@ async fn a_stop_lets_requests_finish_within_the_drain_time_then_closes_them() {
     assert!(answer.is_empty(), "a request outlasting the drain time gets no answer: {answer:?}");
     assert!(after < Duration::from_secs(3), "its connection closed {after:?} after the stop (drain 500 ms)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_route_serves_n_bytes_and_drains_a_posted_body() {
+    let o = Origin::start("b1").await;
+    let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", "")).await;
+
+    let got = raw(proxy.addr, b"GET /bytes?n=10240 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
+    let (head, body) = got.split_once("\r\n\r\n").expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 200") && head.to_ascii_lowercase().contains("content-length: 10240"), "{head}");
+    assert_eq!(body.len(), 10240);
+
+    let post = format!(
+        "POST /bytes?n=13 HTTP/1.1\r\nHost: t\r\nContent-Length: 4096\r\nConnection: close\r\n\r\n{}",
+        "p".repeat(4096)
+    );
+    let got = raw(proxy.addr, post.as_bytes()).await;
+    let (head, body) = got.split_once("\r\n\r\n").expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "x".repeat(13));
+}

@@ -1,11 +1,18 @@
-//! `cargo xtask bench http`: HTTP/1.1 keep-alive, small responses, through SpeedMimi, nginx and
-//! HAProxy side by side in one interleaved run, plus the direct path. Each proxy is pinned to
-//! core 0; wrk and the backend share core 1. The figure that matters is requests per proxy
-//! core-second (throughput divided by the CPU the proxy process used), as medians over rounds.
+//! `cargo xtask bench http`: HTTP/1.1 through SpeedMimi, nginx and HAProxy side by side, plus the
+//! direct path, in one interleaved run (round r: each case, each path) over five cases: 13-byte,
+//! 10 KiB and 1 MiB responses, a 4 KiB POST, and a new connection per request. Each proxy is
+//! pinned to core 0; wrk and the backend share core 1 (`--two-workers`: two workers, unpinned).
+//! The figure that matters is requests per proxy core-second (throughput divided by the CPU the
+//! proxy process used), beside latency and syscalls per request, as medians over rounds. After
+//! the rounds, once per case: latency at a fixed rate (half the slowest proxy's throughput, open
+//! loop, from each request's due time) and SpeedMimi's allocations per request (a `count-allocs`
+//! build).
 
 use std::{
+    ffi::OsStr,
     fmt::Write as _,
     fs,
+    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -14,44 +21,126 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::workspace;
+use crate::{
+    bench_probe::{self, Case},
+    workspace,
+};
 
 const BACKEND_PORT: u16 = 18081;
 const PROXY_PORT: u16 = 18080;
+const ADMIN_PORT: u16 = 18091;
 /// The core every benchmark pins the proxy under test to, and the one for load and backends.
 pub(crate) const PROXY_CORE: &str = "0";
 pub(crate) const LOAD_CORE: &str = "1";
+/// Longest fixed-rate run and allocation-counting run per case and path (shorter with `--seconds`).
+const FIXED_RATE_SECONDS: u64 = 5;
+const ALLOC_SECONDS: u64 = 2;
+
+const CASES: [Case; 5] = [
+    Case { title: "GET, 13-byte response, keep-alive", key: "small", path: "/bytes?n=13", body: 0, close: false },
+    Case { title: "GET, 10 KiB response, keep-alive", key: "10k", path: "/bytes?n=10240", body: 0, close: false },
+    Case { title: "GET, 1 MiB response, keep-alive", key: "1m", path: "/bytes?n=1048576", body: 0, close: false },
+    Case {
+        title: "POST, 4 KiB body, 13-byte response, keep-alive",
+        key: "post",
+        path: "/bytes?n=13",
+        body: 4096,
+        close: false,
+    },
+    Case {
+        title: "GET, 13-byte response, Connection: close (a new connection per request)",
+        key: "close",
+        path: "/bytes?n=13",
+        body: 0,
+        close: true,
+    },
+];
 
 /// Options of one benchmark run.
 pub struct Options {
     pub rounds: usize,
     pub seconds: u64,
     pub connections: u32,
+    /// Two workers per proxy, not pinned, instead of one pinned to the proxy core.
+    pub two_workers: bool,
 }
+
+/// How the proxies run.
+#[derive(Clone, Copy)]
+struct Setup {
+    workers: u32,
+}
+
+impl Setup {
+    /// One worker is pinned to the proxy core; more run wherever the scheduler puts them.
+    fn core(self) -> Option<&'static str> {
+        (self.workers == 1).then_some(PROXY_CORE)
+    }
+}
+
+/// Starts a proxy: the SpeedMimi binary, the bench directory (for its config), how to run.
+type Start = fn(&Path, &Path, Setup) -> anyhow::Result<Child>;
 
 struct Target {
     name: &'static str,
-    /// Started per round; None for the direct path.
-    start: Option<fn(&Path, &Path) -> anyhow::Result<Child>>,
+    /// Started per measurement; None for the direct path.
+    start: Option<Start>,
     port: u16,
 }
 
+const TARGETS: [Target; 4] = [
+    Target { name: "direct", start: None, port: BACKEND_PORT },
+    Target { name: "speedmimi", start: Some(start_speedmimi), port: PROXY_PORT },
+    Target { name: "haproxy", start: Some(start_haproxy), port: PROXY_PORT },
+    Target { name: "nginx", start: Some(start_nginx), port: PROXY_PORT },
+];
+
+/// One throughput measurement.
 struct Sample {
     rps: f64,
     /// CPU seconds the proxy used per wall second (1.0 = one core busy).
     cores: f64,
-    p99_ms: f64,
+    /// p50, p99, p99.9 in ms.
+    latency: [f64; 3],
+    syscalls: Option<f64>,
+}
+
+/// Everything measured for one case.
+struct CaseResult {
+    /// Per target, one sample per round.
+    samples: Vec<Vec<Sample>>,
+    /// The fixed rate (requests/s) and, per target, p50, p99, p99.9 in ms at it.
+    rate: u64,
+    fixed: Vec<[f64; 3]>,
+    /// SpeedMimi's heap allocations per request.
+    allocations: f64,
 }
 
 pub fn http(opts: &Options) -> anyhow::Result<()> {
     if !workspace::is_root() {
         bail!("the benchmark installs nginx, haproxy and wrk with apt and pins processes: run it as root");
     }
+    if opts.rounds == 0 || opts.seconds == 0 || opts.connections == 0 {
+        bail!("--rounds, --seconds and --connections must all be at least 1");
+    }
     ensure_packages(&["nginx", "haproxy", "wrk"])?;
+    if workspace::find_on_path("perf").is_none() {
+        bail!("perf counts the proxies' syscalls: install it (apt-get install linux-perf)");
+    }
     let bin = build_release()?;
+    let counting = build_counting()?;
+    let peer = build_peer()?;
     let dir = workspace::target_dir().join("bench");
     fs::create_dir_all(&dir)?;
+    let scripts = CASES.iter().map(|c| bench_probe::write_script(&dir, c)).collect::<anyhow::Result<Vec<_>>>()?;
+    let setup = Setup { workers: if opts.two_workers { 2 } else { 1 } };
+    let bench = Bench { dir: &dir, setup, connections: opts.connections };
 
+    // A process left on a port (a stale backend) would answer in place of ours.
+    for port in [BACKEND_PORT, PROXY_PORT, ADMIN_PORT] {
+        TcpListener::bind(("127.0.0.1", port))
+            .with_context(|| format!("port {port} is taken (a process left by an earlier run?)"))?;
+    }
     let mut backend = Guard(
         Command::new("taskset")
             .args(["-c", LOAD_CORE])
@@ -64,50 +153,76 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
     );
     workspace::wait_port(BACKEND_PORT, &mut backend.0)?;
 
-    let targets = [
-        Target { name: "direct", start: None, port: BACKEND_PORT },
-        Target { name: "speedmimi", start: Some(start_speedmimi), port: PROXY_PORT },
-        Target { name: "haproxy", start: Some(start_haproxy), port: PROXY_PORT },
-        Target { name: "nginx", start: Some(start_nginx), port: PROXY_PORT },
-    ];
-    let mut samples: Vec<Vec<Sample>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut samples: Vec<Vec<Vec<Sample>>> =
+        CASES.iter().map(|_| TARGETS.iter().map(|_| Vec::new()).collect()).collect();
     for round in 0..opts.rounds {
-        for (t, out) in targets.iter().zip(samples.iter_mut()) {
-            let mut proxy = match t.start {
-                Some(start) => {
-                    let mut child = Guard(start(&bin, &dir)?);
-                    workspace::wait_port(t.port, &mut child.0)?;
-                    Some(child)
-                }
-                None => None,
-            };
-            let pids = match &proxy {
-                Some(p) => process_tree(p.0.id()),
-                None => Vec::new(),
-            };
-            // Warm up connections and caches.
-            wrk(t.port, 1, opts.connections)?;
-            let cpu0 = workspace::cpu_seconds(&pids);
-            let started = Instant::now();
-            let (rps, p99_ms) = wrk(t.port, opts.seconds, opts.connections)?;
-            let wall = started.elapsed().as_secs_f64();
-            let cores = if pids.is_empty() { 0.0 } else { (workspace::cpu_seconds(&pids) - cpu0) / wall };
-            println!(
-                "bench: round {} {:<10} {:>9.0} req/s  proxy {:.2} cores  p99 {:.2} ms",
-                round + 1,
-                t.name,
-                rps,
-                cores,
-                p99_ms
-            );
-            out.push(Sample { rps, cores, p99_ms });
-            if let Some(p) = proxy.as_mut() {
-                stop(&mut p.0);
+        for ((case, script), per_target) in CASES.iter().zip(&scripts).zip(samples.iter_mut()) {
+            for (t, out) in TARGETS.iter().zip(per_target.iter_mut()) {
+                let sample = bench
+                    .with_target(t, &bin, (case, script), |pids| {
+                        let cpu0 = workspace::cpu_seconds(pids);
+                        let started = Instant::now();
+                        let (run, syscalls) =
+                            bench_probe::wrk_with_syscalls(script, case, t.port, opts.seconds, opts.connections, pids)?;
+                        let wall = started.elapsed().as_secs_f64();
+                        let cores = if pids.is_empty() { 0.0 } else { (workspace::cpu_seconds(pids) - cpu0) / wall };
+                        Ok(Sample { rps: run.rps, cores, latency: run.latency, syscalls })
+                    })
+                    .with_context(|| format!("{} against {}", case.key, t.name))?;
+                println!(
+                    "bench: round {} {:<6} {:<10} {:>9.0} req/s  proxy {:.2} cores  p99 {:.2} ms  {} syscalls/req",
+                    round + 1,
+                    case.key,
+                    t.name,
+                    sample.rps,
+                    sample.cores,
+                    sample.latency[1],
+                    sample.syscalls.map_or("–".into(), |s| format!("{s:.2}"))
+                );
+                out.push(sample);
             }
         }
     }
 
-    let table = report(&targets, &samples, opts);
+    let mut results = Vec::with_capacity(CASES.len());
+    for ((case, script), per_target) in CASES.iter().zip(&scripts).zip(samples) {
+        // Half the slowest proxy's median throughput: every proxy can keep up.
+        let slowest = TARGETS
+            .iter()
+            .zip(&per_target)
+            .filter(|(t, _)| t.start.is_some())
+            .map(|(_, v)| median(v.iter().map(|x| x.rps).collect()))
+            .fold(f64::INFINITY, f64::min);
+        let rate = ((slowest / 2.0) as u64).max(1);
+        let mut fixed = Vec::with_capacity(TARGETS.len());
+        for t in &TARGETS {
+            let seconds = opts.seconds.min(FIXED_RATE_SECONDS);
+            let latency = bench
+                .with_target(t, &bin, (case, script), |_| bench_probe::fixed_rate(&peer, case, t.port, rate, seconds))
+                .with_context(|| format!("{} at {rate} req/s against {}", case.key, t.name))?;
+            println!(
+                "bench: fixed {rate} req/s {:<6} {:<10} p50 {:.3} p99 {:.3} p99.9 {:.3} ms",
+                case.key, t.name, latency[0], latency[1], latency[2]
+            );
+            fixed.push(latency);
+        }
+        results.push(CaseResult { samples: per_target, rate, fixed, allocations: f64::NAN });
+    }
+
+    let counter = Target { name: "speedmimi (count-allocs)", start: Some(start_speedmimi), port: PROXY_PORT };
+    bench.with_target(&counter, &counting, (&CASES[0], &scripts[0]), |_| {
+        for ((case, script), result) in CASES.iter().zip(&scripts).zip(results.iter_mut()) {
+            // A second of the case warms connections and buffers; the next run is counted.
+            bench_probe::wrk(script, case, PROXY_PORT, 1, opts.connections)?;
+            let seconds = opts.seconds.min(ALLOC_SECONDS);
+            result.allocations =
+                bench_probe::allocations_per_request(script, case, PROXY_PORT, ADMIN_PORT, seconds, opts.connections)?;
+            println!("bench: {:<6} speedmimi {:.2} allocations/req", case.key, result.allocations);
+        }
+        Ok(())
+    })?;
+
+    let table = report(&results, opts, setup);
     println!("\n{table}");
     let path = dir.join("http.md");
     fs::write(&path, &table)?;
@@ -115,37 +230,107 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What every measurement of a run shares.
+struct Bench<'a> {
+    dir: &'a Path,
+    setup: Setup,
+    connections: u32,
+}
+
+impl Bench<'_> {
+    /// Starts the target (when it is a proxy) on `bin`, warms it up with a second of `case`, runs
+    /// `f` with its processes' ids (none for the direct path), and stops it.
+    fn with_target<R>(
+        &self,
+        t: &Target,
+        bin: &Path,
+        (case, script): (&Case, &Path),
+        f: impl FnOnce(&[u32]) -> anyhow::Result<R>,
+    ) -> anyhow::Result<R> {
+        let mut proxy = match t.start {
+            Some(start) => {
+                let mut child = Guard(start(bin, self.dir, self.setup)?);
+                workspace::wait_port(t.port, &mut child.0)?;
+                Some(child)
+            }
+            None => None,
+        };
+        // Warm up connections and caches; by then every worker process has forked.
+        bench_probe::wrk(script, case, t.port, 1, self.connections)?;
+        let pids = proxy.as_ref().map(|p| process_tree(p.0.id())).unwrap_or_default();
+        let out = f(&pids);
+        if let Some(p) = proxy.as_mut() {
+            stop(&mut p.0);
+        }
+        out
+    }
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
-fn report(targets: &[Target], samples: &[Vec<Sample>], opts: &Options) -> String {
+fn report(results: &[CaseResult], opts: &Options, setup: Setup) -> String {
     let machine = machine_line();
     let date = utc_date();
+    let placement = if setup.workers == 1 {
+        format!("each proxy one worker pinned to core {PROXY_CORE}, wrk and backend on core {LOAD_CORE}")
+    } else {
+        format!(
+            "each proxy {} workers, not pinned (SpeedMimi server.workers, HAProxy nbthread, nginx worker_processes), wrk and backend on core {LOAD_CORE}",
+            setup.workers
+        )
+    };
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "HTTP/1.1 keep-alive, 3-byte response bodies, wrk -c{} ({} s × {} rounds, medians), proxy pinned to core {PROXY_CORE}, wrk and backend on core {LOAD_CORE}; {date}, {machine}",
-        opts.connections, opts.seconds, opts.rounds
+        "HTTP/1.1 through each proxy to `speedmimi demo-backend` (`/bytes?n=N`); {date}, {machine}; {placement}. \
+         Throughput: wrk -t1 -c{c}, {secs} s × {rounds} rounds interleaved (round r: each case, each path), medians; \
+         latency columns are wrk's (closed loop). Syscalls per request: perf stat raw_syscalls:sys_enter on the \
+         proxy's processes over the middle of the run. Fixed rate: open loop at half the slowest proxy's median \
+         req/s, {fixed_conns} connections, {fixed} s, latency from each request's due time. Allocations per request: a \
+         count-allocs build of SpeedMimi, {alloc} s of wrk per case after a 1 s warm-up.",
+        c = opts.connections,
+        secs = opts.seconds,
+        rounds = opts.rounds,
+        fixed = opts.seconds.min(FIXED_RATE_SECONDS),
+        fixed_conns = bench_probe::FIXED_RATE_CONNECTIONS,
+        alloc = opts.seconds.min(ALLOC_SECONDS),
     );
-    let _ = writeln!(s);
-    let _ = writeln!(s, "| path | req/s | proxy cores busy | req per proxy core-second | SpeedMimi ÷ this | p99 ms |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
-    let per_core: Vec<f64> = samples
-        .iter()
-        .map(|v| median(v.iter().map(|x| if x.cores > 0.0 { x.rps / x.cores } else { 0.0 }).collect()))
-        .collect();
-    let ours = targets.iter().position(|t| t.name == "speedmimi").map(|i| per_core[i]).unwrap_or(0.0);
-    for ((t, v), pc) in targets.iter().zip(samples).zip(&per_core) {
-        let rps = median(v.iter().map(|x| x.rps).collect());
-        let cores = median(v.iter().map(|x| x.cores).collect());
-        let p99 = median(v.iter().map(|x| x.p99_ms).collect());
-        if t.start.is_none() {
-            let _ = writeln!(s, "| {} | {rps:.0} | – | – | – | {p99:.2} |", t.name);
-        } else {
-            let ratio = if *pc > 0.0 { ours / pc } else { 0.0 };
-            let _ = writeln!(s, "| {} | {rps:.0} | {cores:.2} | {pc:.0} | {ratio:.2}× | {p99:.2} |", t.name);
+    for (case, r) in CASES.iter().zip(results) {
+        let _ = writeln!(s, "\n### {}\n\nFixed rate: {} req/s.\n", case.title, r.rate);
+        let _ = writeln!(
+            s,
+            "| path | req/s | proxy cores busy | req per proxy core-second | SpeedMimi ÷ this | p50 / p99 / p99.9 ms | syscalls per req | allocations per req | fixed rate p50 / p99 / p99.9 ms |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        let per_core: Vec<f64> = r
+            .samples
+            .iter()
+            .map(|v| median(v.iter().map(|x| if x.cores > 0.0 { x.rps / x.cores } else { 0.0 }).collect()))
+            .collect();
+        let ours = TARGETS.iter().position(|t| t.name == "speedmimi").map(|i| per_core[i]).unwrap_or(0.0);
+        let ms = |l: [f64; 3]| format!("{:.3} / {:.3} / {:.3}", l[0], l[1], l[2]);
+        for (((t, v), pc), fixed) in TARGETS.iter().zip(&r.samples).zip(&per_core).zip(&r.fixed) {
+            let rps = median(v.iter().map(|x| x.rps).collect());
+            let latency: [f64; 3] = std::array::from_fn(|i| median(v.iter().map(|x| x.latency[i]).collect()));
+            let allocations = if t.name == "speedmimi" { format!("{:.2}", r.allocations) } else { "–".into() };
+            let (cores, pc, ratio, syscalls) = if t.start.is_none() {
+                ("–".into(), "–".into(), "–".into(), "–".into())
+            } else {
+                let cores = median(v.iter().map(|x| x.cores).collect());
+                let syscalls = median(v.iter().filter_map(|x| x.syscalls).collect());
+                let ratio = if *pc > 0.0 { ours / pc } else { 0.0 };
+                (format!("{cores:.2}"), format!("{pc:.0}"), format!("{ratio:.2}×"), format!("{syscalls:.2}"))
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {rps:.0} | {cores} | {pc} | {ratio} | {} | {syscalls} | {allocations} | {} |",
+                t.name,
+                ms(latency),
+                ms(*fixed)
+            );
         }
     }
     s
@@ -175,59 +360,21 @@ pub(crate) fn machine_line() -> String {
     format!("{cores} × {cpu}, Linux {}", kernel.trim())
 }
 
-/// Runs wrk pinned to the load core; returns (requests/s, p99 latency in ms).
-fn wrk(port: u16, seconds: u64, connections: u32) -> anyhow::Result<(f64, f64)> {
-    let out = Command::new("taskset")
-        .args(["-c", LOAD_CORE, "wrk", "-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .output()
-        .context("run wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    }
-    if text.contains("Non-2xx") || text.contains("Socket errors") {
-        bail!("wrk saw errors against port {port}:\n{text}");
-    }
-    let rps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))?;
-    let p99 =
-        text.lines().find_map(|l| l.trim().strip_prefix("99%")).map(|v| parse_latency_ms(v.trim())).unwrap_or(f64::NAN);
-    Ok((rps, p99))
-}
-
-fn parse_latency_ms(v: &str) -> f64 {
-    let (num, mult) = if let Some(n) = v.strip_suffix("us") {
-        (n, 0.001)
-    } else if let Some(n) = v.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = v.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        (v, 1.0)
-    };
-    num.parse::<f64>().map(|x| x * mult).unwrap_or(f64::NAN)
-}
-
-fn start_speedmimi(bin: &Path, dir: &Path) -> anyhow::Result<Child> {
+fn start_speedmimi(bin: &Path, dir: &Path, setup: Setup) -> anyhow::Result<Child> {
     let config = dir.join("speedmimi.yaml");
     fs::write(
         &config,
         format!(
-            "server:\n  host: 127.0.0.1\n  port: {PROXY_PORT}\nbackends:\n  b:\n    - id: b1\n      host: 127.0.0.1\n      port: {BACKEND_PORT}\nrouting:\n  all:\n    path: /\n    upstream: b\n    load_balancer: round_robin\nebpf:\n  enabled: false\n"
+            "server:\n  host: 127.0.0.1\n  port: {PROXY_PORT}\n  workers: {workers}\nadmin:\n  host: 127.0.0.1\n  port: {ADMIN_PORT}\nbackends:\n  b:\n    - id: b1\n      host: 127.0.0.1\n      port: {BACKEND_PORT}\nrouting:\n  all:\n    path: /\n    upstream: b\n    load_balancer: round_robin\nebpf:\n  enabled: false\n",
+            workers = setup.workers
         ),
     )?;
-    spawn_speedmimi(bin, &config, PROXY_CORE)
+    spawn_speedmimi(bin, &config, setup.core())
 }
 
-/// The SpeedMimi binary on `config`, pinned to `core`, logging warnings only.
-pub(crate) fn spawn_speedmimi(bin: &Path, config: &Path, core: &str) -> anyhow::Result<Child> {
-    Command::new("taskset")
-        .args(["-c", core])
-        .arg(bin)
+/// The SpeedMimi binary on `config`, pinned to `core` (if any), logging warnings only.
+pub(crate) fn spawn_speedmimi(bin: &Path, config: &Path, core: Option<&str>) -> anyhow::Result<Child> {
+    pinned(core, bin)
         .arg("--config")
         .arg(config)
         .env("RUST_LOG", "warn")
@@ -237,32 +384,45 @@ pub(crate) fn spawn_speedmimi(bin: &Path, config: &Path, core: &str) -> anyhow::
         .context("start speedmimi")
 }
 
-fn start_nginx(_bin: &Path, dir: &Path) -> anyhow::Result<Child> {
+/// `program` under `taskset -c <core>`, or on its own when `core` is None.
+fn pinned(core: Option<&str>, program: impl AsRef<OsStr>) -> Command {
+    match core {
+        Some(core) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", core]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+fn start_nginx(_bin: &Path, dir: &Path, setup: Setup) -> anyhow::Result<Child> {
     let config = dir.join("nginx.conf");
+    // More than one worker needs the master process. Responses larger than the proxy buffers
+    // stream to the client rather than through a temporary file (proxy_max_temp_file_size 0).
     fs::write(
         &config,
         format!(
-            "worker_processes 1;\ndaemon off;\nmaster_process off;\npid {pid};\nerror_log stderr error;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  upstream b {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{PROXY_PORT};\n    keepalive_requests 1000000;\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+            "worker_processes {workers};\ndaemon off;\nmaster_process {master};\npid {pid};\nerror_log stderr error;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  upstream b {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{PROXY_PORT};\n    keepalive_requests 1000000;\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_max_temp_file_size 0; }}\n  }}\n}}\n",
+            workers = setup.workers,
+            master = if setup.workers > 1 { "on" } else { "off" },
             pid = dir.join("nginx.pid").display(),
             tmp = dir.display()
         ),
     )?;
-    Command::new("taskset").args(["-c", PROXY_CORE, "nginx", "-c"]).arg(&config).spawn().context("start nginx")
+    pinned(setup.core(), "nginx").arg("-c").arg(&config).spawn().context("start nginx")
 }
 
-fn start_haproxy(_bin: &Path, dir: &Path) -> anyhow::Result<Child> {
+fn start_haproxy(_bin: &Path, dir: &Path, setup: Setup) -> anyhow::Result<Child> {
     let config = dir.join("haproxy.cfg");
     fs::write(
         &config,
         format!(
-            "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\nfrontend f\n  bind 127.0.0.1:{PROXY_PORT}\n  default_backend b\nbackend b\n  server b1 127.0.0.1:{BACKEND_PORT}\n"
+            "global\n  nbthread {workers}\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\nfrontend f\n  bind 127.0.0.1:{PROXY_PORT}\n  default_backend b\nbackend b\n  server b1 127.0.0.1:{BACKEND_PORT}\n",
+            workers = setup.workers
         ),
     )?;
-    Command::new("taskset")
-        .args(["-c", PROXY_CORE, "haproxy", "-db", "-f"])
-        .arg(&config)
-        .spawn()
-        .context("start haproxy")
+    pinned(setup.core(), "haproxy").arg("-db").arg("-f").arg(&config).spawn().context("start haproxy")
 }
 
 /// The process and its descendants (nginx and haproxy may fork).
@@ -304,6 +464,28 @@ pub(crate) fn ensure_packages(pkgs: &[&str]) -> anyhow::Result<()> {
 pub(crate) fn build_release() -> anyhow::Result<PathBuf> {
     workspace::run_checked(workspace::cargo().args(["build", "--release", "-p", "speedmimi"]))?;
     Ok(workspace::target_dir().join("release/speedmimi"))
+}
+
+/// xtask with the release profile, for the open-loop peer: a dev build spends ten times the user
+/// CPU per request on the core the peer shares with the backend.
+fn build_peer() -> anyhow::Result<PathBuf> {
+    workspace::run_checked(workspace::cargo().args(["build", "--release", "-p", "xtask"]))?;
+    Ok(workspace::target_dir().join("release/xtask"))
+}
+
+/// SpeedMimi with its allocation counter (`count-allocs`), in a target directory of its own so
+/// the two builds do not replace each other.
+fn build_counting() -> anyhow::Result<PathBuf> {
+    let target = workspace::target_dir().join("bench-alloc");
+    workspace::run_checked(workspace::cargo().env("CARGO_TARGET_DIR", &target).args([
+        "build",
+        "--release",
+        "-p",
+        "speedmimi",
+        "--features",
+        "count-allocs",
+    ]))?;
+    Ok(target.join("release/speedmimi"))
 }
 
 pub(crate) fn stop(child: &mut Child) {

@@ -2,7 +2,8 @@
 //! pinned to the load core: a backend that answers a WebSocket upgrade with 101 and then echoes or
 //! discards raw bytes, and the clients (ping-pong latency, pushing streams, idle flows). After the
 //! 101 no WebSocket framing is spoken: the bytes are opaque to every proxy. Peers talk to the
-//! orchestrator in lines on stdin/stdout and exit when their stdin closes.
+//! orchestrator in lines on stdin/stdout and exit when their stdin closes. `bench http`'s
+//! fixed-rate load generator (`open-loop`) is one too: it prints one line and exits.
 
 use std::{
     io::{self, BufRead, Read, Write},
@@ -17,6 +18,8 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::open_loop;
 
 /// The RFC 6455 example key and its accept value: every flow uses them.
 const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -82,6 +85,8 @@ pub enum Role {
         #[arg(long)]
         flows: usize,
     },
+    /// `bench http`'s fixed-rate load (see `open_loop`): runs for its time and exits.
+    OpenLoop(open_loop::Load),
 }
 
 pub fn run(role: Role) -> anyhow::Result<()> {
@@ -90,6 +95,7 @@ pub fn run(role: Role) -> anyhow::Result<()> {
         Role::Ping { port, count, size } => ping(port, count, size as usize),
         Role::Push { port, flows } => push(port, flows),
         Role::Idle { port, flows } => idle(port, flows),
+        Role::OpenLoop(load) => open_loop::run(&load),
     }
 }
 

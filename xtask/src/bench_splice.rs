@@ -9,7 +9,7 @@ use std::{
     fmt::Write as _,
     fs,
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::TcpStream,
     path::{Path, PathBuf},
     process::{ChildStdin, Command, Stdio},
     sync::mpsc::{self, RecvTimeoutError},
@@ -21,7 +21,7 @@ use anyhow::{Context, bail};
 
 use crate::{
     bench::{self, Guard, LOAD_CORE, PROXY_CORE},
-    build_ebpf, workspace,
+    bench_probe, build_ebpf, workspace,
 };
 
 const PROXY_PORT: u16 = 18180;
@@ -311,18 +311,7 @@ fn rss_kib(root: u32) -> u64 {
 
 /// A metric from SpeedMimi's `/metrics`, summed over its label sets (None when absent).
 fn metric(name: &str) -> anyhow::Result<Option<u64>> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, ADMIN_PORT));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).context("connect to the admin API")?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).context("read /metrics")?;
-    let values: Vec<u64> = text
-        .lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    Ok((!values.is_empty()).then(|| values.iter().sum()))
+    bench_probe::admin_metric(ADMIN_PORT, name)
 }
 
 /// The backend's control connection: the total of bytes its sinks received.
@@ -446,7 +435,7 @@ fn start_speedmimi(bin: &Path, dir: &Path, splice: bool, budget: &str) -> anyhow
             "server:\n  host: 127.0.0.1\n  port: {PROXY_PORT}\n  workers: 1\nadmin:\n  host: 127.0.0.1\n  port: {ADMIN_PORT}\nbackends:\n  b:\n    - id: b1\n      host: 127.0.0.1\n      port: {BACKEND_PORT}\n      max_conn: 100000\nrouting:\n  all:\n    path: /\n    upstream: b\nebpf:\n  enabled: true\n  splice: {splice}\n  splice_budget: {budget}\n"
         ),
     )?;
-    crate::bench::spawn_speedmimi(bin, &config, PROXY_CORE)
+    crate::bench::spawn_speedmimi(bin, &config, Some(PROXY_CORE))
 }
 
 fn start_nginx(dir: &Path) -> anyhow::Result<std::process::Child> {

@@ -3,10 +3,12 @@
 mod bench;
 mod bench_l4;
 mod bench_peer;
+mod bench_probe;
 mod bench_splice;
 mod build_ebpf;
 mod fuzz;
 mod lab;
+mod open_loop;
 mod run;
 mod test;
 mod workspace;
@@ -48,7 +50,7 @@ enum Command {
         #[command(subcommand)]
         which: BenchKind,
     },
-    /// The load generator and backend of `bench splice`, run as pinned child processes.
+    /// The load generators and backend of `bench splice` and `bench http`, run as pinned child processes.
     #[command(hide = true)]
     BenchPeer {
         #[command(subcommand)]
@@ -96,7 +98,9 @@ const LAB_PREFIX: &str = "smlab";
 
 #[derive(Debug, Subcommand)]
 enum BenchKind {
-    /// HTTP/1.1 keep-alive small responses: SpeedMimi, HAProxy, nginx and direct.
+    /// HTTP/1.1 through SpeedMimi, HAProxy, nginx and direct: small, 10 KiB and 1 MiB responses, a 4 KiB
+    /// POST and a connection per request; throughput per proxy core, latency (also at a fixed rate),
+    /// syscalls and SpeedMimi's allocations per request.
     Http {
         /// Interleaved rounds (medians are reported).
         #[arg(long, default_value_t = 3)]
@@ -107,6 +111,10 @@ enum BenchKind {
         /// Concurrent client connections.
         #[arg(long, default_value_t = 50)]
         connections: u32,
+        /// Two workers per proxy, not pinned (SpeedMimi server.workers, HAProxy nbthread, nginx
+        /// worker_processes), instead of one pinned to core 0.
+        #[arg(long)]
+        two_workers: bool,
     },
     /// Upgraded (WebSocket) flows: SpeedMimi spliced and copied, nginx, HAProxy with and without
     /// splice, and direct: ping-pong latency, CPU per GB, bulk throughput, memory per idle flow.
@@ -156,8 +164,8 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Run { release: _, debug, args } => run::run(!debug, &args),
         Command::Test { args } => test::test(&args),
         Command::Fuzz { time, targets } => fuzz::fuzz(&fuzz::Options { time, targets }),
-        Command::Bench { which: BenchKind::Http { rounds, seconds, connections } } => {
-            bench::http(&bench::Options { rounds, seconds, connections })?;
+        Command::Bench { which: BenchKind::Http { rounds, seconds, connections, two_workers } } => {
+            bench::http(&bench::Options { rounds, seconds, connections, two_workers })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { which: BenchKind::Splice { rounds, seconds, pings, streams, idle_flows, splice_budget } } => {

@@ -202,5 +202,10 @@ pub fn text(state: &State) -> String {
     for b in &backends {
         histogram(&mut out, "speedmimi_request_duration_seconds", &label(b), &b.traffic.latency);
     }
+    #[cfg(feature = "count-allocs")]
+    {
+        family(&mut out, "speedmimi_allocations_total", "counter", "Heap allocations by every thread (bench build).");
+        let _ = writeln!(out, "speedmimi_allocations_total {}", crate::alloc_count::total());
+    }
     out
 }
