@@ -12,11 +12,15 @@
 //!   choose the client address, and every hop-by-hop header, and every header `Connection`
 //!   names, is gone;
 //! - host routing (`Snapshot::route`) of the admitted request agrees with a plain model of the
-//!   rules (longest prefix, host-specific first, port ignored, `*.suffix`).
+//!   rules (longest prefix, host-specific first, port ignored, `*.suffix`);
+//! - the own HTTP/1 engine (`proxy/h1.rs`): a head it serves itself goes to the backend with the
+//!   same method and target, as HTTP/1.1, and with the very fields the hyper path would send
+//!   (hop-by-hop removal, then the forwarded headers, for trusted and untrusted peers).
 #![no_main]
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, OnceLock},
 };
 
@@ -25,7 +29,7 @@ use libfuzzer_sys::fuzz_target;
 use speedmimi::{
     config::Config,
     datapath::Userspace,
-    fuzzing::{admit_host, framing_flagged, sniff},
+    fuzzing::{admit_host, framing_flagged, h1_upstream_head, sniff},
     proxy::headers::{Forwarded, canonical, client_ip, is_trusted, set_forwarded, strip_hop_by_hop},
     state::State,
 };
@@ -60,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
     let (seed, data) = (u16::from_le_bytes([data[0], data[1]]), &data[2..]);
     sniffing(seed, data);
     framing(seed, data);
+    own_engine(seed, data);
 
     let mut storage = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut storage);
@@ -227,4 +232,56 @@ fn routing(host: Option<&str>, path: &str) {
         ""
     };
     assert_eq!(got.unwrap_or(""), want, "host {host:?} path {path:?}");
+}
+
+/// The own HTTP/1 engine's upstream head against the hyper path's edits of the same head.
+fn own_engine(seed: u16, data: &[u8]) {
+    static ENGINE: OnceLock<Arc<State>> = OnceLock::new();
+    let engine = ENGINE.get_or_init(|| {
+        let config = Config::parse(ROUTES).expect("the routing config is valid");
+        Arc::new(State::new(config, Arc::new(Userspace)).expect("state"))
+    });
+    let peers: [IpAddr; 5] = [
+        Ipv4Addr::new(10, 0, 0, 7).into(),
+        Ipv4Addr::new(192, 0, 2, 9).into(),
+        Ipv6Addr::LOCALHOST.into(),
+        Ipv4Addr::new(10, 0, 0, 8).to_ipv6_mapped().into(),
+        Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into(),
+    ];
+    let peer = SocketAddr::new(peers[seed as usize % peers.len()], 40000);
+    let Some(out) = h1_upstream_head(engine, peer, data) else { return };
+
+    let mut storage = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut storage);
+    assert!(matches!(req.parse(data), Ok(httparse::Status::Complete(_))), "served a head httparse does not take");
+    let mut sent = [httparse::EMPTY_HEADER; 80];
+    let mut up = httparse::Request::new(&mut sent);
+    let parsed = up.parse(&out);
+    assert!(matches!(parsed, Ok(httparse::Status::Complete(n)) if n == out.len()), "{:?}", String::from_utf8_lossy(&out));
+    assert_eq!((up.method, up.path, up.version), (req.method, req.path, Some(1)));
+
+    // What the hyper path sends for the same head.
+    let settings = &engine.snapshot().settings;
+    let mut model = HeaderMap::new();
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).expect("served a head with a name hyper refuses");
+        let value = HeaderValue::from_bytes(h.value).expect("served a head with a value hyper refuses");
+        model.append(name, value);
+    }
+    let trusted = is_trusted(peer.ip(), &settings.trusted_proxies);
+    let client = client_ip(peer.ip(), trusted, &model, &settings.real_ip_header);
+    strip_hop_by_hop(&mut model, false, false);
+    let peer_value = HeaderValue::try_from(canonical(peer.ip()).to_string()).expect("an address");
+    let forwarded = Forwarded { peer: &peer_value, trusted, client, proto: "http" };
+    set_forwarded(&mut model, &forwarded, &settings.real_ip_header);
+
+    let mut want: BTreeMap<String, Vec<&[u8]>> = BTreeMap::new();
+    for (name, value) in &model {
+        want.entry(name.as_str().to_owned()).or_default().push(value.as_bytes());
+    }
+    let mut got: BTreeMap<String, Vec<&[u8]>> = BTreeMap::new();
+    for h in up.headers.iter() {
+        got.entry(h.name.to_ascii_lowercase()).or_default().push(h.value);
+    }
+    assert_eq!(got, want, "the engines send different fields for {:?}", String::from_utf8_lossy(data));
 }

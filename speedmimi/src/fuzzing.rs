@@ -88,3 +88,13 @@ pub fn h1_chunked<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> (Result<boo
     }
     (r, data, d.done_exactly())
 }
+
+/// The own HTTP/1 engine's head for the backend, made from a client's request head from
+/// `peer` on the HTTP listener; None when the engine leaves the request to hyper.
+pub fn h1_upstream_head(
+    state: &std::sync::Arc<crate::state::State>,
+    peer: std::net::SocketAddr,
+    head: &[u8],
+) -> Option<Vec<u8>> {
+    crate::proxy::h1::upstream_head(state, peer, head)
+}

@@ -105,7 +105,9 @@ where
     let mut b = Buffers { input: Vec::with_capacity(4096), ..Default::default() };
     loop {
         // The next head, whole; the connection's deadline for it is `io`'s (408 or close).
-        while !head_complete(&b.input[b.pos..]) {
+        // Each byte is looked at once however the head trickles in.
+        let mut scanned = 0;
+        while !head_complete(&b.input[b.pos..], &mut scanned) {
             if b.input.len() - b.pos >= max_head {
                 return hand_over(io, handler, &b);
             }
@@ -139,11 +141,18 @@ where
 }
 
 /// Whether `buf` starts with a whole head: its first empty line (CRLF or bare LF, as httparse
-/// reads them) has arrived. Blank lines before a request line are skipped by httparse too.
-fn head_complete(buf: &[u8]) -> bool {
+/// reads them) has arrived. Blank lines before a request line are skipped, as httparse skips
+/// them. `scanned`: how much of `buf` an earlier call found no end in (updated).
+fn head_complete(buf: &[u8], scanned: &mut usize) -> bool {
     let start = buf.iter().position(|&c| c != b'\r' && c != b'\n').unwrap_or(buf.len());
-    let buf = &buf[start..];
-    buf.windows(2).enumerate().any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && buf.get(i + 2) == Some(&b'\n')))
+    // An end may straddle what was scanned and what came since: look back two bytes.
+    let from = (*scanned).saturating_sub(2).max(start);
+    let found = buf[from..]
+        .windows(2)
+        .enumerate()
+        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && buf.get(from + i + 2) == Some(&b'\n')));
+    *scanned = buf.len();
+    found
 }
 
 /// Drops the bytes of requests already served.
@@ -254,6 +263,20 @@ where
         log.log(line.finish(status, sent, id, started));
     }
     outcome
+}
+
+/// `prepare` on one request head from `peer` on the HTTP listener: the upstream head, or None
+/// when the engine leaves the request to hyper. For the fuzz targets.
+pub(crate) fn upstream_head(
+    state: &Arc<crate::state::State>,
+    peer: std::net::SocketAddr,
+    head: &[u8],
+) -> Option<Vec<u8>> {
+    let activity = super::activity::Activity::new(tokio::time::Instant::now());
+    let handler = Handler::new(state.clone(), peer, super::service::Listener::Http, None, None, activity);
+    let snap = state.snapshot();
+    let mut b = Buffers { input: head.to_vec(), ..Default::default() };
+    prepare(&handler, &snap, &mut b).map(|_| b.out)
 }
 
 /// Checks the head at `b.pos` and writes the request's upstream head to `b.out`; None when
@@ -1139,10 +1162,19 @@ mod tests {
 
     #[test]
     fn a_head_is_complete_at_its_first_empty_line() {
-        assert!(head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
-        assert!(head_complete(b"\r\nGET / HTTP/1.1\nHost: a\n\n"));
-        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n"));
-        assert!(!head_complete(b"\r\n\r\n"));
+        let whole = |b: &[u8]| head_complete(b, &mut 0);
+        assert!(whole(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(whole(b"\r\nGET / HTTP/1.1\nHost: a\n\n"));
+        assert!(!whole(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!whole(b"\r\n\r\n"));
+        // However it trickles in, byte by byte or in pieces, the end is found where it is.
+        let head = b"\r\nGET / HTTP/1.1\r\nHost: a\r\nX: y\r\n\r\n";
+        for step in 1..head.len() {
+            let mut scanned = 0;
+            let ends: Vec<usize> = (1..=head.len()).filter(|&n| n % step == 0 || n == head.len()).collect();
+            let first = ends.iter().find(|&&n| head_complete(&head[..n], &mut scanned));
+            assert_eq!(first, Some(&head.len()), "in pieces of {step}");
+        }
     }
 
     #[test]
