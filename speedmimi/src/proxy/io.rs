@@ -65,10 +65,20 @@ impl Http1Watch {
             return false;
         };
         let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        if timer.deadline() != due {
+        // The deadline moves on with every request: a timer set for an earlier one is left to
+        // fire and then set again, rather than moved in the timer wheel at every request.
+        if timer.deadline() > due {
             timer.as_mut().reset(due);
         }
-        timer.as_mut().poll(cx).is_ready()
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if timer.deadline() >= due {
+                return true;
+            }
+            timer.as_mut().reset(due);
+        }
     }
 }
 
