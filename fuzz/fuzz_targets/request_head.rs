@@ -105,10 +105,10 @@ fn sniffing(seed: u16, data: &[u8]) {
         None => assert!(PREFACE.starts_with(data), "sniffing gave up on a client whose bytes told"),
         Some((http1, told, rest)) => {
             assert_eq!([&told[..], &rest[..]].concat(), data, "sniffing lost or reordered bytes");
-            assert!(told.len() <= PREFACE.len(), "sniffing read {} bytes", told.len());
+            assert!(!told.is_empty(), "sniffing told from no byte");
             match http1 {
-                true => assert!(!PREFACE.starts_with(&told), "{told:?} taken for HTTP/1"),
-                false => assert_eq!(&told[..], PREFACE, "h2c without its preface"),
+                true => assert!(!told.starts_with(PREFACE) && !PREFACE.starts_with(&told), "{told:?} taken for HTTP/1"),
+                false => assert!(told.starts_with(PREFACE), "h2c without its preface"),
             }
         }
     }
@@ -251,10 +251,11 @@ fn own_engine(seed: u16, data: &[u8]) {
     let peer = SocketAddr::new(peers[seed as usize % peers.len()], 40000);
     let Some(out) = h1_upstream_head(engine, peer, data) else { return };
 
-    let mut storage = [httparse::EMPTY_HEADER; 64];
+    // The engine takes up to 100 fields, as hyper does.
+    let mut storage = [httparse::EMPTY_HEADER; 100];
     let mut req = httparse::Request::new(&mut storage);
     assert!(matches!(req.parse(data), Ok(httparse::Status::Complete(_))), "served a head httparse does not take");
-    let mut sent = [httparse::EMPTY_HEADER; 80];
+    let mut sent = [httparse::EMPTY_HEADER; 110];
     let mut up = httparse::Request::new(&mut sent);
     let parsed = up.parse(&out);
     assert!(matches!(parsed, Ok(httparse::Status::Complete(n)) if n == out.len()), "{:?}", String::from_utf8_lossy(&out));

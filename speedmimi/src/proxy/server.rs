@@ -162,25 +162,25 @@ struct Builders {
 }
 
 /// Prior-knowledge h2c starts with `PRI * HTTP/2.0`; anything else is HTTP/1. Returns which,
-/// and the bytes read to tell (at most 14), which `ClientIo` replays to hyper. They are read,
-/// not peeked: a peek of bytes already there is always ready and never sees the FIN, so a peer
-/// that sent `PRI` and left would be polled forever. None: the client left, or had not told us
-/// by `deadline`.
+/// and the bytes read to tell, which `ClientIo` replays to hyper or the own HTTP/1 engine. A
+/// read takes what has arrived, up to 2 KiB: a request head that came whole needs no second
+/// read. They are read, not peeked: a peek of bytes already there is always ready and never
+/// sees the FIN, so a peer that sent `PRI` and left would be polled forever. None: the client
+/// left, or had not told us by `deadline`.
 pub(crate) async fn sniff_http1<S: AsyncRead + Unpin>(stream: &mut S, deadline: Instant) -> Option<(bool, Bytes)> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0";
-    let mut buf = [0u8; PREFACE.len()];
-    let mut len = 0;
+    let mut buf = bytes::BytesMut::with_capacity(2048);
     loop {
-        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf[len..])).await.ok()?.ok()?;
+        let n = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await.ok()?.ok()?;
         if n == 0 {
             return None;
         }
-        len += n;
-        if buf[..len] != PREFACE[..len] {
-            return Some((true, Bytes::copy_from_slice(&buf[..len])));
+        let k = buf.len().min(PREFACE.len());
+        if buf[..k] != PREFACE[..k] {
+            return Some((true, buf.freeze()));
         }
-        if len == PREFACE.len() {
-            return Some((false, Bytes::copy_from_slice(&buf)));
+        if buf.len() >= PREFACE.len() {
+            return Some((false, buf.freeze()));
         }
     }
 }
