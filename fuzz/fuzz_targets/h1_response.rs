@@ -1,4 +1,4 @@
-//! Fuzz target: how the proxy's own HTTP/1 engine (`proxy/h1.rs`) reads a backend's answer.
+//! Fuzz target: how the proxy's own HTTP/1 engine (`proxy/h1/`) reads a backend's answer.
 //! - the response head rewrite: a head it accepts goes to the client as a head httparse reads
 //!   whole, with the same status, no hop-by-hop field but the framing and close it adds itself,
 //!   none of the names the backend's `Connection` listed, and a `Date`; the body is re-chunked

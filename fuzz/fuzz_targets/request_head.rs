@@ -13,7 +13,7 @@
 //!   names, is gone;
 //! - host routing (`Snapshot::route`) of the admitted request agrees with a plain model of the
 //!   rules (longest prefix, host-specific first, port ignored, `*.suffix`);
-//! - the own HTTP/1 engine (`proxy/h1.rs`): a head it serves itself goes to the backend with the
+//! - the own HTTP/1 engine (`proxy/h1/`): a head it serves itself goes to the backend with the
 //!   same method and target, as HTTP/1.1, and with the very fields the hyper path would send
 //!   (hop-by-hop removal, then the forwarded headers, for trusted and untrusted peers).
 #![no_main]

@@ -136,6 +136,7 @@ impl Proxy {
             let listeners = Listeners { http, grpc, https, admin: Some(admin) };
             speedmimi::run_with(config, listeners, datapath, wait, None).await.expect("speedmimi run");
         });
+        wait_serving(admin_addr, &task).await;
         Proxy { addr, grpc: grpc_addr, https: https_addr, admin: admin_addr, stop, task: Some(task) }
     }
 
@@ -160,6 +161,26 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.fire();
+    }
+}
+
+/// Waits (at most 10 s) until the daemon answers on its admin listener: its listeners are bound
+/// before `run_with` has read its config's files (certificates), and a test that changes them at
+/// once must not race that startup. Returns early if the daemon stopped.
+async fn wait_serving(admin: SocketAddr, task: &tokio::task::JoinHandle<()>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline && !task.is_finished() {
+        let answered = tokio::time::timeout(Duration::from_millis(500), async {
+            let mut s = TcpStream::connect(admin).await.ok()?;
+            s.write_all(b"GET /api/v1/stats/server HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.ok()?;
+            let mut first = [0u8; 1];
+            (s.read(&mut first).await.ok()? > 0).then_some(())
+        })
+        .await;
+        if let Ok(Some(())) = answered {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
