@@ -68,6 +68,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, keep_te_tra
     }
 }
 
+/// Whether a field value contains `needle`, ASCII case ignored (`application/grpc`,
+/// `websocket`, `text/event-stream` in the fields that name a request's kind).
+pub fn contains_ignore_case(value: &[u8], needle: &[u8]) -> bool {
+    value.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+}
+
 pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
     let peer = canonical(peer);
     trusted.iter().any(|n| n.contains(&peer))

@@ -437,7 +437,7 @@ fn origin_form(uri: &Uri) -> Uri {
 fn protocol_of<B>(req: &Request<B>, listener: Listener) -> Protocol {
     let h = req.headers();
     let has = |name: header::HeaderName, needle: &[u8]| {
-        h.get(name).is_some_and(|v| v.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle)))
+        h.get(name).is_some_and(|v| headers::contains_ignore_case(v.as_bytes(), needle))
     };
     if listener == Listener::Grpc || has(header::CONTENT_TYPE, b"application/grpc") {
         Protocol::Grpc

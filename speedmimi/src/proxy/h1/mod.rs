@@ -255,9 +255,10 @@ where
         }
         Reply::Relay(relay) => {
             let sent = relay.sent_length();
-            let backend = relay.guard.backend().clone();
+            // Kept only for the access log: no reference count taken per request otherwise.
+            let backend = p.line.as_ref().map(|_| relay.guard.backend().clone());
             let ok = relay.run(io, &mut b.out, &mut b.upstream).await;
-            (if ok && !p.close { Step::Next } else { Step::Close }, sent, Some(backend))
+            (if ok && !p.close { Step::Next } else { Step::Close }, sent, backend)
         }
     };
     if let (Some(log), Some(line)) = (&state.access_log, p.line) {

@@ -83,8 +83,8 @@ pub(super) fn prepare<'s>(handler: &Handler, snap: &'s Snapshot, b: &mut Buffers
         } else if ["transfer-encoding", "upgrade", "expect", "http2-settings"]
             .iter()
             .any(|n| name.eq_ignore_ascii_case(n))
-            || (name.eq_ignore_ascii_case("content-type") && contains_ignore_case(value, b"application/grpc"))
-            || (name.eq_ignore_ascii_case("accept") && contains_ignore_case(value, b"text/event-stream"))
+            || (name.eq_ignore_ascii_case("content-type") && headers::contains_ignore_case(value, b"application/grpc"))
+            || (name.eq_ignore_ascii_case("accept") && headers::contains_ignore_case(value, b"text/event-stream"))
         {
             return None;
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
@@ -185,7 +185,8 @@ fn put_forwarded(
                 out.extend_from_slice(prev);
                 true
             }
-            _ if !client_is(client, peer) => {
+            // The peer's header value is `canonical(peer)` formatted.
+            _ if client != headers::canonical(handler.peer.ip()) => {
                 let _ = write!(out, "{client}");
                 true
             }
@@ -194,10 +195,8 @@ fn put_forwarded(
         if chain {
             out.extend_from_slice(b", ");
         }
-        out.extend_from_slice(peer);
-    } else {
-        out.extend_from_slice(peer);
     }
+    out.extend_from_slice(peer);
     out.extend_from_slice(b"\r\n");
     if !proto_kept {
         out.extend_from_slice(b"x-forwarded-proto: ");
@@ -220,11 +219,6 @@ fn put_forwarded(
     put_client(b"x-real-ip");
 }
 
-/// Whether `client` formats as the peer's header value.
-fn client_is(client: IpAddr, peer: &[u8]) -> bool {
-    std::str::from_utf8(peer).ok().and_then(|p| p.parse::<IpAddr>().ok()) == Some(client)
-}
-
 pub(super) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -235,10 +229,6 @@ pub(super) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// The hop-by-hop fields `headers::strip_hop_by_hop` removes, in any case.
 pub(super) fn is_hop_by_hop(name: &str) -> bool {
     headers::HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
-}
-
-fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// An origin-form target of characters any URI parser accepts unescaped (RFC 3986 `pchar`,
