@@ -825,6 +825,8 @@ async fn stalled_connections_are_closed_in_every_state() {
         ("a request line only", b"GET / HTTP/1.1\r\n", Ending::Timeout408),
         ("an idle keep-alive connection", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Ending::Closed),
         ("half a second head", b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n", Ending::Closed),
+        // The own HTTP/1 engine reads a short body whole before a backend is picked.
+        ("half a body", b"POST /half-body HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc", Ending::Timeout408),
     ];
     let started = Instant::now();
     // Generous: the rule is `read_timeout`; the rest is a noisy machine's slack.
@@ -860,6 +862,8 @@ async fn stalled_connections_are_closed_in_every_state() {
     assert!(failed.is_empty(), "{failed:#?}");
     // The half-finished keep-alive connection still had its first request served.
     assert!(backend.seen().len() >= 2, "{:?}", backend.seen());
+    // A body that never came whole reached no backend.
+    assert!(!backend.seen().iter().any(|r| r.head.contains("/half-body")), "{:?}", backend.seen());
 }
 
 /// Sockets on `port` in CLOSE-WAIT (the peer left, we did not close).
