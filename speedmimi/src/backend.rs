@@ -3,8 +3,12 @@
 //! the routing snapshot, so in-flight counts and health survive config changes.
 
 pub mod health;
+pub mod latency;
+pub mod outlier;
 
 pub use health::{Health, HealthSnapshot};
+pub use latency::PeakEwma;
+pub use outlier::{Standing, Verdict};
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -63,8 +67,10 @@ pub struct Backend {
     pub checked_up: AtomicBool,
     /// The active checker's record behind `checked_up` (counts, last error), for the admin API.
     pub health: health::Health,
-    /// EWMA of response-head latency in µs (0 = no sample yet).
-    latency_ewma_us: AtomicU64,
+    /// Peak-EWMA of response-head latency (`performance`).
+    pub latency: PeakEwma,
+    /// Outlier ejection and slow start.
+    pub standing: Standing,
     /// Score from the last performance report, ×1e6 (1e6 = neutral), and when it came.
     report_score: AtomicU32,
     report_at_ms: AtomicU64,
@@ -98,7 +104,8 @@ impl Backend {
             down_until: AtomicU64::new(0),
             checked_up: AtomicBool::new(true),
             health: health::Health::default(),
-            latency_ewma_us: AtomicU64::new(0),
+            latency: PeakEwma::default(),
+            standing: Standing::default(),
             report_score: AtomicU32::new(NEUTRAL),
             report_at_ms: AtomicU64::new(0),
             last_report: ArcSwapOption::empty(),
@@ -119,15 +126,18 @@ impl Backend {
         until == 0 || now_ms() >= until
     }
 
-    /// Eligible for one more request now: up and below `max_conn`.
+    /// Eligible for one more request now: up, not ejected as an outlier, and below `max_conn`.
     pub fn accepts(&self) -> bool {
-        self.is_up() && self.inflight.load(Relaxed) < self.max_conn.load(Relaxed)
+        self.is_up() && self.inflight.load(Relaxed) < self.max_conn.load(Relaxed) && !self.standing.ejected()
     }
 
     /// Takes new settings (same address): weights, limits and health settings change in place,
-    /// so in-flight counts and health state carry over.
+    /// so in-flight counts and health state carry over. A backend switched back on ramps up.
     pub fn apply_conf(&self, conf: &BackendSection) {
         self.weight.store(conf.weight, Relaxed);
+        if conf.active && !self.active.swap(conf.active, Relaxed) {
+            self.standing.ramp_after(now_ms());
+        }
         self.active.store(conf.active, Relaxed);
         self.max_conn.store(conf.max_conn, Relaxed);
         self.conf.store(std::sync::Arc::new(conf.clone()));
@@ -146,7 +156,9 @@ impl Backend {
         if n >= conf.max_fails {
             let was_in = self.passive_ok();
             let cooldown = conf.fail_timeout.get();
-            self.down_until.store(now_ms() + cooldown.as_millis() as u64, Relaxed);
+            let until = now_ms() + cooldown.as_millis() as u64;
+            self.down_until.store(until, Relaxed);
+            self.standing.ramp_after(until);
             self.fails.store(0, Relaxed);
             if was_in {
                 tracing::warn!(upstream = %self.upstream, backend = %self.id, failures = n,
@@ -166,16 +178,9 @@ impl Backend {
         }
     }
 
-    /// Feeds one response-head latency into the EWMA (weight 1/8; lossy under races, by design).
+    /// Feeds one response-head latency into the peak-EWMA.
     pub fn observe_latency(&self, d: Duration) {
-        let sample = d.as_micros().min(u64::MAX as u128) as u64;
-        let old = self.latency_ewma_us.load(Relaxed);
-        let new = if old == 0 { sample.max(1) } else { (old * 7 + sample) / 8 };
-        self.latency_ewma_us.store(new.max(1), Relaxed);
-    }
-
-    pub fn latency_ewma_us(&self) -> u64 {
-        self.latency_ewma_us.load(Relaxed)
+        self.latency.observe(d, Instant::now());
     }
 
     /// Records a performance report.

@@ -2,6 +2,7 @@
 //! every bad field with its path, and the validated `Config` the daemon runs on.
 
 pub mod limits;
+mod upstream;
 mod values;
 
 use std::{
@@ -14,6 +15,7 @@ use std::{
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+pub use upstream::{OutlierSection, RetrySection, UpstreamSection};
 pub use values::{ByteSize, Dur};
 
 /// Why a config was rejected. Display gives what an operator needs to fix it.
@@ -57,6 +59,9 @@ pub struct FileConfig {
     pub ssl: SslSection,
     /// Upstream name -> its backends.
     pub backends: BTreeMap<String, Vec<BackendSection>>,
+    /// Upstream name -> how it treats its backends (slow start, ejection, retries); optional.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstreams: BTreeMap<String, UpstreamSection>,
     /// Route name -> route.
     pub routing: BTreeMap<String, RouteSection>,
     #[serde(default)]
@@ -451,6 +456,11 @@ impl Config {
         let file: FileConfig = serde_yaml::from_str(text)?;
         file.validate()
     }
+
+    /// `upstreams.<name>`, or the defaults when it is not written.
+    pub fn upstream(&self, name: &str) -> UpstreamSection {
+        self.file.upstreams.get(name).cloned().unwrap_or_default()
+    }
 }
 
 impl FileConfig {
@@ -503,6 +513,13 @@ impl FileConfig {
                 }
                 out.extend(b.problems().into_iter().map(|(field, msg)| (format!("{at}.{field}"), msg)));
             }
+        }
+        for (up, section) in &self.upstreams {
+            let at = format!("upstreams.{up}");
+            if !self.backends.contains_key(up) {
+                out.push((at.clone(), "no such upstream in backends".into()));
+            }
+            out.extend(section.problems().into_iter().map(|(field, msg)| (format!("{at}.{field}"), msg)));
         }
         out
     }

@@ -14,13 +14,14 @@ use speedmimi_common::maglev::Member;
 
 use crate::{
     access_log::AccessLog,
-    backend::Backend,
+    backend::{Backend, Verdict, now_ms},
     balance::{self, Backends, Balancer},
     command::Command,
-    config::{Algorithm, BackendSection, Config, ConfigError, FileConfig},
+    config::{Algorithm, BackendSection, Config, ConfigError, FileConfig, UpstreamSection},
     datapath::Datapath,
     stats::{RouteBackendStats, ServerStats},
     tls::{TlsError, TlsState},
+    upstream::RetryBudget,
 };
 
 /// Why a change (or the startup config) could not be applied. Nothing changed.
@@ -60,6 +61,25 @@ pub struct Upstream {
     /// Backends removed since startup, still holding their Maglev places as down backends, so
     /// that a removal moves only the removed backend's clients (`ip_hash` and XDP rings).
     pub ghosts: Arc<[Member]>,
+    /// `upstreams.<name>` (defaults when not written).
+    pub conf: UpstreamSection,
+    /// Kept across rebuilds, like the backends.
+    pub budget: Arc<RetryBudget>,
+}
+
+impl Upstream {
+    /// A backend of this upstream failed (a 5xx, a connect failure, a reset): outlier ejection
+    /// may take it out.
+    pub fn failed(&self, b: &Backend) {
+        let peers = self.backends.len();
+        match b.standing.failure(peers, || self.backends.iter().filter(|x| x.standing.ejected()).count()) {
+            Verdict::Ejected { ms, nth } => tracing::warn!(upstream = %self.name, backend = %b.id,
+                ejected_for = ?Duration::from_millis(ms), ejections_in_a_row = nth, "backend ejected: failures in a row"),
+            Verdict::Spared => tracing::debug!(upstream = %self.name, backend = %b.id,
+                "backend not ejected: the upstream has its most ejected already"),
+            Verdict::Kept => {}
+        }
+    }
 }
 
 pub struct Route {
@@ -75,17 +95,33 @@ pub struct Route {
 
 impl Route {
     /// The route's balancer for this kind of request, over backends that accept one more
-    /// (`skip`: one that just failed); the backend and its index in the upstream.
-    pub fn pick(&self, protocol: Protocol, hash: u64, skip: Option<&Backend>) -> Option<(usize, Arc<Backend>)> {
-        let accept = &mut |b: &Backend| b.accepts() && !skip.is_some_and(|s| std::ptr::eq(s, b));
-        let i = self.balancer(protocol).pick(hash, accept)?;
+    /// (`skip`: those this request already tried); the backend and its index in the upstream.
+    /// A backend in its slow start takes a pick only with its current share (for `ip_hash`
+    /// decided by the client's hash, so a client moves to it once), unless no other takes it.
+    pub fn pick(&self, protocol: Protocol, hash: u64, skip: &[Arc<Backend>]) -> Option<(usize, Arc<Backend>)> {
+        let balancer = self.balancer(protocol);
+        let fresh = |b: &Backend| b.accepts() && !skip.iter().any(|s| std::ptr::eq(&**s, b));
+        let draw = || match balancer.sticky() {
+            true => (hash >> 11) as f64 / (1u64 << 53) as f64,
+            false => (balance::random() >> 11) as f64 / (1u64 << 53) as f64,
+        };
+        let i = match balancer.pick(hash, &mut |b| fresh(b) && b.standing.admits(draw())) {
+            Some(i) => i,
+            None => balancer.pick(hash, &mut |b| fresh(b))?,
+        };
         Some((i, self.upstream.backends[i].clone()))
     }
 
-    /// Counts a backend's answer (or the proxy's on its behalf) for this route and the backend.
+    /// Counts a backend's answer (or the proxy's on its behalf) for this route and the backend;
+    /// a 5xx counts towards the backend's ejection, anything else ends a run of failures.
     pub fn record(&self, index: usize, backend: &Backend, status: u16, took: std::time::Duration) {
         self.stats[index].record(status);
         backend.traffic.record(status, took);
+        if status >= 500 {
+            self.upstream.failed(backend);
+        } else {
+            backend.standing.success();
+        }
     }
 
     pub fn balancer(&self, p: Protocol) -> &dyn Balancer {
@@ -196,6 +232,7 @@ struct Registry {
     route_stats: HashMap<(String, String, String), Arc<RouteBackendStats>>,
     /// Per upstream: the Maglev members of its backends last time, and its ghosts.
     members: HashMap<String, (Vec<Member>, Arc<[Member]>)>,
+    budgets: HashMap<String, Arc<RetryBudget>>,
 }
 
 /// Ghosts kept per upstream; past this many removals the oldest ghost's slots are rebuilt.
@@ -355,6 +392,12 @@ impl State {
         let prepared = prepare(&config, &previous)?;
         // Nothing below can fail.
         let snapshot = commit(&config, prepared, &mut registry);
+        for b in snapshot.upstreams.values().flat_map(|u| u.backends.iter()) {
+            if !previous.values().any(|p| Arc::ptr_eq(p, b)) {
+                // Added (or re-created at a new address) while running: it ramps up.
+                b.standing.ramp_after(now_ms());
+            }
+        }
         let drain = config.file.server.write_timeout.get();
         for b in previous.values() {
             let kept =
@@ -497,20 +540,28 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
     let file = &config.file;
     let mut upstreams = BTreeMap::new();
     let mut members = HashMap::new();
+    let mut budgets = HashMap::new();
     for (name, list) in prepared.upstreams {
+        let conf = config.upstream(&name);
         let backends: Vec<Arc<Backend>> = list
             .into_iter()
-            .map(|(b, conf)| {
-                b.apply_conf(&conf);
+            .map(|(b, c)| {
+                b.standing.configure(&conf);
+                b.latency.set_decay(conf.latency_decay.get());
+                b.apply_conf(&c);
                 b
             })
             .collect();
+        let budget = registry.budgets.get(&name).cloned().unwrap_or_default();
+        budget.configure(&conf.retries);
+        budgets.insert(name.clone(), budget.clone());
         let now: Vec<Member> = backends.iter().map(|b| Member { weight: b.weight.load(Relaxed), ..b.maglev }).collect();
         let ghosts = ghosts_after(registry.members.get(&name), &now);
         members.insert(name.clone(), (now, ghosts.clone()));
-        upstreams.insert(name.clone(), Arc::new(Upstream { name, backends: backends.into(), ghosts }));
+        upstreams.insert(name.clone(), Arc::new(Upstream { name, backends: backends.into(), ghosts, conf, budget }));
     }
     registry.members = members;
+    registry.budgets = budgets;
 
     let mut live_stats = HashMap::new();
     let mut routes: Vec<Route> = file

@@ -33,7 +33,14 @@ pub fn view(b: &Backend, dp: &dyn Datapath) -> Value {
         "eligible": b.accepts(),
         "health": b.health_snapshot(),
         "passive_cooldown": b.cooling_down(),
-        "latency_ewma_ms": match b.latency_ewma_us() { 0 => None, us => Some(us as f64 / 1000.0) },
+        "latency_ewma_ms": match b.latency.average_us() { 0 => None, us => Some(us as f64 / 1000.0) },
+        // Outlier ejection, and the share a slow start lets it take now (1 = full).
+        "outlier": {
+            "ejected": b.standing.ejected(),
+            "ejections": b.standing.ejections().0,
+            "ejected_for_ms": b.standing.ejections().1,
+        },
+        "slow_start_share": b.standing.share(),
         "health_check": conf.health_check,
         "upgraded_flows": {
             "spliced": b.spliced_flows.load(Relaxed),

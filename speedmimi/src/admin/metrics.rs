@@ -122,6 +122,41 @@ pub fn text(state: &State) -> String {
     for b in &backends {
         let _ = writeln!(out, "speedmimi_backend_in_flight{{{}}} {}", label(b), b.inflight.load(Relaxed));
     }
+    family(&mut out, "speedmimi_backend_ejected", "gauge", "1 while outlier ejection keeps the backend out.");
+    for b in &backends {
+        let _ = writeln!(out, "speedmimi_backend_ejected{{{}}} {}", label(b), u8::from(b.standing.ejected()));
+    }
+    family(&mut out, "speedmimi_backend_ejections_total", "counter", "Outlier ejections of the backend.");
+    for b in &backends {
+        let _ = writeln!(out, "speedmimi_backend_ejections_total{{{}}} {}", label(b), b.standing.ejections().0);
+    }
+    family(
+        &mut out,
+        "speedmimi_backend_slow_start_share",
+        "gauge",
+        "Share of its traffic the backend takes during slow start (1 = full).",
+    );
+    for b in &backends {
+        let _ = writeln!(out, "speedmimi_backend_slow_start_share{{{}}} {}", label(b), b.standing.share());
+    }
+    family(&mut out, "speedmimi_upstream_retries_total", "counter", "Requests sent again to another backend.");
+    for u in snap.upstreams.values() {
+        let _ = writeln!(
+            out,
+            "speedmimi_upstream_retries_total{{upstream=\"{}\"}} {}",
+            esc(&u.name),
+            u.budget.retried.load(Relaxed)
+        );
+    }
+    family(&mut out, "speedmimi_upstream_retries_refused_total", "counter", "Retries the retry budget refused.");
+    for u in snap.upstreams.values() {
+        let _ = writeln!(
+            out,
+            "speedmimi_upstream_retries_refused_total{{upstream=\"{}\"}} {}",
+            esc(&u.name),
+            u.budget.refused.load(Relaxed)
+        );
+    }
     family(&mut out, "speedmimi_backend_weight", "gauge", "Configured weight.");
     for b in &backends {
         let _ = writeln!(out, "speedmimi_backend_weight{{{}}} {}", label(b), b.weight.load(Relaxed));

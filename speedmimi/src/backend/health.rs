@@ -109,6 +109,7 @@ impl Backend {
                 let n = h.successes.fetch_add(1, Relaxed).saturating_add(1);
                 tracing::trace!(successes = n, "health probe passed");
                 if n >= hc.successes && !self.checked_up.swap(true, Relaxed) {
+                    self.standing.ramp_after(super::now_ms());
                     tracing::info!(upstream = %self.upstream, backend = %self.id, successes = n,
                         last_error = h.last_error().as_deref().unwrap_or(""), "backend up: health checks pass again");
                 }

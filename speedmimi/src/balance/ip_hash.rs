@@ -80,6 +80,10 @@ fn build_table(members: &[Member]) -> Vec<u32> {
 }
 
 impl Balancer for IpHash {
+    fn sticky(&self) -> bool {
+        true
+    }
+
     fn pick(&self, client_hash: u64, accept: &mut dyn FnMut(&Backend) -> bool) -> Option<usize> {
         let slot = maglev::slot(client_hash);
         let owner = self.table[slot];

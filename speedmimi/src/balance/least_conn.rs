@@ -1,71 +1,56 @@
-//! The least-connections family: `least_connections` (fewest in flight),
-//! `least_connections_weight` ((in flight + 1) / weight) and `performance`
-//! ((in flight + 1) / (weight × health score)). Ties rotate so equal backends share load.
+//! `least_connections` (fewest in flight) and `least_connections_weight` (fewest in flight per
+//! unit of weight). Ties are common (at low concurrency every backend has none in flight) and
+//! are broken at random in proportion to weight (equally without weights), so sequential
+//! traffic follows the weights instead of going to one backend, as a strict minimum would do.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 
-use super::{Backends, Balancer};
+use super::{Backends, Balancer, below};
 use crate::backend::Backend;
-
-/// What a backend's load is divided by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Score {
-    Connections,
-    PerWeight,
-    /// Weight scaled by the backend's performance report and by its latency relative to the
-    /// fastest backend of the upstream.
-    Performance,
-}
 
 pub struct LeastConnections {
     backends: Backends,
-    score: Score,
-    next: AtomicUsize,
+    weighted: bool,
 }
 
 impl LeastConnections {
-    pub fn new(backends: Backends, score: Score) -> Self {
-        LeastConnections { backends, score, next: AtomicUsize::new(0) }
-    }
-
-    /// The denominator of a backend's load.
-    fn capacity(&self, b: &Backend, fastest_us: u64) -> f64 {
-        match self.score {
-            Score::Connections => 1.0,
-            Score::PerWeight => b.weight.load(Relaxed) as f64,
-            Score::Performance => {
-                let latency = match (fastest_us, b.latency_ewma_us()) {
-                    (0, _) | (_, 0) => 1.0,
-                    // +1 ms smoothing: sub-millisecond differences are noise, not health.
-                    (f, own) => (f + 1000) as f64 / (own + 1000) as f64,
-                };
-                b.weight.load(Relaxed) as f64 * b.report_factor() * latency
-            }
-        }
+    pub fn new(backends: Backends, weighted: bool) -> Self {
+        LeastConnections { backends, weighted }
     }
 }
 
 impl Balancer for LeastConnections {
     fn pick(&self, _client_hash: u64, accept: &mut dyn FnMut(&Backend) -> bool) -> Option<usize> {
-        let n = self.backends.len();
-        let fastest_us = if self.score == Score::Performance {
-            self.backends.iter().map(|b| b.latency_ewma_us()).filter(|&l| l > 0).min().unwrap_or(0)
-        } else {
-            0
-        };
-        let start = self.next.fetch_add(1, Relaxed);
-        let mut best: Option<(usize, f64)> = None;
-        for k in 0..n {
-            let i = (start + k) % n;
-            let b = &self.backends[i];
+        // The best so far: its index, in flight, weight; and the weight of all tied with it.
+        let mut best: Option<(usize, u64, u64)> = None;
+        let mut tied_weight = 0u64;
+        for (i, b) in self.backends.iter().enumerate() {
             if !accept(b) {
                 continue;
             }
-            let load = (b.inflight.load(Relaxed) as f64 + 1.0) / self.capacity(b, fastest_us);
-            if best.is_none_or(|(_, l)| load < l) {
-                best = Some((i, load));
+            let load = b.inflight.load(Relaxed) as u64;
+            let weight = if self.weighted { b.weight.load(Relaxed).max(1) as u64 } else { 1 };
+            let order = match best {
+                None => std::cmp::Ordering::Less,
+                // load / weight compared without division.
+                Some((_, l, w)) => (load * w).cmp(&(l * weight)),
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    best = Some((i, load, weight));
+                    tied_weight = weight;
+                }
+                std::cmp::Ordering::Equal => {
+                    // Weighted reservoir sampling: each tied backend ends up chosen with
+                    // probability weight / tied weight.
+                    tied_weight += weight;
+                    if below(tied_weight) < weight {
+                        best = Some((i, load, weight));
+                    }
+                }
+                std::cmp::Ordering::Greater => {}
             }
         }
-        best.map(|(i, _)| i)
+        best.map(|(i, _, _)| i)
     }
 }

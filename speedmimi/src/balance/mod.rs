@@ -4,13 +4,15 @@
 
 mod ip_hash;
 mod least_conn;
+mod performance;
 mod round_robin;
 mod weighted;
 
 use std::sync::Arc;
 
 pub use ip_hash::IpHash;
-pub use least_conn::{LeastConnections, Score};
+pub use least_conn::LeastConnections;
+pub use performance::Performance;
 pub use round_robin::RoundRobin;
 pub use weighted::SmoothWeighted;
 
@@ -25,6 +27,36 @@ pub trait Balancer: Send + Sync {
     /// Index (into the upstream's backends) of the backend to use, or None when `accept`
     /// refuses every backend. `client_hash` is the client-IP hash (used by `ip_hash` only).
     fn pick(&self, client_hash: u64, accept: &mut dyn FnMut(&Backend) -> bool) -> Option<usize>;
+
+    /// Picks follow the client (`ip_hash`): a ramping backend admits clients by their hash.
+    fn sticky(&self) -> bool {
+        false
+    }
+}
+
+/// A fast thread-local random number (xorshift64*), for the balancers' random choices.
+pub fn random() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let here = &t as *const _ as u64;
+            (t.as_nanos() as u64 ^ here.rotate_left(32)) | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
+}
+
+/// A uniform random index below `n` (n > 0).
+pub fn below(n: u64) -> u64 {
+    ((random() as u128 * n as u128) >> 64) as u64
 }
 
 /// The selector for `algorithm` over an upstream's backends (and, for `ip_hash`, the Maglev
@@ -34,9 +66,9 @@ pub fn build(algorithm: Algorithm, backends: &Backends, ghosts: &Arc<[Member]>) 
     match algorithm {
         Algorithm::RoundRobin => Arc::new(RoundRobin::new(backends)),
         Algorithm::Weight => Arc::new(SmoothWeighted::new(backends)),
-        Algorithm::LeastConnections => Arc::new(LeastConnections::new(backends, Score::Connections)),
-        Algorithm::LeastConnectionsWeight => Arc::new(LeastConnections::new(backends, Score::PerWeight)),
-        Algorithm::PerformanceLeastConnectionsWeight => Arc::new(LeastConnections::new(backends, Score::Performance)),
+        Algorithm::LeastConnections => Arc::new(LeastConnections::new(backends, false)),
+        Algorithm::LeastConnectionsWeight => Arc::new(LeastConnections::new(backends, true)),
+        Algorithm::PerformanceLeastConnectionsWeight => Arc::new(Performance::new(backends)),
         Algorithm::IpHash => Arc::new(IpHash::new(backends, ghosts.clone())),
     }
 }

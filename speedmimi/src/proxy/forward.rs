@@ -1,7 +1,8 @@
 //! The one forward loop: a backend picked by the route's balancer, its in-flight slot held, one
 //! exchange with it (what is sent is the caller's: a plain request, an upgrade handshake, an SSE
-//! head), once more on another backend when nothing reached the first, and every outcome counted
-//! once for the route and for the backend that gave it.
+//! head), again on other backends when the first failed in a way that allows it (retries within
+//! the upstream's budget), and every outcome counted once for the route and for the backend that
+//! gave it.
 
 use std::{
     convert::Infallible,
@@ -49,6 +50,14 @@ pub(super) trait Exchange {
         guard: &mut InFlight,
     ) -> Result<Self::Answer, Failure<Self::Request, Self::Pass>>;
 
+    /// The status of a backend's answer, before it is relayed.
+    fn status(&self, answer: &Self::Answer) -> u16;
+
+    /// The request again, to send to another backend after this one broke the connection or
+    /// answered with a status to retry; None when it cannot be resent (not idempotent, or its
+    /// body is gone).
+    fn replay(&mut self) -> Option<Self::Request>;
+
     /// The client's response to the backend's answer (taking the in-flight slot with it for as
     /// long as the response or flow lasts), and the status counted for it.
     fn answer(
@@ -65,6 +74,9 @@ pub(super) enum Failure<R, P = Infallible> {
     /// Nothing reached the backend; the request comes back when it can be resent (any method is
     /// safe to resend: the backend saw nothing).
     Connect(ConnectError, Option<Box<R>>),
+    /// The backend closed or reset the connection after the request went out and before any
+    /// byte of an answer (what happened, for the log): 502, or sent again (`Exchange::replay`).
+    Reset(String),
     /// The backend did not answer within this long: 504.
     Timeout(Duration),
     /// Failed after sending (logged where it happened): the proxy answers this (502, 413).
@@ -101,9 +113,12 @@ impl From<Response<ResponseBody>> for Answered {
     }
 }
 
-/// Forwards `req` with `exchange` to a backend the route's balancer for `protocol` picks; on a
-/// connect failure, once more to another one. Every answer, and every failure once a backend was
-/// tried, is counted for the route and that backend; `Err` only when the exchange passed.
+/// Forwards `req` with `exchange` to a backend the route's balancer for `protocol` picks. A
+/// request goes to another backend (at most `retries.max` more, each not tried yet, within the
+/// upstream's retry budget) when nothing reached the backend, or when the exchange can send it
+/// again (an idempotent request) and the backend broke the connection before answering or
+/// answered with a status of `retries.statuses`. Every answer, and every failure once a backend
+/// was tried, is counted for the route and that backend; `Err` only when the exchange passed.
 pub(super) async fn forward<E: Exchange>(
     route: &Route,
     protocol: Protocol,
@@ -112,20 +127,51 @@ pub(super) async fn forward<E: Exchange>(
     mut req: E::Request,
     mut exchange: E,
 ) -> Result<E::Reply, E::Pass> {
-    let mut failed: Option<Arc<Backend>> = None;
+    let upstream = &route.upstream;
+    let retries = &upstream.conf.retries;
+    upstream.budget.deposit();
+    // Backends this request tried and left; allocated only on a retry.
+    let mut tried: Vec<Arc<Backend>> = Vec::new();
     // Every backend tried so far only had no connection to spare (`max_conn`): no backend
     // failed, they are all busy, which is a 503 like finding none eligible.
     let mut only_busy = true;
+    let mut next = route.pick(protocol, hash, &[]);
     loop {
-        let attempt = u8::from(failed.is_some());
-        let Some((index, backend)) = route.pick(protocol, hash, failed.as_deref()) else {
-            tracing::warn!(route = %route.name, upstream = %route.upstream.name, "{}", E::NO_BACKEND);
+        let attempt = tried.len();
+        let Some((index, backend)) = next.take() else {
+            tracing::warn!(route = %route.name, upstream = %upstream.name, "{}", E::NO_BACKEND);
             return Ok(if only_busy { error::unavailable() } else { error::bad_gateway() }.into());
+        };
+        // Another backend for this request, when it may have one.
+        let another = |tried: &mut Vec<Arc<Backend>>, backend: &Arc<Backend>| {
+            if tried.len() >= retries.max as usize {
+                return None;
+            }
+            tried.push(backend.clone());
+            let other = route.pick(protocol, hash, tried)?;
+            upstream.budget.withdraw().then_some(other)
         };
         let mut guard = InFlight::new(backend.clone(), server.clone());
         let started = Instant::now();
-        let answered = match exchange.send(&backend, req, &mut guard).await {
-            Ok(answer) => exchange.answer(answer, &backend, guard, started),
+        backend.latency.begin(started);
+        let sent = exchange.send(&backend, req, &mut guard).await;
+        backend.latency.end(Instant::now());
+        let answered = match sent {
+            Ok(answer) => {
+                let status = exchange.status(&answer);
+                if retries.statuses.contains(&status)
+                    && let Some(again) = exchange.replay()
+                    && let Some(other) = another(&mut tried, &backend)
+                {
+                    tracing::info!(route = %route.name, backend = %backend.id, status, attempt,
+                        "retrying on another backend after the backend's answer");
+                    drop(answer);
+                    route.record(index, &backend, status, started.elapsed());
+                    (req, next) = (again, Some(other));
+                    continue;
+                }
+                exchange.answer(answer, &backend, guard, started)
+            }
             Err(Failure::Connect(e, back)) => {
                 let busy = matches!(e, ConnectError::Saturated { .. });
                 if !busy {
@@ -134,15 +180,33 @@ pub(super) async fn forward<E: Exchange>(
                 only_busy &= busy;
                 tracing::warn!(route = %route.name, backend = %backend.id, attempt, error = %e,
                     "{}", E::CONNECT_FAILED);
-                match back {
-                    Some(back) if failed.is_none() => {
-                        req = *back;
-                        failed = Some(backend);
-                        continue;
+                if let Some(back) = back
+                    && let Some(other) = another(&mut tried, &backend)
+                {
+                    if !busy {
+                        upstream.failed(&backend);
                     }
-                    _ if only_busy => Answered::local(error::unavailable()),
-                    _ => Answered::local(error::bad_gateway()),
+                    (req, next) = (*back, Some(other));
+                    continue;
                 }
+                if busy {
+                    // Full, not failed: nothing to count against the backend.
+                    return Ok(error::unavailable().into());
+                }
+                Answered::local(if only_busy { error::unavailable() } else { error::bad_gateway() })
+            }
+            Err(Failure::Reset(why)) => {
+                tracing::warn!(route = %route.name, backend = %backend.id, attempt, error = %why,
+                    "upstream closed or reset the connection before answering");
+                only_busy = false;
+                if let Some(again) = exchange.replay()
+                    && let Some(other) = another(&mut tried, &backend)
+                {
+                    upstream.failed(&backend);
+                    (req, next) = (again, Some(other));
+                    continue;
+                }
+                Answered::local(error::bad_gateway())
             }
             Err(Failure::Timeout(limit)) => {
                 tracing::warn!(route = %route.name, backend = %backend.id, timeout = ?limit, "{}", E::TIMED_OUT);
@@ -173,6 +237,8 @@ mod tests {
         Timeout,
         /// Failed after sending: the proxy answers 502.
         Broken,
+        /// Closed before any byte of an answer.
+        Reset,
         Pass,
         /// The backend answers with this status.
         Answer(u16),
@@ -182,6 +248,8 @@ mod tests {
     struct Script<'a> {
         steps: VecDeque<Step>,
         tried: &'a mut Vec<String>,
+        /// The request may be sent again (idempotent).
+        replayable: bool,
     }
 
     impl Exchange for Script<'_> {
@@ -209,9 +277,18 @@ mod tests {
                 Step::Saturated => Err(Failure::unsent(ConnectError::Saturated { addr, limit: 1 }, req)),
                 Step::Timeout => Err(Failure::Timeout(Duration::from_secs(1))),
                 Step::Broken => Err(Failure::Local(error::bad_gateway())),
+                Step::Reset => Err(Failure::Reset("reset by peer".into())),
                 Step::Pass => Err(Failure::Pass(())),
                 Step::Answer(status) => Ok(status),
             }
+        }
+
+        fn status(&self, status: &u16) -> u16 {
+            *status
+        }
+
+        fn replay(&mut self) -> Option<&'static str> {
+            self.replayable.then_some("GET /")
         }
 
         fn answer(self, status: u16, _: &Arc<Backend>, _: InFlight, _: Instant) -> Answered {
@@ -223,7 +300,14 @@ mod tests {
 
     /// One route over backends with these ids (nothing listens: the script plays the backends).
     fn state(ids: &[&str]) -> State {
-        let mut yaml = "server:\n  host: 127.0.0.1\n  port: 8080\nbackends:\n  up:\n".to_owned();
+        state_with(ids, "")
+    }
+
+    /// The same, with `upstreams.up` set to `upstream` (YAML lines indented by four).
+    fn state_with(ids: &[&str], upstream: &str) -> State {
+        let mut yaml =
+            format!("server:\n  host: 127.0.0.1\n  port: 8080\nupstreams:\n  up:\n{upstream}    slow_start: 0s\n");
+        yaml += "backends:\n  up:\n";
         for (i, id) in ids.iter().enumerate() {
             yaml += &format!("    - id: {id}\n      host: 127.0.0.1\n      port: {}\n", i + 1);
         }
@@ -250,10 +334,14 @@ mod tests {
     }
 
     async fn run(state: &State, steps: &[Step]) -> Outcome {
+        run_with(state, steps, true).await
+    }
+
+    async fn run_with(state: &State, steps: &[Step], replayable: bool) -> Outcome {
         let snap = state.snapshot();
         let route = &snap.routes[0];
         let mut tried = Vec::new();
-        let script = Script { steps: steps.iter().copied().collect(), tried: &mut tried };
+        let script = Script { steps: steps.iter().copied().collect(), tried: &mut tried, replayable };
         let result = forward(route, Protocol::Http, 0, &state.stats, "GET /", script).await;
         let backends = &route.upstream.backends;
         assert!(backends.iter().all(|b| b.inflight.load(Relaxed) == 0), "an in-flight slot was kept");
@@ -313,10 +401,10 @@ mod tests {
     #[tokio::test]
     async fn nothing_left_to_try_is_502_after_a_failure_and_503_before_any() {
         let s = state(&["a"]);
-        let want = Outcome { status: Some(502), tried: vec!["a".into()], counted: vec![row("a", &[], false)] };
+        let want = Outcome { status: Some(502), tried: vec!["a".into()], counted: vec![row("a", &[(502, 1)], false)] };
         assert_eq!(run(&s, &[Step::Refused]).await, want);
         // `a` sits out its cool-down now.
-        let want = Outcome { status: Some(503), tried: vec![], counted: vec![row("a", &[], false)] };
+        let want = Outcome { status: Some(503), tried: vec![], counted: vec![row("a", &[(502, 1)], false)] };
         assert_eq!(run(&s, &[]).await, want);
     }
 
@@ -346,5 +434,73 @@ mod tests {
         let s = state(&["a"]);
         let want = Outcome { status: None, tried: vec!["a".into()], counted: vec![row("a", &[], true)] };
         assert_eq!(run(&s, &[Step::Pass]).await, want);
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_retry_goes_to_other_backends_and_each_answer_counts() {
+        let s = state(&["a", "b", "c"]);
+        let out = run(&s, &[Step::Answer(503), Step::Answer(502), Step::Answer(200)]).await;
+        assert_eq!(out.status, Some(200));
+        let mut ids = out.tried.clone();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 3, "three different backends: {out:?}");
+        let codes: Vec<_> = out.counted.iter().flat_map(|c| c.codes.clone()).collect();
+        assert_eq!(codes.iter().map(|c| c.1).sum::<u64>(), 3, "each answer counted once: {codes:?}");
+        // Out of retries (two): the last answer goes to the client.
+        let s = state(&["a", "b", "c", "d"]);
+        let out = run(&s, &[Step::Answer(503), Step::Answer(503), Step::Answer(503)]).await;
+        assert_eq!((out.status, out.tried.len()), (Some(503), 3));
+        // Out of backends: the answer goes to the client.
+        let s = state(&["a"]);
+        assert_eq!(run(&s, &[Step::Answer(503)]).await.status, Some(503));
+    }
+
+    #[tokio::test]
+    async fn a_request_that_cannot_be_sent_again_is_not_retried() {
+        let s = state(&["a", "b"]);
+        let out = run_with(&s, &[Step::Answer(503)], false).await;
+        assert_eq!((out.status, out.tried.len()), (Some(503), 1));
+        let out = run_with(&s, &[Step::Reset], false).await;
+        assert_eq!((out.status, out.tried.len()), (Some(502), 1));
+        // A reset before any answer of a request that can be sent again: another backend.
+        let out = run(&s, &[Step::Reset, Step::Answer(200)]).await;
+        assert_eq!((out.status, out.tried.len()), (Some(200), 2));
+        // Statuses not listed are the client's.
+        let out = run(&s, &[Step::Answer(500)]).await;
+        assert_eq!((out.status, out.tried.len()), (Some(500), 1));
+    }
+
+    #[tokio::test]
+    async fn the_budget_caps_retries() {
+        // 1 retry per second of floor, no share: 10 retries in the 10-second window, then none.
+        let s = state_with(
+            &["a", "b"],
+            "    retries: { budget_percent: 0, min_per_second: 1 }\n    outlier_ejection: { consecutive_failures: 0 }\n",
+        );
+        let mut retried = 0;
+        for _ in 0..15 {
+            let out = run(&s, &[Step::Answer(503), Step::Answer(200)]).await;
+            retried += usize::from(out.tried.len() == 2);
+        }
+        let budget = &s.snapshot().routes[0].upstream.budget;
+        assert_eq!(retried, 10);
+        assert_eq!((budget.retried.load(Relaxed), budget.refused.load(Relaxed)), (10, 5));
+    }
+
+    #[tokio::test]
+    async fn failures_in_a_row_eject_a_backend_until_its_time_is_up() {
+        let s = state_with(&["a", "b"], "    outlier_ejection: { consecutive_failures: 2 }\n    retries: { max: 0 }\n");
+        for _ in 0..4 {
+            run(&s, &[Step::Answer(500)]).await;
+        }
+        let snap = s.snapshot();
+        let ejected: Vec<bool> = snap.routes[0].upstream.backends.iter().map(|b| b.standing.ejected()).collect();
+        assert_eq!(ejected.iter().filter(|&&e| e).count(), 1, "at most 50% of two: {ejected:?}");
+        // Only the other backend is picked now.
+        let other = snap.routes[0].upstream.backends.iter().find(|b| !b.standing.ejected()).unwrap().id.clone();
+        for _ in 0..4 {
+            assert_eq!(run(&s, &[Step::Answer(200)]).await.tried, vec![other.clone()]);
+        }
     }
 }

@@ -170,6 +170,9 @@ impl Handler {
             return error::payload_too_large();
         }
         let http1 = parts.version == Version::HTTP_11 || parts.version == Version::HTTP_10;
+        // An idempotent request without a body can be sent again to another backend.
+        let replay = (body.is_end_stream() && parts.method.is_idempotent() && route.upstream.conf.retries.max > 0)
+            .then(|| parts.clone());
         let body = if body.is_end_stream() {
             RequestBody::empty()
         } else if http1 && body.size_hint().exact().is_none() {
@@ -189,7 +192,7 @@ impl Handler {
             let read_timeout = (protocol != Protocol::Grpc).then_some(settings.read_timeout);
             RequestBody::streamed(body, read_timeout, settings.max_body_bytes)
         };
-        let plain = Plain { route, protocol, settings };
+        let plain = Plain { route, protocol, settings, replay };
         let req = Request::from_parts(parts, body);
         let Ok(resp) = forward(route, protocol, hash, &self.state.stats, req, plain).await;
         resp
@@ -202,6 +205,8 @@ struct Plain<'a> {
     route: &'a Route,
     protocol: Protocol,
     settings: &'a Settings,
+    /// The request's head, when it may be sent again (idempotent, no body).
+    replay: Option<http::request::Parts>,
 }
 
 impl Exchange for Plain<'_> {
@@ -233,11 +238,20 @@ impl Exchange for Plain<'_> {
                 tracing::info!(route = %route, backend = %backend.id, error = %e, "request body too large");
                 Failure::Local(error::payload_too_large())
             }
+            SendError::Upstream(e) if closed_before_answer(&e) => Failure::Reset(e.to_string()),
             SendError::Upstream(e) => {
                 tracing::warn!(route = %route, backend = %backend.id, error = %e, "upstream request failed");
                 Failure::Local(error::bad_gateway())
             }
         })
+    }
+
+    fn status(&self, resp: &Response<Incoming>) -> u16 {
+        resp.status().as_u16()
+    }
+
+    fn replay(&mut self) -> Option<Request<RequestBody>> {
+        self.replay.clone().map(|parts| Request::from_parts(parts, RequestBody::empty()))
     }
 
     fn answer(self, resp: Response<Incoming>, backend: &Arc<Backend>, guard: InFlight, started: Instant) -> Answered {
@@ -259,6 +273,22 @@ impl Exchange for Plain<'_> {
         }
         Response::from_parts(parts, ResponseBody::upstream(body, guard)).into()
     }
+}
+
+/// The backend closed or reset the connection before a whole response head came.
+fn closed_before_answer(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted);
+        }
+        source = s.source();
+    }
+    false
 }
 
 enum SendError {

@@ -115,6 +115,16 @@ impl Exchange for Raw<'_> {
         }
     }
 
+    fn status(&self, answer: &Headed) -> u16 {
+        answer.head.status
+    }
+
+    fn replay(&mut self) -> Option<()> {
+        // Bodiless, its head kept in `head`: sent again when its method is idempotent.
+        let method = self.head.split(|&c| c == b' ').next().unwrap_or_default();
+        http::Method::from_bytes(method).is_ok_and(|m| m.is_idempotent()).then_some(())
+    }
+
     fn answer(self, answer: Headed, backend: &Arc<Backend>, guard: InFlight, started: Instant) -> Answered {
         let Headed { head, body_ahead, upstream } = answer;
         let client = match self.hijack.duplicate() {

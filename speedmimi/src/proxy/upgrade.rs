@@ -115,6 +115,15 @@ impl Exchange for Handshake<'_> {
         }
     }
 
+    fn status(&self, resp: &Response<Incoming>) -> u16 {
+        resp.status().as_u16()
+    }
+
+    fn replay(&mut self) -> Option<http::request::Parts> {
+        // The handshake's head went to the backend whole: an upgrade is not sent twice.
+        None
+    }
+
     fn answer(self, mut resp: Response<Incoming>, backend: &Arc<Backend>, guard: InFlight, _: Instant) -> Answered {
         if headers::both_framings(resp.headers()) {
             tracing::warn!(route = %self.route.name, backend = %backend.id,

@@ -74,12 +74,14 @@ pub(super) struct Plain<'a> {
 pub(super) struct Answer {
     conn: RawConn,
     head_len: usize,
+    status: u16,
 }
 
 /// Why a send went wrong after the connection was made.
 enum Broken {
-    /// The reused connection was found closed before any byte of an answer.
-    Stale,
+    /// The connection was closed or reset before any byte of an answer (on a reused one: it
+    /// was closed while idle, and the backend read nothing).
+    Stale(Option<std::io::Error>),
     Failed(&'static str, Option<std::io::Error>),
     TimedOut,
 }
@@ -105,10 +107,10 @@ impl Exchange for Plain<'_> {
                 Ok(answer) => return Ok(answer),
                 // Closed by the backend between the check and the request: an idempotent request
                 // is sent again on another connection.
-                Err(Broken::Stale) if reused && self.idempotent => continue,
-                Err(Broken::Stale) => {
-                    tracing::warn!(route = %self.route.name, backend = %backend.id, "upstream closed the connection before answering");
-                    return Err(Failure::Local(error::bad_gateway()));
+                Err(Broken::Stale(_)) if reused && self.idempotent => continue,
+                Err(Broken::Stale(e)) => {
+                    let why = e.map_or_else(|| "closed".to_owned(), |e| e.to_string());
+                    return Err(Failure::Reset(why));
                 }
                 Err(Broken::TimedOut) => return Err(Failure::Timeout(self.settings.upstream_timeout)),
                 Err(Broken::Failed(what, e)) => {
@@ -117,6 +119,15 @@ impl Exchange for Plain<'_> {
                 }
             }
         }
+    }
+
+    fn status(&self, answer: &Answer) -> u16 {
+        answer.status
+    }
+
+    fn replay(&mut self) -> Option<()> {
+        // The head and body are still in their buffers.
+        self.idempotent.then_some(())
     }
 
     fn answer(self, answer: Answer, backend: &Arc<Backend>, guard: InFlight, started: Instant) -> Answered<Reply> {
@@ -141,9 +152,8 @@ impl Plain<'_> {
     async fn try_send(&mut self, mut conn: RawConn) -> Result<Answer, Broken> {
         match write_pair(&mut conn.stream, self.out, self.body).await {
             Ok(()) => {}
-            // Closed while idle: the backend read nothing of it.
-            Err(_) if conn.reused => return Err(Broken::Stale),
-            Err(e) => return Err(Broken::Failed("upstream request failed", Some(e))),
+            // Closed (while idle, when reused) before it took the whole request.
+            Err(e) => return Err(Broken::Stale(Some(e))),
         }
         let limit = self.settings.upstream_timeout;
         let up = &mut *self.upstream;
@@ -159,7 +169,7 @@ impl Plain<'_> {
                             up.drain(..n);
                             continue;
                         }
-                        _ => return Ok(n),
+                        code => return Ok((n, code.unwrap_or_default())),
                     },
                     Ok(httparse::Status::Partial) if up.len() < MAX_RESPONSE_HEAD => {}
                     Ok(httparse::Status::Partial) => {
@@ -169,7 +179,8 @@ impl Plain<'_> {
                 }
                 up.reserve(8192);
                 match conn.stream.read_buf(up).await {
-                    Ok(0) | Err(_) if up.is_empty() && conn.reused => return Err(Broken::Stale),
+                    Ok(0) if up.is_empty() => return Err(Broken::Stale(None)),
+                    Err(e) if up.is_empty() => return Err(Broken::Stale(Some(e))),
                     Ok(0) => return Err(Broken::Failed("upstream closed before a whole response head", None)),
                     Err(e) => return Err(Broken::Failed("upstream response failed", Some(e))),
                     Ok(_) => {}
@@ -179,7 +190,7 @@ impl Plain<'_> {
         match tokio::time::timeout(limit, read).await {
             Err(_) => Err(Broken::TimedOut),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(head_len)) => Ok(Answer { conn, head_len }),
+            Ok(Ok((head_len, status))) => Ok(Answer { conn, head_len, status }),
         }
     }
 }

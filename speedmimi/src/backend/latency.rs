@@ -1,0 +1,145 @@
+//! Peak-EWMA of a backend's response-head latency, as Finagle and Linkerd keep it: a sample
+//! above the average replaces it at once, one below pulls it down with time constant τ, and
+//! with no samples the estimate decays towards zero, so a backend that was slow once is tried
+//! again. While requests wait on the backend and none has answered for longer than the
+//! estimate, that wait is the estimate: a backend that stalls looks slow before any of its
+//! stalled requests comes back. Lossy under races, by design (a lost sample is noise).
+
+use std::{
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+#[derive(Default)]
+pub struct PeakEwma {
+    /// The average in µs, as f64 bits; 0.0 = no sample yet.
+    avg: AtomicU64,
+    /// When `avg` was last set (µs since `epoch`).
+    stamp: AtomicU64,
+    /// Requests waiting for their answer head.
+    waiting: AtomicU32,
+    /// When a waiting request last got its answer, or the first began waiting (µs).
+    progress: AtomicU64,
+    /// τ in µs.
+    tau: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+/// µs since the process's latency epoch.
+fn micros(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_micros() as u64
+}
+
+impl PeakEwma {
+    pub fn set_decay(&self, tau: Duration) {
+        self.tau.store(tau.as_micros().max(1) as u64, Relaxed);
+    }
+
+    fn tau(&self) -> f64 {
+        match self.tau.load(Relaxed) {
+            0 => 10e6,
+            t => t as f64,
+        }
+    }
+
+    /// A request starts waiting for its answer at `at`.
+    pub fn begin(&self, at: Instant) {
+        if self.waiting.fetch_add(1, Relaxed) == 0 {
+            self.progress.store(micros(at), Relaxed);
+        }
+    }
+
+    /// A request that `begin` counted stops waiting at `at` (answered or failed).
+    pub fn end(&self, at: Instant) {
+        self.waiting.fetch_sub(1, Relaxed);
+        self.progress.store(micros(at), Relaxed);
+    }
+
+    /// One answer took `took`, seen at `at`.
+    pub fn observe(&self, took: Duration, at: Instant) {
+        let now = micros(at);
+        let sample = (took.as_micros() as f64).max(1.0);
+        let old = f64::from_bits(self.avg.load(Relaxed));
+        let new = if old == 0.0 || sample > old {
+            sample
+        } else {
+            let dt = now.saturating_sub(self.stamp.load(Relaxed)) as f64;
+            let w = (-dt / self.tau()).exp();
+            old * w + sample * (1.0 - w)
+        };
+        self.avg.store(new.to_bits(), Relaxed);
+        self.stamp.store(now, Relaxed);
+    }
+
+    /// The estimate at `at` in µs; None before the first sample (and no stall seen).
+    pub fn estimate(&self, at: Instant) -> Option<f64> {
+        let now = micros(at);
+        let avg = f64::from_bits(self.avg.load(Relaxed));
+        let decayed = if avg == 0.0 {
+            None
+        } else {
+            let dt = now.saturating_sub(self.stamp.load(Relaxed)) as f64;
+            Some(avg * (-dt / self.tau()).exp())
+        };
+        if self.waiting.load(Relaxed) == 0 {
+            return decayed;
+        }
+        let stalled = now.saturating_sub(self.progress.load(Relaxed)) as f64;
+        match decayed {
+            Some(d) if d >= stalled => Some(d),
+            // Waiting longer than the estimate: the wait is the better guess.
+            Some(_) => Some(stalled),
+            None if stalled > 0.0 => Some(stalled),
+            None => None,
+        }
+    }
+
+    /// The plain average (µs, 0 = no sample), for the admin API.
+    pub fn average_us(&self) -> u64 {
+        f64::from_bits(self.avg.load(Relaxed)) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peaks_replace_at_once_and_lows_decay_with_tau() {
+        let e = PeakEwma::default();
+        e.set_decay(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(e.estimate(t0), None);
+        e.observe(Duration::from_millis(2), t0);
+        e.observe(Duration::from_millis(50), t0 + Duration::from_millis(1));
+        let at = t0 + Duration::from_millis(1);
+        assert!((e.estimate(at).unwrap() - 50_000.0).abs() < 1.0, "a peak replaces the average");
+        // One τ later a 2 ms sample pulls it most of the way down.
+        let later = at + Duration::from_secs(1);
+        e.observe(Duration::from_millis(2), later);
+        let v = e.estimate(later).unwrap();
+        assert!((19_000.0..21_000.0).contains(&v), "{v}");
+        // Without samples the estimate fades, so the backend is tried again.
+        let faded = e.estimate(later + Duration::from_secs(5)).unwrap();
+        assert!(faded < 200.0, "{faded}");
+    }
+
+    #[test]
+    fn a_wait_longer_than_the_estimate_is_the_estimate() {
+        let e = PeakEwma::default();
+        let t0 = Instant::now();
+        e.observe(Duration::from_millis(1), t0);
+        e.begin(t0);
+        let v = e.estimate(t0 + Duration::from_millis(300)).unwrap();
+        assert!(v >= 299_000.0, "stalled 300 ms: {v}");
+        e.end(t0 + Duration::from_millis(300));
+        assert!(e.estimate(t0 + Duration::from_millis(300)).unwrap() < 2_000.0, "not waiting: the average");
+    }
+}
