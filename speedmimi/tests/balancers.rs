@@ -175,27 +175,9 @@ async fn ip_hash_removal_moves_only_the_removed_backends_clients_and_readding_re
     assert_eq!(mapping(&proxy).await, before, "re-adding restores every client's backend");
 }
 
-/// Fires `total` requests from `concurrency` tasks at once and counts backends.
+/// Fires `concurrency × per_task` requests from `concurrency` tasks at once and counts backends.
 async fn concurrent_tally(proxy: &Proxy, concurrency: usize, per_task: usize) -> HashMap<String, usize> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let url = proxy.url("/");
-        tasks.spawn(async move {
-            let c = client();
-            let mut ids = Vec::new();
-            for _ in 0..per_task {
-                ids.push(who(&c, &url, &[]).await);
-            }
-            ids
-        });
-    }
-    let mut counts = HashMap::new();
-    while let Some(r) = tasks.join_next().await {
-        for id in r.unwrap() {
-            *counts.entry(id).or_insert(0) += 1;
-        }
-    }
-    counts
+    support::spread(proxy, concurrency, concurrency * per_task).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

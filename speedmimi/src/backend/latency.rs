@@ -1,9 +1,14 @@
 //! Peak-EWMA of a backend's response-head latency, as Finagle and Linkerd keep it: a sample
 //! above the average replaces it at once, one below pulls it down with time constant τ, and
 //! with no samples the estimate decays towards zero, so a backend that was slow once is tried
-//! again. While requests wait on the backend and none has answered for longer than the
-//! estimate, that wait is the estimate: a backend that stalls looks slow before any of its
-//! stalled requests comes back. Lossy under races, by design (a lost sample is noise).
+//! again. An estimate that has stood unsampled for a while (τ/100 at first) with nothing
+//! waiting lapses: the balancer then tries the backend on equal terms, and its answer starts a
+//! new average. A backend is so never shut out for long by one slow answer; one whose answer
+//! after a lapse is as slow as before waits twice as long for the next (up to τ/10), so a
+//! backend that is really slow is tried rarely.
+//! While requests wait on the backend and none has answered for longer than the estimate, that
+//! wait is the estimate: a backend that stalls looks slow before any of its stalled requests
+//! comes back. Lossy under races, by design (a lost sample is noise).
 
 use std::{
     sync::{
@@ -25,6 +30,8 @@ pub struct PeakEwma {
     progress: AtomicU64,
     /// τ in µs.
     tau: AtomicU64,
+    /// How long (µs) the estimate stands unsampled before it lapses; 0 = the shortest.
+    stands: AtomicU64,
 }
 
 fn epoch() -> Instant {
@@ -49,6 +56,14 @@ impl PeakEwma {
         }
     }
 
+    /// How long the estimate stands unsampled now, in µs.
+    fn stands(&self) -> f64 {
+        match self.stands.load(Relaxed) {
+            0 => self.tau() / 100.0,
+            s => s as f64,
+        }
+    }
+
     /// A request starts waiting for its answer at `at`.
     pub fn begin(&self, at: Instant) {
         if self.waiting.fetch_add(1, Relaxed) == 0 {
@@ -67,10 +82,16 @@ impl PeakEwma {
         let now = micros(at);
         let sample = (took.as_micros() as f64).max(1.0);
         let old = f64::from_bits(self.avg.load(Relaxed));
-        let new = if old == 0.0 || sample > old {
+        let dt = now.saturating_sub(self.stamp.load(Relaxed)) as f64;
+        let lapsed = old != 0.0 && dt >= self.stands();
+        if lapsed {
+            // As slow as before the lapse: the next lapse comes later.
+            let next = if sample * 1.5 >= old { (self.stands() * 2.0).min(self.tau() / 10.0) } else { 0.0 };
+            self.stands.store(next as u64, Relaxed);
+        }
+        let new = if old == 0.0 || sample > old || lapsed {
             sample
         } else {
-            let dt = now.saturating_sub(self.stamp.load(Relaxed)) as f64;
             let w = (-dt / self.tau()).exp();
             old * w + sample * (1.0 - w)
         };
@@ -82,14 +103,10 @@ impl PeakEwma {
     pub fn estimate(&self, at: Instant) -> Option<f64> {
         let now = micros(at);
         let avg = f64::from_bits(self.avg.load(Relaxed));
-        let decayed = if avg == 0.0 {
-            None
-        } else {
-            let dt = now.saturating_sub(self.stamp.load(Relaxed)) as f64;
-            Some(avg * (-dt / self.tau()).exp())
-        };
+        let dt = now.saturating_sub(self.stamp.load(Relaxed)) as f64;
+        let decayed = (avg != 0.0).then(|| avg * (-dt / self.tau()).exp());
         if self.waiting.load(Relaxed) == 0 {
-            return decayed;
+            return decayed.filter(|_| dt < self.stands());
         }
         let stalled = now.saturating_sub(self.progress.load(Relaxed)) as f64;
         match decayed {
@@ -121,19 +138,31 @@ mod tests {
         e.observe(Duration::from_millis(50), t0 + Duration::from_millis(1));
         let at = t0 + Duration::from_millis(1);
         assert!((e.estimate(at).unwrap() - 50_000.0).abs() < 1.0, "a peak replaces the average");
-        // One τ later a 2 ms sample pulls it most of the way down.
-        let later = at + Duration::from_secs(1);
+        // τ/200 later a 2 ms sample pulls it down a little.
+        let later = at + Duration::from_millis(5);
         e.observe(Duration::from_millis(2), later);
         let v = e.estimate(later).unwrap();
-        assert!((19_000.0..21_000.0).contains(&v), "{v}");
-        // Without samples the estimate fades, so the backend is tried again.
-        let faded = e.estimate(later + Duration::from_secs(5)).unwrap();
-        assert!(faded < 200.0, "{faded}");
+        let w = (-0.005f64).exp();
+        assert!((v - (50_000.0 * w + 2_000.0 * (1.0 - w))).abs() < 1.0, "{v}");
+        // Without samples the estimate fades, and after τ/100 it lapses.
+        let faded = e.estimate(later + Duration::from_millis(9)).unwrap();
+        assert!(faded < v, "{faded}");
+        let lapse = later + Duration::from_millis(10);
+        assert_eq!(e.estimate(lapse), None);
+        // A sample after that starts a new average; as slow as before, it stands twice as long.
+        e.observe(Duration::from_millis(45), lapse);
+        assert!((e.estimate(lapse).unwrap() - 45_000.0).abs() < 1.0);
+        assert!(e.estimate(lapse + Duration::from_millis(15)).is_some());
+        assert_eq!(e.estimate(lapse + Duration::from_millis(20)), None);
+        // Fast after a lapse: back to the shortest.
+        e.observe(Duration::from_millis(1), lapse + Duration::from_millis(20));
+        assert_eq!(e.estimate(lapse + Duration::from_millis(30)), None);
     }
 
     #[test]
     fn a_wait_longer_than_the_estimate_is_the_estimate() {
         let e = PeakEwma::default();
+        e.set_decay(Duration::from_secs(100));
         let t0 = Instant::now();
         e.observe(Duration::from_millis(1), t0);
         e.begin(t0);

@@ -8,7 +8,10 @@
 //! score); the latency is a peak-EWMA (`backend::latency`), which turns against a slow or
 //! stalling backend at once and forgives it with time; the factor falls with the CPU, memory and
 //! load the backend reports. A backend with no latency sample yet takes its rival's estimate, so
-//! a new backend is tried on equal terms.
+//! a new backend is tried on equal terms. Costs within `TIE` of each other are noise, not
+//! health (two equal backends never measure exactly equal): the first choice, drawn in
+//! proportion to weight, then wins, so equal backends share load by weight even one request at
+//! a time.
 
 use std::{sync::atomic::Ordering::Relaxed, time::Instant};
 
@@ -17,6 +20,11 @@ use crate::backend::Backend;
 
 /// Random draws for each of the two choices before falling back to a scan.
 const DRAWS: usize = 4;
+/// Costs closer than this ratio count as equal.
+const TIE: f64 = 1.5;
+/// Latencies below this (µs) count as equal: differences of a few milliseconds (a connect, a
+/// scheduling blip on a busy host) are noise, not health; slower backends are told apart.
+const LATENCY_FLOOR_US: f64 = 2000.0;
 
 pub struct Performance {
     backends: Backends,
@@ -71,9 +79,10 @@ impl Balancer for Performance {
             (Some(x), Some(y)) => (x, y),
             (Some(x), None) => (x, x),
             (None, Some(y)) => (y, y),
-            (None, None) => (1.0, 1.0),
+            (None, None) => (0.0, 0.0),
         };
-        // +1 µs: an estimate decayed to nothing still compares by load.
-        Some(if cost(a, la + 1.0) <= cost(b, lb + 1.0) { first } else { second })
+        let (ca, cb) = (cost(a, la.max(LATENCY_FLOOR_US)), cost(b, lb.max(LATENCY_FLOOR_US)));
+        // Even: the first choice, which was drawn in proportion to weight.
+        Some(if ca.max(cb) < ca.min(cb) * TIE || ca < cb { first } else { second })
     }
 }

@@ -2,7 +2,7 @@
 //! real clients (hyper, raw TCP) to talk to them.
 #![allow(dead_code)]
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -283,4 +283,30 @@ where
         let _ = conn.await;
     });
     sender
+}
+
+/// `total` GETs of `/` from `concurrency` tasks (each its own keep-alive client, client i
+/// claiming address `10.0.x.y` so that `ip_hash` sees many clients), counted by backend id.
+pub async fn spread(proxy: &Proxy, concurrency: usize, total: usize) -> HashMap<String, usize> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..concurrency {
+        let url = proxy.url("/");
+        let n = total / concurrency;
+        tasks.spawn(async move {
+            let c = client();
+            let mut ids = Vec::new();
+            for i in 0..n {
+                let ip = format!("10.0.{}.{}", t % 256, i % 256);
+                ids.push(who(&c, &url, &[("x-real-ip", &ip)]).await);
+            }
+            ids
+        });
+    }
+    let mut counts = HashMap::new();
+    while let Some(r) = tasks.join_next().await {
+        for id in r.unwrap() {
+            *counts.entry(id).or_insert(0) += 1;
+        }
+    }
+    counts
 }
