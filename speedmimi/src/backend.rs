@@ -34,10 +34,12 @@ fn next_slot() -> u32 {
     NEXT.fetch_add(1, Relaxed) % speedmimi_common::splice::BACKENDS
 }
 
-/// Milliseconds since process start: cheap, monotonic, fits an atomic.
+/// Milliseconds since process start, plus an hour (so that a time shortly before the start,
+/// such as a ramp placed in the past, is still a positive number): cheap, monotonic, fits an
+/// atomic, never 0 (which fields use as "never").
 pub fn now_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 3_600_000
 }
 
 pub struct Backend {

@@ -96,16 +96,14 @@ pub struct Route {
 impl Route {
     /// The route's balancer for this kind of request, over backends that accept one more
     /// (`skip`: those this request already tried); the backend and its index in the upstream.
-    /// A backend in its slow start takes a pick only with its current share (for `ip_hash`
-    /// decided by the client's hash, so a client moves to it once), unless no other takes it.
+    /// A backend in its slow start takes a pick only with its current share, unless no other
+    /// takes it (`ip_hash` ramps by ring slot itself, so that a client moves to it once).
     pub fn pick(&self, protocol: Protocol, hash: u64, skip: &[Arc<Backend>]) -> Option<(usize, Arc<Backend>)> {
         let balancer = self.balancer(protocol);
         let fresh = |b: &Backend| b.accepts() && !skip.iter().any(|s| std::ptr::eq(&**s, b));
-        let draw = || match balancer.sticky() {
-            true => (hash >> 11) as f64 / (1u64 << 53) as f64,
-            false => (balance::random() >> 11) as f64 / (1u64 << 53) as f64,
-        };
-        let i = match balancer.pick(hash, &mut |b| fresh(b) && b.standing.admits(draw())) {
+        let sticky = balancer.sticky();
+        let draw = || (balance::random() >> 11) as f64 / (1u64 << 53) as f64;
+        let i = match balancer.pick(hash, &mut |b| fresh(b) && (sticky || b.standing.admits(draw()))) {
             Some(i) => i,
             None => balancer.pick(hash, &mut |b| fresh(b))?,
         };

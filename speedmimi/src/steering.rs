@@ -1,7 +1,7 @@
 //! XDP L4 steering, policy half: for each `l4:` service, which of its upstream's backends are
 //! usable (up, with an IPv4 address the XDP program can forward to) and which backend owns each
 //! Maglev ring slot: the `ip_hash` table of the upstream with the unusable backends' slots handed
-//! on ([`IpHash::effective`]), so the kernel and userspace pick the same backend for a client.
+//! on ([`IpHash::ramped`], which also gives a backend in its slow start a growing part of its slots), so the kernel and userspace pick the same backend for a client.
 //! The result goes to the datapath as an [`L4Plan`] of slots and addresses; the datapath writes it
 //! and knows nothing of upstreams or balancers.
 
@@ -14,7 +14,7 @@ use speedmimi_common::maglev::EMPTY;
 
 use crate::{
     backend::Backend,
-    balance::IpHash,
+    balance::{IpHash, ramp_step},
     config::L4Section,
     datapath::{Datapath, L4Plan},
     state::{Snapshot, SnapshotFollower, Upstream},
@@ -34,11 +34,13 @@ struct Ring {
     source: Option<Source>,
 }
 
-/// The upstream a ring was computed from, its table, and which backends were usable.
+/// The upstream a ring was computed from, its table, which backends were usable, and the
+/// slow-start step each was at.
 struct Source {
     upstream: Arc<Upstream>,
     table: Arc<IpHash>,
     usable: Vec<bool>,
+    steps: Vec<f64>,
 }
 
 impl Steering {
@@ -80,9 +82,10 @@ impl Steering {
     fn update(&self, ring: &mut Ring, upstream: &Arc<Upstream>) {
         let addrs: Vec<Option<SocketAddrV4>> = upstream.backends.iter().map(|b| address(b)).collect();
         let usable: Vec<bool> = upstream.backends.iter().zip(&addrs).map(|(b, a)| a.is_some() && b.is_up()).collect();
+        let steps: Vec<f64> = upstream.backends.iter().map(|b| ramp_step(b.standing.share())).collect();
         let table = match &ring.source {
             Some(s) if Arc::ptr_eq(&s.upstream, upstream) => {
-                if s.usable == usable {
+                if s.usable == usable && s.steps == steps {
                     return;
                 }
                 s.table.clone()
@@ -97,14 +100,14 @@ impl Steering {
                     "not an IPv4 address; left out of XDP rings"),
             }
         }
-        let ring_slots = ring_of(upstream, &table, &usable);
+        let ring_slots = ring_of(upstream, &table, &usable, &steps);
         let plan = L4Plan { service: ring.index, backends: &backends, ring: &ring_slots };
         match self.datapath.write_l4(&plan) {
             Ok(changed) => {
                 if changed > 0 {
                     tracing::info!(service = %ring.name, changed, "XDP ring updated");
                 }
-                ring.source = Some(Source { upstream: upstream.clone(), table, usable });
+                ring.source = Some(Source { upstream: upstream.clone(), table, usable, steps });
             }
             Err(e) => tracing::error!(service = %ring.name, error = %e, "cannot update the XDP ring"),
         }
@@ -124,10 +127,11 @@ fn address(b: &Backend) -> Option<SocketAddrV4> {
     Some(SocketAddrV4::new(ip, conf.port))
 }
 
-/// The ring: for each Maglev slot, the backend slot of its owner among the `usable` backends.
-fn ring_of(upstream: &Upstream, table: &IpHash, usable: &[bool]) -> Vec<u32> {
+/// The ring: for each Maglev slot, the backend slot of its owner among the `usable` backends
+/// (ramping ones owning the share of their slots their step gives them).
+fn ring_of(upstream: &Upstream, table: &IpHash, usable: &[bool], steps: &[f64]) -> Vec<u32> {
     table
-        .effective(usable)
+        .ramped(usable, steps)
         .iter()
         .map(|&i| if i == EMPTY { EMPTY } else { upstream.backends[i as usize].slot })
         .collect()
@@ -169,6 +173,8 @@ mod tests {
     }
 
     const CONFIG: &str = "
+upstreams:
+  web: {slow_start: 1h}
 backends:
   web:
     - {id: a, host: 10.1.0.1, port: 8080, max_fails: 1, fail_timeout: 60s}
@@ -218,12 +224,34 @@ l4:
         check("b down");
         let plans = recording.plans.lock().unwrap();
         assert!(!plans[&1].1.contains(&backends[1].slot), "a down backend still owns ring slots");
+        let full = plans[&1].1.clone();
         drop(plans);
 
         // Nothing changed: no write at all.
         recording.plans.lock().unwrap().clear();
         steering.recheck();
         assert!(recording.plans.lock().unwrap().is_empty(), "an unchanged upstream was written again");
+
+        // c comes back (as if it had been added) and is 55% into a one-hour slow start: it owns
+        // half of its slots (step 0.5), and the kernel and userspace still agree slot by slot.
+        let (b_slot, c_slot) = (backends[1].slot, backends[2].slot);
+        let ramp_to = |share: f64| {
+            backends[2].standing.ramp_after(crate::backend::now_ms() - (share * 3_600_000.0) as u64);
+            steering.recheck();
+            recording.plans.lock().unwrap()[&1].1.clone()
+        };
+        let half = ramp_to(0.55);
+        check("c at step 0.5");
+        let owned = |ring: &[u32]| ring.iter().filter(|&&o| o == c_slot).count() as f64;
+        let share = owned(&half) / owned(&full);
+        assert!((0.45..0.55).contains(&share), "c owns {share:.3} of its slots at step 0.5");
+        // Up to step 0.7: slots only move to c, never between others or away from c.
+        let more = ramp_to(0.75);
+        check("c at step 0.7");
+        for ((&h, &m), &f) in half.iter().zip(&more).zip(&full) {
+            assert!(h == m || (m == c_slot && f == c_slot), "a slot moved from {h} to {m}");
+        }
+        assert!(owned(&more) > owned(&half) && !more.contains(&b_slot), "b is still down");
     }
 
     #[test]

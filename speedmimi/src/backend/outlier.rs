@@ -111,7 +111,10 @@ impl Standing {
 
     /// The share of its traffic the backend takes now, in (0, 1]: below 1 only while ramping.
     pub fn share(&self) -> f64 {
-        self.share_at(now_ms())
+        match self.ramp_from.load(Relaxed) {
+            0 => 1.0,
+            _ => self.share_at(now_ms()),
+        }
     }
 
     fn share_at(&self, now: u64) -> f64 {
@@ -128,8 +131,7 @@ impl Standing {
     }
 
     /// Whether a pick whose draw is `draw` (uniform in [0, 1)) may go to this backend: always
-    /// unless ramping; a draw that passes keeps passing as the share grows, so a client whose
-    /// draw is its address hash moves to the backend once and stays.
+    /// unless ramping.
     pub fn admits(&self, draw: f64) -> bool {
         self.ramp_from.load(Relaxed) == 0 || draw < self.share()
     }

@@ -4,7 +4,11 @@
 //!
 //! Backends removed at runtime stay in the table as "ghosts" that are always down (see
 //! `state::Upstream::ghosts`), so removing one moves only its own clients, as going down does.
-//! The XDP program's rings are [`IpHash::effective`] tables, so both paths agree on every client.
+//! The XDP program's rings are [`IpHash::ramped`] tables, so both paths agree on every client.
+//!
+//! A backend in its slow start owns only some of its slots: those whose `slot_draw` is below its
+//! share in tenths (`ramp_step`); the others go to their owners in the table without the ramping
+//! backends. As the share grows, slots move to the backend one step at a time, each once.
 
 use std::sync::Arc;
 
@@ -21,6 +25,8 @@ pub struct IpHash {
     table: Vec<u32>,
     /// Table over the up backends, keyed by which backends were down when it was built.
     fallback: ArcSwapOption<Fallback>,
+    /// The same without the ramping backends too, during slow starts.
+    calm: ArcSwapOption<Fallback>,
 }
 
 struct Fallback {
@@ -35,23 +41,74 @@ impl IpHash {
             .map(|b| Member { weight: b.weight.load(std::sync::atomic::Ordering::Relaxed), ..b.maglev })
             .chain(ghosts.iter().copied())
             .collect();
-        IpHash { table: build_table(&members), backends, ghosts, fallback: ArcSwapOption::empty() }
+        IpHash {
+            table: build_table(&members),
+            backends,
+            ghosts,
+            fallback: ArcSwapOption::empty(),
+            calm: ArcSwapOption::empty(),
+        }
     }
 
     /// The table with every slot of a backend not `usable` (one flag per backend, in the
     /// upstream's order), and of every ghost, moved to its owner in the table without those:
     /// indexes into the upstream's backends, or `EMPTY`.
     pub fn effective(&self, usable: &[bool]) -> Vec<u32> {
+        self.effective_in(usable, &self.fallback)
+    }
+
+    fn effective_in(&self, usable: &[bool], cache: &ArcSwapOption<Fallback>) -> Vec<u32> {
         let down: Vec<bool> = usable.iter().map(|u| !u).collect();
-        let fallback = self.fallback_for(down);
+        let fallback = self.fallback_for(down, cache);
         let mut table = self.table.clone();
         let n = self.backends.len() as u32;
         maglev::overlay(&mut table, &fallback.table, |m| m < n && !fallback.down[m as usize]);
         table
     }
 
-    fn fallback_for(&self, down: Vec<bool>) -> Arc<Fallback> {
-        if let Some(f) = self.fallback.load_full()
+    /// [`IpHash::effective`] during slow starts (`steps`: each backend's `ramp_step`, 1 when
+    /// not ramping): a ramping backend's slot whose draw is not below its step goes to the
+    /// slot's owner among the usable backends that are not ramping.
+    pub fn ramped(&self, usable: &[bool], steps: &[f64]) -> Vec<u32> {
+        let mut table = self.effective(usable);
+        if steps.iter().all(|&s| s >= 1.0) {
+            return table;
+        }
+        let steady: Vec<bool> = usable.iter().zip(steps).map(|(&u, &s)| u && s >= 1.0).collect();
+        let without = self.effective_in(&steady, &self.calm);
+        for (slot, owner) in table.iter_mut().enumerate() {
+            if let Some(&step) = steps.get(*owner as usize)
+                && slot_draw(slot) >= step
+            {
+                *owner = without[slot];
+            }
+        }
+        table
+    }
+
+    /// The owner of one slot in the `ramped` table of the backends' present state.
+    fn owner(&self, slot: usize) -> u32 {
+        let first = self.table[slot];
+        let ramp_of = |i: u32| self.backends.get(i as usize).map_or(1.0, |b| ramp_step(b.standing.share()));
+        let usable = |i: u32| self.backends.get(i as usize).is_some_and(|b| b.is_up());
+        let with = if first != EMPTY && usable(first) {
+            first
+        } else {
+            let down: Vec<bool> = self.backends.iter().map(|b| !b.is_up()).collect();
+            self.fallback_for(down, &self.fallback).table[slot]
+        };
+        if with == EMPTY || slot_draw(slot) < ramp_of(with) {
+            return with;
+        }
+        if first != EMPTY && usable(first) && ramp_of(first) >= 1.0 {
+            return first;
+        }
+        let down: Vec<bool> = self.backends.iter().map(|b| !b.is_up() || ramp_step(b.standing.share()) < 1.0).collect();
+        self.fallback_for(down, &self.calm).table[slot]
+    }
+
+    fn fallback_for(&self, down: Vec<bool>, cache: &ArcSwapOption<Fallback>) -> Arc<Fallback> {
+        if let Some(f) = cache.load_full()
             && f.down == down
         {
             return f;
@@ -67,9 +124,24 @@ impl IpHash {
             .chain(self.ghosts.iter().map(|g| Member { weight: 0, ..*g }))
             .collect();
         let f = Arc::new(Fallback { table: build_table(&members), down });
-        self.fallback.store(Some(f.clone()));
+        cache.store(Some(f.clone()));
         f
     }
+}
+
+/// Where a slot falls in [0, 1) for slow start: a ramping backend owns those of its slots whose
+/// draw is below its step (a fixed mix of the slot's index, the same in userspace and XDP rings).
+pub fn slot_draw(slot: usize) -> f64 {
+    let mut z = (slot as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A slow start's share in whole tenths (at least one): rings change in ten steps.
+pub fn ramp_step(share: f64) -> f64 {
+    ((share * 10.0 + 1e-9).floor() / 10.0).clamp(0.1, 1.0)
 }
 
 fn build_table(members: &[Member]) -> Vec<u32> {
@@ -86,7 +158,7 @@ impl Balancer for IpHash {
 
     fn pick(&self, client_hash: u64, accept: &mut dyn FnMut(&Backend) -> bool) -> Option<usize> {
         let slot = maglev::slot(client_hash);
-        let owner = self.table[slot];
+        let owner = self.owner(slot);
         if owner != EMPTY
             && let Some(b) = self.backends.get(owner as usize)
             && accept(b)
@@ -96,7 +168,7 @@ impl Balancer for IpHash {
         // The owner is down, inactive, full or excluded (retry): use the table without the
         // down backends, then walk on from this slot so the choice stays a function of the client.
         let down: Vec<bool> = self.backends.iter().map(|b| !b.is_up()).collect();
-        let fallback = self.fallback_for(down);
+        let fallback = self.fallback_for(down, &self.fallback);
         let mut tried = 0;
         for k in 0..TABLE_SIZE {
             let cand = fallback.table[(slot + k) % TABLE_SIZE];

@@ -10,7 +10,7 @@ mod weighted;
 
 use std::sync::Arc;
 
-pub use ip_hash::IpHash;
+pub use ip_hash::{IpHash, ramp_step};
 pub use least_conn::LeastConnections;
 pub use performance::Performance;
 pub use round_robin::RoundRobin;
