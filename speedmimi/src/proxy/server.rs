@@ -124,7 +124,8 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, kind: Listener, adm
             max_head,
         };
         let Some(tls) = &tls else {
-            tokio::spawn(async move {
+            // A connection's future: about 3 KiB (measured with size_of_val), moved once when spawned.
+            let fut = async move {
                 let (http1, sniffed) = match kind {
                     Listener::Grpc => (false, Bytes::new()),
                     _ => match sniff_http1(&mut stream, accepted + read_timeout).await {
@@ -134,7 +135,8 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, kind: Listener, adm
                 };
                 let hijack = (kind == Listener::Http && http1).then(|| Hijack::new(stream.as_raw_fd()));
                 conn.serve(stream, sniffed, http1, hijack).await;
-            });
+            };
+            tokio::spawn(fut);
             continue;
         };
         let handshake = tls.accept(stream);
@@ -223,7 +225,8 @@ impl Conn {
         };
         let activity = self.activity.clone();
         let fast = http1 && self.state.config().file.server.http1_fast_path;
-        let handler = Handler::new(self.state, self.peer, self.kind, ambiguous, hijack.clone(), activity.clone());
+        let handler =
+            Handler::new(self.state.clone(), self.peer, self.kind, ambiguous, hijack.clone(), activity.clone());
         let mut io = ClientIo::new(io, self.write_timeout, sniffed, watch, hijack);
         if fast {
             // The proxy's own engine serves plain exchanges; hyper takes the connection over
@@ -233,6 +236,17 @@ impl Conn {
                 h1::Served::Hyper(rest) => io = rest,
             }
         }
+        // Boxed: most connections never get here, and their futures stay small: a connection's
+        // future is moved when it is spawned, and with hyper's state inline it was 5.6 KiB
+        // instead of 3 KiB (size_of_val).
+        Box::pin(self.serve_hyper(io, handler, http1, activity)).await;
+    }
+
+    /// hyper serves the connection from here on.
+    async fn serve_hyper<I>(self, io: ClientIo<I>, handler: Handler, http1: bool, activity: Arc<Activity>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let service = service_fn(move |req| {
             // Open from the head to the end of the response body.
             let open = activity.open();

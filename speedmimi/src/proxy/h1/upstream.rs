@@ -160,22 +160,14 @@ impl Plain<'_> {
         up.clear();
         let read = async {
             loop {
-                let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-                let mut resp = httparse::Response::new(&mut []);
-                match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, up, &mut slots) {
-                    Ok(httparse::Status::Complete(n)) => match resp.code {
-                        Some(100..=199) if resp.code != Some(101) => {
-                            // Informational: skipped, as hyper's client does.
-                            up.drain(..n);
-                            continue;
-                        }
-                        code => return Ok((n, code.unwrap_or_default())),
-                    },
-                    Ok(httparse::Status::Partial) if up.len() < MAX_RESPONSE_HEAD => {}
-                    Ok(httparse::Status::Partial) => {
-                        return Err(Broken::Failed("upstream response head too long", None));
+                match response_head_end(up)? {
+                    // Informational: skipped, as hyper's client does.
+                    Some((n, code)) if (100..200).contains(&code) && code != 101 => {
+                        up.drain(..n);
+                        continue;
                     }
-                    Err(_) => return Err(Broken::Failed("invalid upstream response head", None)),
+                    Some(whole) => return Ok(whole),
+                    None => {}
                 }
                 up.reserve(8192);
                 match conn.stream.read_buf(up).await {
@@ -192,6 +184,19 @@ impl Plain<'_> {
             Ok(Err(e)) => Err(e),
             Ok(Ok((head_len, status))) => Ok(Answer { conn, head_len, status }),
         }
+    }
+}
+
+/// Where the response head at the start of `up` ends, and its status; None while it is not
+/// whole. (Not in the async caller: the header slots would live in its future.)
+fn response_head_end(up: &[u8]) -> Result<Option<(usize, u16)>, Broken> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, up, &mut slots) {
+        Ok(httparse::Status::Complete(n)) => Ok(Some((n, resp.code.unwrap_or_default()))),
+        Ok(httparse::Status::Partial) if up.len() < MAX_RESPONSE_HEAD => Ok(None),
+        Ok(httparse::Status::Partial) => Err(Broken::Failed("upstream response head too long", None)),
+        Err(_) => Err(Broken::Failed("invalid upstream response head", None)),
     }
 }
 
