@@ -1,18 +1,24 @@
 //! The demo and test origin (`speedmimi demo-backend`): answers with its id, serves `/health`,
 //! a WebSocket echo at `/ws`, an SSE ticker at `/events`, and a few endpoints the tests use to
-//! see what reached a backend (`/headers`, `/echo`) and to slow it down (`/slow`, `set_delay`),
+//! see what reached a backend (`/headers`, `/echo`) and to slow it down (`/slow`, `delay_ms`),
 //! and `/bytes?n=N`, a body of N bytes that costs the origin little (the benchmarks' response).
 //! HTTP/1.1 and prior-knowledge h2c; gRPC-framed requests are echoed with trailers.
-
+//!
+//! The catch-all answer (`/` and any path not named above) is the one the balance benchmark
+//! shapes: it waits `delay_ms`, then for the end of a stall if one is under way, unless its
+//! [`Faults`] answer it 503 at once or reset its connection first. `/hits` reports how many
+//! requests reached it, whatever became of them, so a benchmark can read each origin's share
+//! without going through the proxy.
 use std::{
     convert::Infallible,
+    os::fd::{AsRawFd, BorrowedFd},
     pin::Pin,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -25,13 +31,20 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, mpsc},
+};
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{handshake::derive_accept_key, protocol::Role},
 };
 
 use crate::shutdown::Shutdown;
+
+mod faults;
+
+pub use faults::{Fate, Faults, Stall};
 
 /// Largest body `/bytes` serves.
 const MAX_BYTES: usize = 16 << 20;
@@ -49,10 +62,20 @@ pub struct DemoBackend {
     pub healthy: AtomicBool,
     /// Extra delay (ms) before answering `/`.
     pub delay_ms: AtomicU64,
+    /// Requests that reached the catch-all answer (`/`), whatever their fate; served at `/hits`.
+    pub hits: AtomicU64,
+    /// Stalls, 503s and resets of the catch-all answer.
+    faults: Faults,
+    /// Where the stall schedule starts.
+    started: Instant,
 }
 
 impl DemoBackend {
     pub fn new(id: impl Into<String>) -> Arc<Self> {
+        Self::with_faults(id, Faults::default())
+    }
+
+    pub fn with_faults(id: impl Into<String>, faults: Faults) -> Arc<Self> {
         Arc::new(DemoBackend {
             id: id.into(),
             requests: AtomicU64::new(0),
@@ -60,6 +83,9 @@ impl DemoBackend {
             open_connections: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             delay_ms: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            faults,
+            started: Instant::now(),
         })
     }
 
@@ -82,18 +108,36 @@ impl DemoBackend {
             let stop = shutdown.clone();
             tokio::spawn(async move {
                 let counter = me.clone();
-                let service = service_fn(move |req| me.clone().handle(req));
-                // A stopped origin drops its open connections too, as a crashed one would.
-                tokio::select! {
-                    _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service) => {}
-                    _ = stop.wait() => {}
+                let fd = stream.as_raw_fd();
+                let reset = Arc::new(Notify::new());
+                let asked = reset.clone();
+                let service = service_fn(move |req| me.clone().handle(req, asked.clone()));
+                {
+                    let serve = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    tokio::pin!(serve);
+                    // A stopped origin drops its open connections too, as a crashed one would.
+                    tokio::select! {
+                        _ = &mut serve => {}
+                        _ = stop.wait() => {}
+                        _ = reset.notified() => {
+                            // SAFETY: `serve` owns the stream, so `fd` stays open until the end of this block.
+                            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                            // Closing with a zero linger sends RST instead of FIN.
+                            let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+                        }
+                    }
                 }
                 counter.open_connections.fetch_sub(1, Relaxed);
             });
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<DemoBody>, Infallible> {
+    /// Answers one request; `reset` asks the connection's task to reset the connection.
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        reset: Arc<Notify>,
+    ) -> Result<Response<DemoBody>, Infallible> {
         self.requests.fetch_add(1, Relaxed);
         let is_grpc = req
             .headers()
@@ -137,24 +181,44 @@ impl DemoBackend {
                     None => text(StatusCode::BAD_REQUEST, format!("/bytes needs n=0..={MAX_BYTES}\n")),
                 }
             }
+            "/hits" => text(StatusCode::OK, format!("{}\n", self.hits.load(Relaxed))),
             "/slow" => {
                 let ms = param(&query, "ms").unwrap_or(1000);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 text(StatusCode::OK, format!("{}\n", self.id))
             }
-            _ => {
-                let delay = self.delay_ms.load(Relaxed);
-                if delay > 0 {
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
-                }
-                text(StatusCode::OK, format!("{}\n", self.id))
-            }
+            _ => self.catch_all(reset).await,
         };
         let mut resp = resp;
         if let Ok(v) = HeaderValue::try_from(self.id.as_str()) {
             resp.headers_mut().insert("x-backend-id", v);
         }
         Ok(resp)
+    }
+
+    /// The answer `/` gets: its id after the delay and any stall, or the fault its number draws.
+    async fn catch_all(&self, reset: Arc<Notify>) -> Response<DemoBody> {
+        match self.faults.fate(self.hits.fetch_add(1, Relaxed)) {
+            Fate::Reset => {
+                reset.notify_one();
+                // The connection's task drops this future with the connection.
+                std::future::pending().await
+            }
+            Fate::Unavailable => text(StatusCode::SERVICE_UNAVAILABLE, format!("{} unavailable\n", self.id)),
+            Fate::Answer => {
+                let delay = self.delay_ms.load(Relaxed);
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
+                if let Some(stall) = self.faults.stall {
+                    let wait = stall.wait(self.started.elapsed());
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                text(StatusCode::OK, format!("{}\n", self.id))
+            }
+        }
     }
 
     /// WebSocket echo: every text or binary message comes back unchanged.

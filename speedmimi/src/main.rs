@@ -4,7 +4,12 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use speedmimi::{Listeners, config::Config, demo::DemoBackend, preflight, shutdown, telemetry};
+use speedmimi::{
+    Listeners,
+    config::Config,
+    demo::{DemoBackend, Faults, Stall},
+    preflight, shutdown, telemetry,
+};
 
 /// Bench builds count allocations, reported as `speedmimi_allocations_total` in `/metrics`.
 #[cfg(feature = "count-allocs")]
@@ -27,7 +32,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a demo origin: answers with its id, /health, WebSocket echo at /ws, SSE at /events,
-    /// N bytes at /bytes?n=N.
+    /// N bytes at /bytes?n=N. The knobs shape the answer to / (the balance benchmark's backends);
+    /// /hits counts the requests it got.
     DemoBackend {
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
@@ -35,6 +41,8 @@ enum Command {
         port: u16,
         #[arg(long)]
         id: String,
+        #[command(flatten)]
+        knobs: DemoKnobs,
     },
     /// On a DSR backend whose kernel lacks IPIP: strip the IPIP header SpeedMimi adds (XDP on
     /// the interface), so the stack sees the client's packet to the VIP. Runs until a signal.
@@ -42,6 +50,40 @@ enum Command {
         #[arg(long)]
         interface: String,
     },
+}
+
+/// Latency and faults of the demo origin's answer to `/`.
+#[derive(clap::Args)]
+struct DemoKnobs {
+    /// Milliseconds every answer waits.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Milliseconds of a stall at the end of every `--stall-every-ms` period: answers due in it
+    /// wait until it ends.
+    #[arg(long, requires = "stall_every_ms")]
+    stall_ms: Option<u64>,
+    #[arg(long, requires = "stall_ms")]
+    stall_every_ms: Option<u64>,
+    /// Share of requests (0.0-1.0) answered 503 at once.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Share of requests (0.0-1.0) whose connection is reset (SO_LINGER 0) before any answer byte.
+    #[arg(long, default_value_t = 0.0)]
+    reset_rate: f64,
+}
+
+impl DemoKnobs {
+    fn faults(&self) -> anyhow::Result<Faults> {
+        let stall = self.stall_ms.zip(self.stall_every_ms).map(|(length, every)| Stall {
+            length: std::time::Duration::from_millis(length),
+            every: std::time::Duration::from_millis(every),
+        });
+        let faults = Faults { stall, error_rate: self.error_rate, reset_rate: self.reset_rate };
+        match faults.problem() {
+            Some(p) => anyhow::bail!("demo-backend: {p}"),
+            None => Ok(faults),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -85,12 +127,15 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
         trigger.fire();
     });
     match cli.command {
-        Some(Command::DemoBackend { host, port, id }) => {
+        Some(Command::DemoBackend { host, port, id, knobs }) => {
+            let faults = knobs.faults()?;
             let listener = tokio::net::TcpListener::bind((host.as_str(), port))
                 .await
                 .with_context(|| format!("cannot listen on {host}:{port}"))?;
             tracing::info!(%id, addr = %listener.local_addr()?, "demo backend listening");
-            DemoBackend::new(id).serve(listener, stop).await;
+            let backend = DemoBackend::with_faults(id, faults);
+            backend.delay_ms.store(knobs.delay_ms, std::sync::atomic::Ordering::Relaxed);
+            backend.serve(listener, stop).await;
             Ok(())
         }
         Some(Command::XdpDecap { interface }) => {

@@ -382,18 +382,22 @@ fn start_speedmimi(bin: &Path, dir: &Path, setup: Setup) -> anyhow::Result<Child
 
 /// The SpeedMimi binary on `config`, pinned to `core` (if any), logging warnings only.
 pub(crate) fn spawn_speedmimi(bin: &Path, config: &Path, core: Option<&str>) -> anyhow::Result<Child> {
-    pinned(core, bin)
-        .arg("--config")
+    speedmimi_command(bin, config, core).spawn().context("start speedmimi")
+}
+
+/// [`spawn_speedmimi`]'s command, to be given other stdio first.
+pub(crate) fn speedmimi_command(bin: &Path, config: &Path, core: Option<&str>) -> Command {
+    let mut cmd = pinned(core, bin);
+    cmd.arg("--config")
         .arg(config)
         .env("RUST_LOG", "warn")
         .env_remove("SPEEDMIMI_ADMIN_TOKEN")
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .context("start speedmimi")
+        .stdin(std::process::Stdio::null());
+    cmd
 }
 
 /// `program` under `taskset -c <core>`, or on its own when `core` is None.
-fn pinned(core: Option<&str>, program: impl AsRef<OsStr>) -> Command {
+pub(crate) fn pinned(core: Option<&str>, program: impl AsRef<OsStr>) -> Command {
     match core {
         Some(core) => {
             let mut cmd = Command::new("taskset");
@@ -405,32 +409,64 @@ fn pinned(core: Option<&str>, program: impl AsRef<OsStr>) -> Command {
 }
 
 fn start_nginx(_bin: &Path, dir: &Path, setup: Setup) -> anyhow::Result<Child> {
+    let upstream = format!("server 127.0.0.1:{BACKEND_PORT};");
+    nginx_command(dir, PROXY_PORT, setup.workers, setup.core(), &upstream, "")?.spawn().context("start nginx")
+}
+
+/// nginx on 127.0.0.1:`port` proxying everything to upstream `b` (`upstream`: its servers and
+/// balancing; `location`: more proxy directives), its config and temporary files in `dir`: the
+/// config is written, the command returned.
+pub(crate) fn nginx_command(
+    dir: &Path,
+    port: u16,
+    workers: u32,
+    core: Option<&str>,
+    upstream: &str,
+    location: &str,
+) -> anyhow::Result<Command> {
     let config = dir.join("nginx.conf");
     // More than one worker needs the master process. Responses larger than the proxy buffers
     // stream to the client rather than through a temporary file (proxy_max_temp_file_size 0).
     fs::write(
         &config,
         format!(
-            "worker_processes {workers};\ndaemon off;\nmaster_process {master};\npid {pid};\nerror_log stderr error;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  upstream b {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{PROXY_PORT};\n    keepalive_requests 1000000;\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_max_temp_file_size 0; }}\n  }}\n}}\n",
-            workers = setup.workers,
-            master = if setup.workers > 1 { "on" } else { "off" },
+            "worker_processes {workers};\ndaemon off;\nmaster_process {master};\npid {pid};\nerror_log stderr error;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  upstream b {{ {upstream} keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{port};\n    keepalive_requests 1000000;\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_max_temp_file_size 0; {location}}}\n  }}\n}}\n",
+            master = if workers > 1 { "on" } else { "off" },
             pid = dir.join("nginx.pid").display(),
             tmp = dir.display()
         ),
     )?;
-    pinned(setup.core(), "nginx").arg("-c").arg(&config).spawn().context("start nginx")
+    let mut cmd = pinned(core, "nginx");
+    cmd.arg("-c").arg(&config);
+    Ok(cmd)
 }
 
 fn start_haproxy(_bin: &Path, dir: &Path, setup: Setup) -> anyhow::Result<Child> {
+    let backend = format!("  server b1 127.0.0.1:{BACKEND_PORT}\n");
+    haproxy_command(dir, PROXY_PORT, setup.workers, setup.core(), "", &backend)?.spawn().context("start haproxy")
+}
+
+/// HAProxy on 127.0.0.1:`port` in HTTP mode with keep-alive both ways, sending everything to
+/// backend `b` (`backend`: its lines, servers included; `defaults`: more lines for `defaults`),
+/// its config in `dir`: the config is written, the command returned.
+pub(crate) fn haproxy_command(
+    dir: &Path,
+    port: u16,
+    workers: u32,
+    core: Option<&str>,
+    defaults: &str,
+    backend: &str,
+) -> anyhow::Result<Command> {
     let config = dir.join("haproxy.cfg");
     fs::write(
         &config,
         format!(
-            "global\n  nbthread {workers}\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\nfrontend f\n  bind 127.0.0.1:{PROXY_PORT}\n  default_backend b\nbackend b\n  server b1 127.0.0.1:{BACKEND_PORT}\n",
-            workers = setup.workers
+            "global\n  nbthread {workers}\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\n{defaults}frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n{backend}",
         ),
     )?;
-    pinned(setup.core(), "haproxy").arg("-db").arg("-f").arg(&config).spawn().context("start haproxy")
+    let mut cmd = pinned(core, "haproxy");
+    cmd.arg("-db").arg("-f").arg(&config);
+    Ok(cmd)
 }
 
 /// The process and its descendants (nginx and haproxy may fork).
@@ -476,7 +512,7 @@ pub(crate) fn build_release() -> anyhow::Result<PathBuf> {
 
 /// xtask with the release profile, for the open-loop peer: a dev build spends ten times the user
 /// CPU per request on the core the peer shares with the backend.
-fn build_peer() -> anyhow::Result<PathBuf> {
+pub(crate) fn build_peer() -> anyhow::Result<PathBuf> {
     workspace::run_checked(workspace::cargo().args(["build", "--release", "-p", "xtask"]))?;
     Ok(workspace::target_dir().join("release/xtask"))
 }

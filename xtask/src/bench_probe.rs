@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::bench::LOAD_CORE;
+use crate::{bench::LOAD_CORE, open_loop::Outcome};
 
 /// Keep-alive connections of the fixed-rate load.
 pub const FIXED_RATE_CONNECTIONS: u32 = 50;
@@ -152,18 +152,25 @@ fn syscalls(pids: &[u32], window: f64) -> anyhow::Result<u64> {
 /// A metric from SpeedMimi's `/metrics` on the admin `port`, summed over its label sets (None
 /// when absent).
 pub fn admin_metric(port: u16, name: &str) -> anyhow::Result<Option<u64>> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).context("connect to the admin API")?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).context("read /metrics")?;
+    let text = http_get(port, "/metrics")?;
     let values: Vec<u64> = text
         .lines()
         .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
         .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
         .collect();
     Ok((!values.is_empty()).then(|| values.iter().sum()))
+}
+
+/// GET `path` from 127.0.0.1:`port` on a connection of its own: the whole answer, head and body.
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("connect to {port}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).with_context(|| format!("read {path} from {port}"))?;
+    Ok(text)
 }
 
 /// Heap allocations SpeedMimi (a `count-allocs` build, admin API on `admin`) makes per request
@@ -189,33 +196,36 @@ pub fn allocations_per_request(
 
 /// The open-loop peer pinned to the load core at `rate` requests/s: p50, p99 and p99.9 in ms.
 pub fn fixed_rate(exe: &Path, case: &Case, port: u16, rate: u64, seconds: u64) -> anyhow::Result<[f64; 3]> {
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-c", LOAD_CORE])
-        .arg(exe)
-        .args(["bench-peer", "open-loop", "--port", &port.to_string(), "--path", case.path])
-        .args(["--rate", &rate.to_string(), "--seconds", &seconds.to_string(), "--body", &case.body.to_string()])
-        .args(["--connections", &FIXED_RATE_CONNECTIONS.to_string()]);
+    let mut args = vec!["--port".to_owned(), port.to_string(), "--path".into(), case.path.into()];
+    args.extend(["--rate".into(), rate.to_string(), "--seconds".into(), seconds.to_string()]);
+    args.extend(["--body".into(), case.body.to_string()]);
+    args.extend(["--connections".into(), FIXED_RATE_CONNECTIONS.to_string()]);
     if case.close {
-        cmd.arg("--close");
+        args.push("--close".into());
     }
-    let out = cmd.output().context("run the open-loop peer")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (outcome, text) = open_loop(exe, &args)?;
+    if outcome.errors() > 0 {
+        bail!("the open-loop peer saw errors against port {port}: {text}");
+    }
+    Ok(outcome.latency)
+}
+
+/// The open-loop peer (`bench-peer open-loop <args>`, see `open_loop`) pinned to the load core:
+/// what it saw, and its output for messages.
+pub fn open_loop(exe: &Path, args: &[String]) -> anyhow::Result<(Outcome, String)> {
+    let out = Command::new("taskset")
+        .args(["-c", LOAD_CORE])
+        .arg(exe)
+        .args(["bench-peer", "open-loop"])
+        .args(args)
+        .output()
+        .context("run the open-loop peer")?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
-        bail!("the open-loop peer failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        bail!("the open-loop peer failed: {text}");
     }
-    // `latency p50 p99 p999 requests N non2xx N errors N`, times in µs.
-    let f: Vec<f64> = text
-        .lines()
-        .find_map(|l| l.strip_prefix("latency "))
-        .map(|l| l.split_whitespace().filter_map(|v| v.parse().ok()).collect())
-        .unwrap_or_default();
-    let [p50, p99, p999, _requests, non_2xx, errors] = f[..] else {
-        bail!("no latency line from the open-loop peer:\n{text}")
-    };
-    if non_2xx > 0.0 || errors > 0.0 {
-        bail!("the open-loop peer saw errors against port {port}: {text}{}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok([p50 / 1e3, p99 / 1e3, p999 / 1e3])
+    let outcome = Outcome::parse(&text).with_context(|| format!("no result line from the open-loop peer:\n{text}"))?;
+    Ok((outcome, text))
 }
 
 #[cfg(test)]

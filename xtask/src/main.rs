@@ -1,6 +1,7 @@
 //! Command-line entry point of `cargo xtask`: parses the subcommand and dispatches to its module.
 
 mod bench;
+mod bench_balance;
 mod bench_l4;
 mod bench_peer;
 mod bench_probe;
@@ -139,6 +140,31 @@ enum BenchKind {
         #[arg(long, default_value = "4MiB")]
         splice_budget: String,
     },
+    /// Balancing under faults: three demo origins per shape (equal; one 4× slower; one stalling
+    /// 300 ms every 3 s; one answering 10% 503 and one resetting 2%), an open-loop load at a fixed
+    /// rate through SpeedMimi with each balancer, HAProxy leastconn and nginx least_conn (each with
+    /// its retry options) and direct: p50, p99, p99.9, share per origin, client-visible errors.
+    Balance {
+        /// Interleaved rounds (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds of load per row (a multiple of the 3 s stall period gives every row the same stall time).
+        #[arg(long, default_value_t = 12)]
+        seconds: u64,
+        /// Requests per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Every origin's base latency in ms (the slow origin's is 4× this).
+        #[arg(long, default_value_t = 10)]
+        delay_ms: u64,
+        /// Keep-alive client connections (enough for the requests a stall holds).
+        #[arg(long, default_value_t = 512)]
+        connections: u64,
+        /// Add SpeedMimi's `upstreams:` block (slow start, outlier ejection, retries on 502/503/504)
+        /// to its config; needs a daemon that knows it.
+        #[arg(long)]
+        upstream_options: bool,
+    },
     /// L4 in the netns lab: connections/s and keep-alive requests/s through XDP (NAT and DSR), nftables DNAT
     /// (IPVS's stand-in), HAProxy in TCP mode, SpeedMimi's L7 proxy and direct forwarding, with the CPU each
     /// costs; and l4_steer's ns per packet through BPF_PROG_TEST_RUN.
@@ -176,6 +202,19 @@ fn main() -> anyhow::Result<ExitCode> {
                 streams,
                 idle_flows,
                 splice_budget,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            which: BenchKind::Balance { rounds, seconds, rate, delay_ms, connections, upstream_options },
+        } => {
+            bench_balance::balance(&bench_balance::Options {
+                rounds,
+                seconds,
+                rate,
+                delay_ms,
+                connections,
+                upstream_options,
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -6,6 +6,8 @@
 //! it is already late. One thread and one epoll set, woken with nanosecond timeouts
 //! (epoll_pwait2): a thread per connection cost six times wrk's CPU per request and starved the
 //! backend sharing the load core. HTTP/1.1 is spoken by hand: the answers are Content-Length framed.
+//! A request unanswered `--timeout-ms` after it fell due is counted as timed out and its
+//! connection replaced; non-2xx answers, broken connections and timeouts are counted apart.
 
 use std::{
     io::{self, Read, Write},
@@ -16,8 +18,10 @@ use std::{
 
 use anyhow::{Context, bail};
 
-/// A request unanswered for this long, or a run this far past its end, counts as errors.
+/// A run this far past its end gives up on what is left (counted as timed out).
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often requests in flight are checked against `--timeout-ms`.
+const TIMEOUT_SCAN: Duration = Duration::from_millis(10);
 /// The most requests one run schedules (the latencies are kept to sort them).
 const MAX_REQUESTS: u64 = 5_000_000;
 /// Longest response head accepted.
@@ -44,6 +48,9 @@ pub struct Load {
     /// `Connection: close`: a new connection per request.
     #[arg(long)]
     pub close: bool,
+    /// A request unanswered this long after it fell due counts as timed out.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
 }
 
 /// What the run saw.
@@ -53,9 +60,56 @@ struct Tally {
     latencies: Vec<u64>,
     non_2xx: u64,
     errors: u64,
+    timeouts: u64,
 }
 
-/// Runs the load; prints `latency <p50 µs> <p99 µs> <p99.9 µs> requests <n> non2xx <n> errors <n>`.
+/// What one run saw, as its result line reports it: `latency <p50 µs> <p99 µs> <p99.9 µs>
+/// requests <n> non2xx <n> errors <n> timeouts <n>`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Outcome {
+    /// p50, p99 and p99.9 of the 2xx answers in ms, from each request's due time.
+    pub latency: [f64; 3],
+    /// 2xx answers.
+    pub ok: u64,
+    pub non_2xx: u64,
+    /// Connections that failed: refused, reset, closed before the end of the answer, or unreadable.
+    pub broken: u64,
+    /// Requests unanswered `--timeout-ms` after they fell due, or never sent.
+    pub timeouts: u64,
+}
+
+impl Outcome {
+    /// Requests the client did not get a 2xx answer to.
+    pub fn errors(&self) -> u64 {
+        self.non_2xx + self.broken + self.timeouts
+    }
+
+    fn line(&self) -> String {
+        let [p50, p99, p999] = self.latency.map(|ms| ms * 1e3);
+        format!(
+            "latency {p50:.1} {p99:.1} {p999:.1} requests {} non2xx {} errors {} timeouts {}",
+            self.ok, self.non_2xx, self.broken, self.timeouts
+        )
+    }
+
+    /// Reads the result line out of the peer's output.
+    pub fn parse(text: &str) -> Option<Outcome> {
+        let f: Vec<&str> = text.lines().find_map(|l| l.strip_prefix("latency "))?.split_whitespace().collect();
+        let [p50, p99, p999, "requests", ok, "non2xx", non_2xx, "errors", broken, "timeouts", timeouts] = f[..] else {
+            return None;
+        };
+        let ms = |v: &str| v.parse::<f64>().ok().map(|us| us / 1e3);
+        Some(Outcome {
+            latency: [ms(p50)?, ms(p99)?, ms(p999)?],
+            ok: ok.parse().ok()?,
+            non_2xx: non_2xx.parse().ok()?,
+            broken: broken.parse().ok()?,
+            timeouts: timeouts.parse().ok()?,
+        })
+    }
+}
+
+/// Runs the load and prints its [`Outcome`] line.
 pub fn run(load: &Load) -> anyhow::Result<()> {
     if load.rate == 0 || load.seconds == 0 || load.connections == 0 {
         bail!("--rate, --seconds and --connections must all be at least 1");
@@ -78,6 +132,8 @@ pub fn run(load: &Load) -> anyhow::Result<()> {
     let interval_ns = 1e9 / load.rate as f64;
     let due = |i: u64| start + Duration::from_nanos((i as f64 * interval_ns) as u64);
     let give_up = start + Duration::from_secs(2 * load.seconds) + IO_TIMEOUT;
+    let timeout = Duration::from_millis(load.timeout_ms.max(1));
+    let mut next_scan = start;
     let mut tally = Tally { latencies: Vec::with_capacity(total as usize), ..Tally::default() };
     let (mut next, mut in_flight) = (0u64, 0u64);
     let mut buf = vec![0u8; 256 << 10];
@@ -96,18 +152,37 @@ pub fn run(load: &Load) -> anyhow::Result<()> {
             }
             next += 1;
         }
+        if now >= next_scan {
+            next_scan = now + TIMEOUT_SCAN;
+            for (i, c) in conns.iter_mut().enumerate() {
+                if c.due.is_some_and(|d| now >= d + timeout) {
+                    // Closing the socket takes it out of the epoll set.
+                    *c = Conn::default();
+                    tally.timeouts += 1;
+                    in_flight -= 1;
+                    idle.push(i);
+                }
+            }
+        }
         if next == total && in_flight == 0 {
             break;
         }
         if now > give_up {
-            tally.errors += total - next + in_flight;
+            tally.timeouts += total - next + in_flight;
             break;
         }
-        // Until the next request falls due (when a connection is free to send it) or an answer comes.
-        let wait = if next < total && !idle.is_empty() { due(next) - now.min(due(next)) } else { IO_TIMEOUT / 50 };
+        // Until the next request falls due (when a connection is free to send it), an answer comes
+        // or it is time to look for requests that timed out.
+        let wait = if next < total && !idle.is_empty() { due(next) - now.min(due(next)) } else { TIMEOUT_SCAN };
+        let wait = wait.min(TIMEOUT_SCAN);
         let ready = epoll.wait(&mut events, wait)?;
         for ev in &events[..ready] {
             let i = ev.u64 as usize;
+            if conns[i].due.is_none() {
+                // An idle connection the server closed (or wrote to unasked): replaced at its next send.
+                conns[i] = Conn::default();
+                continue;
+            }
             match conns[i].on_readable(&mut buf) {
                 Ok(None) => continue,
                 Ok(Some((status, latency))) => {
@@ -131,16 +206,15 @@ pub fn run(load: &Load) -> anyhow::Result<()> {
     }
     let mut all = tally.latencies;
     all.sort_unstable();
-    let us = |q: f64| percentile(&all, q) as f64 / 1e3;
-    println!(
-        "latency {:.1} {:.1} {:.1} requests {} non2xx {} errors {}",
-        us(0.50),
-        us(0.99),
-        us(0.999),
-        all.len(),
-        tally.non_2xx,
-        tally.errors
-    );
+    let ms = |q: f64| percentile(&all, q) as f64 / 1e6;
+    let outcome = Outcome {
+        latency: [ms(0.50), ms(0.99), ms(0.999)],
+        ok: all.len() as u64,
+        non_2xx: tally.non_2xx,
+        broken: tally.errors,
+        timeouts: tally.timeouts,
+    };
+    println!("{}", outcome.line());
     Ok(())
 }
 
@@ -315,7 +389,15 @@ impl Epoll {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{Outcome, percentile};
+
+    #[test]
+    fn the_result_line_reads_back() {
+        let o = Outcome { latency: [0.25, 12.5, 301.0], ok: 9000, non_2xx: 3, broken: 2, timeouts: 1 };
+        assert_eq!(Outcome::parse(&format!("noise\n{}\n", o.line())), Some(o));
+        assert_eq!(o.errors(), 6);
+        assert_eq!(Outcome::parse("latency 1 2 3 requests 4 non2xx 5 errors 6\n"), None);
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
