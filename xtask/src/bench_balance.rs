@@ -39,9 +39,8 @@ const STALL_EVERY_MS: u64 = 3000;
 const ERROR_RATE: f64 = 0.10;
 const RESET_RATE: f64 = 0.02;
 
-/// SpeedMimi's upstream options (issue 15: slow start, outlier ejection, retries on statuses),
-/// added to its config with `--upstream-options`, the one place the bench writes them. A daemon
-/// that does not know the `upstreams:` section refuses the config (unknown fields are errors).
+/// SpeedMimi's upstream options (slow start, outlier ejection, retries on statuses: the defaults
+/// but for slow start, written out so the report shows them), the one place the bench writes them.
 const UPSTREAM_OPTIONS: &str = "upstreams:\n  b:\n    slow_start: 30s\n    outlier_ejection: { consecutive_failures: 5, base_time: 30s, max_ejected_percent: 50 }\n    retries: { statuses: [502, 503, 504], budget_percent: 20, min_per_second: 10 }\n";
 
 /// HAProxy's retry options (added to `defaults`).
@@ -62,8 +61,6 @@ pub struct Options {
     pub delay_ms: u64,
     /// Keep-alive client connections of the load.
     pub connections: u64,
-    /// Add SpeedMimi's `upstreams:` block (`UPSTREAM_OPTIONS`) to its config.
-    pub upstream_options: bool,
 }
 
 /// What one origin of a shape does wrong.
@@ -153,14 +150,14 @@ impl Via {
     }
 
     /// Starts the proxy (nothing for the direct path), its output to a log in `dir`.
-    fn start(self, bin: &Path, dir: &Path, opts: &Options) -> anyhow::Result<Option<Guard>> {
+    fn start(self, bin: &Path, dir: &Path) -> anyhow::Result<Option<Guard>> {
         let core = Some(PROXY_CORE);
         let servers = || BACKEND_PORTS.iter().zip(1..);
         let mut cmd = match self {
             Via::Direct => return Ok(None),
             Via::SpeedMimi(lb) => {
                 let config = dir.join("speedmimi.yaml");
-                fs::write(&config, speedmimi_config(lb, opts.upstream_options))?;
+                fs::write(&config, speedmimi_config(lb))?;
                 bench::speedmimi_command(bin, &config, core)
             }
             Via::Haproxy => {
@@ -189,16 +186,14 @@ impl Via {
     }
 }
 
-fn speedmimi_config(lb: &str, upstream_options: bool) -> String {
+fn speedmimi_config(lb: &str) -> String {
     let mut s = format!(
         "server:\n  host: 127.0.0.1\n  port: {PROXY_PORT}\n  workers: 1\nadmin:\n  host: 127.0.0.1\n  port: {ADMIN_PORT}\nebpf:\n  enabled: false\nrouting:\n  all:\n    path: /\n    upstream: b\n    load_balancer: {lb}\nbackends:\n  b:\n"
     );
     for (port, i) in BACKEND_PORTS.iter().zip(1..) {
         let _ = writeln!(s, "    - id: b{i}\n      host: 127.0.0.1\n      port: {port}");
     }
-    if upstream_options {
-        s.push_str(UPSTREAM_OPTIONS);
-    }
+    s.push_str(UPSTREAM_OPTIONS);
     s
 }
 
@@ -289,7 +284,7 @@ fn start_origins(bin: &Path, shape: &Shape, opts: &Options) -> anyhow::Result<Ve
 
 /// One row: start its proxy, read the origins' hits, run the load, read them again, stop.
 fn measure(via: Via, bin: &Path, peer: &Path, dir: &Path, opts: &Options) -> anyhow::Result<Sample> {
-    let _proxy = via.start(bin, dir, opts)?;
+    let _proxy = via.start(bin, dir)?;
     let before = hits()?;
     let mut args = vec!["--port".to_owned(), via.port().to_string(), "--path".into(), "/".into()];
     args.extend(["--rate".into(), opts.rate.to_string(), "--seconds".into(), opts.seconds.to_string()]);
@@ -386,13 +381,7 @@ fn header(s: &mut String, opts: &Options) {
         inflight = opts.rate as f64 * opts.delay_ms as f64 / 1e3,
         per = opts.rate as f64 * opts.delay_ms as f64 / 3e3,
     );
-    let upstreams = if opts.upstream_options {
-        format!("`{}`", UPSTREAM_OPTIONS.replace('\n', " ").replace("    ", "").trim())
-    } else {
-        "no `upstreams:` block (a daemon that has these settings applies their defaults; `--upstream-options` writes \
-         one with slow start, outlier ejection and retries on 502/503/504)"
-            .into()
-    };
+    let upstreams = format!("`{}`", UPSTREAM_OPTIONS.replace('\n', " ").replace("    ", "").trim());
     let lines = [
         format!(
             "Share: requests that reached each origin during the row (its `/hits`, read directly before and after), \

@@ -160,10 +160,6 @@ enum BenchKind {
         /// Keep-alive client connections (enough for the requests a stall holds).
         #[arg(long, default_value_t = 512)]
         connections: u64,
-        /// Add SpeedMimi's `upstreams:` block (slow start, outlier ejection, retries on 502/503/504)
-        /// to its config; needs a daemon that knows it.
-        #[arg(long)]
-        upstream_options: bool,
     },
     /// L4 in the netns lab: connections/s and keep-alive requests/s through XDP (NAT and DSR), nftables DNAT
     /// (IPVS's stand-in), HAProxy in TCP mode, SpeedMimi's L7 proxy and direct forwarding, with the CPU each
@@ -205,17 +201,8 @@ fn main() -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench {
-            which: BenchKind::Balance { rounds, seconds, rate, delay_ms, connections, upstream_options },
-        } => {
-            bench_balance::balance(&bench_balance::Options {
-                rounds,
-                seconds,
-                rate,
-                delay_ms,
-                connections,
-                upstream_options,
-            })?;
+        Command::Bench { which: BenchKind::Balance { rounds, seconds, rate, delay_ms, connections } } => {
+            bench_balance::balance(&bench_balance::Options { rounds, seconds, rate, delay_ms, connections })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { which: BenchKind::L4 { rounds, seconds, clients } } => {
