@@ -62,10 +62,27 @@ impl Listeners {
     }
 }
 
+/// Connections the kernel may queue for a listener before they are accepted (capped by
+/// `net.core.somaxconn`, 4096 by default): std's 128 overflowed when 512 clients connected at
+/// once, costing each dropped SYN a retransmission second.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
-    TcpListener::bind((host, port))
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {host}:{port}: {e}")))
+    let fail = |e: std::io::Error| std::io::Error::new(e.kind(), format!("cannot listen on {host}:{port}: {e}"));
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await.map_err(fail)? {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+        let bound = socket.and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(LISTEN_BACKLOG)
+        });
+        match bound {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(fail(last.unwrap_or_else(|| std::io::ErrorKind::AddrNotAvailable.into())))
 }
 
 #[derive(Debug, thiserror::Error)]
