@@ -1,7 +1,8 @@
 //! `cargo xtask bench http`: HTTP/1.1 through SpeedMimi, nginx and HAProxy side by side, plus the
 //! direct path, in one interleaved run (round r: each case, each path) over five cases: 13-byte,
 //! 10 KiB and 1 MiB responses, a 4 KiB POST, and a new connection per request. Each proxy is
-//! pinned to core 0; wrk and the backend share core 1 (`--two-workers`: two workers, unpinned).
+//! pinned to core 0; wrk and the backend share core 1 (`--two-workers`: two workers, unpinned;
+//! `--cases`: a subset).
 //! The figure that matters is requests per proxy core-second (throughput divided by the CPU the
 //! proxy process used), beside latency and syscalls per request, as medians over rounds. After
 //! the rounds, once per case: latency at a fixed rate (half the slowest proxy's throughput, open
@@ -63,6 +64,8 @@ pub struct Options {
     pub connections: u32,
     /// Two workers per proxy, not pinned, instead of one pinned to the proxy core.
     pub two_workers: bool,
+    /// Keys of the cases to run; empty runs all.
+    pub cases: Vec<String>,
 }
 
 /// How the proxies run.
@@ -123,6 +126,7 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
     if opts.rounds == 0 || opts.seconds == 0 || opts.connections == 0 {
         bail!("--rounds, --seconds and --connections must all be at least 1");
     }
+    let cases = select(&opts.cases)?;
     ensure_packages(&["nginx", "haproxy", "wrk"])?;
     if workspace::find_on_path("perf").is_none() {
         bail!("perf counts the proxies' syscalls: install it (apt-get install linux-perf)");
@@ -132,7 +136,7 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
     let peer = build_peer()?;
     let dir = workspace::target_dir().join("bench");
     fs::create_dir_all(&dir)?;
-    let scripts = CASES.iter().map(|c| bench_probe::write_script(&dir, c)).collect::<anyhow::Result<Vec<_>>>()?;
+    let scripts = cases.iter().map(|c| bench_probe::write_script(&dir, c)).collect::<anyhow::Result<Vec<_>>>()?;
     let setup = Setup { workers: if opts.two_workers { 2 } else { 1 } };
     let bench = Bench { dir: &dir, setup, connections: opts.connections };
 
@@ -154,9 +158,9 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
     workspace::wait_port(BACKEND_PORT, &mut backend.0)?;
 
     let mut samples: Vec<Vec<Vec<Sample>>> =
-        CASES.iter().map(|_| TARGETS.iter().map(|_| Vec::new()).collect()).collect();
+        cases.iter().map(|_| TARGETS.iter().map(|_| Vec::new()).collect()).collect();
     for round in 0..opts.rounds {
-        for ((case, script), per_target) in CASES.iter().zip(&scripts).zip(samples.iter_mut()) {
+        for ((&case, script), per_target) in cases.iter().zip(&scripts).zip(samples.iter_mut()) {
             for (t, out) in TARGETS.iter().zip(per_target.iter_mut()) {
                 let sample = bench
                     .with_target(t, &bin, (case, script), |pids| {
@@ -184,8 +188,8 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
         }
     }
 
-    let mut results = Vec::with_capacity(CASES.len());
-    for ((case, script), per_target) in CASES.iter().zip(&scripts).zip(samples) {
+    let mut results = Vec::with_capacity(cases.len());
+    for ((&case, script), per_target) in cases.iter().zip(&scripts).zip(samples) {
         // Half the slowest proxy's median throughput: every proxy can keep up.
         let slowest = TARGETS
             .iter()
@@ -210,8 +214,8 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
     }
 
     let counter = Target { name: "speedmimi (count-allocs)", start: Some(start_speedmimi), port: PROXY_PORT };
-    bench.with_target(&counter, &counting, (&CASES[0], &scripts[0]), |_| {
-        for ((case, script), result) in CASES.iter().zip(&scripts).zip(results.iter_mut()) {
+    bench.with_target(&counter, &counting, (cases[0], &scripts[0]), |_| {
+        for ((&case, script), result) in cases.iter().zip(&scripts).zip(results.iter_mut()) {
             // A second of the case warms connections and buffers; the next run is counted.
             bench_probe::wrk(script, case, PROXY_PORT, 1, opts.connections)?;
             let seconds = opts.seconds.min(ALLOC_SECONDS);
@@ -222,7 +226,7 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
         Ok(())
     })?;
 
-    let table = report(&results, opts, setup);
+    let table = report(&cases, &results, opts, setup);
     println!("\n{table}");
     let path = dir.join("http.md");
     fs::write(&path, &table)?;
@@ -271,7 +275,16 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn report(results: &[CaseResult], opts: &Options, setup: Setup) -> String {
+/// The cases `keys` name, in the table's order; all of them when `keys` is empty.
+fn select(keys: &[String]) -> anyhow::Result<Vec<&'static Case>> {
+    if let Some(unknown) = keys.iter().find(|k| !CASES.iter().any(|c| c.key == k.as_str())) {
+        let known = CASES.iter().map(|c| c.key).collect::<Vec<_>>().join(", ");
+        bail!("no case {unknown:?} (cases: {known})");
+    }
+    Ok(CASES.iter().filter(|c| keys.is_empty() || keys.iter().any(|k| k == c.key)).collect())
+}
+
+fn report(cases: &[&Case], results: &[CaseResult], opts: &Options, setup: Setup) -> String {
     let machine = machine_line();
     let date = utc_date();
     let placement = if setup.workers == 1 {
@@ -298,7 +311,7 @@ fn report(results: &[CaseResult], opts: &Options, setup: Setup) -> String {
         fixed_conns = bench_probe::FIXED_RATE_CONNECTIONS,
         alloc = opts.seconds.min(ALLOC_SECONDS),
     );
-    for (case, r) in CASES.iter().zip(results) {
+    for (case, r) in cases.iter().zip(results) {
         let _ = writeln!(s, "\n### {}\n\nFixed rate: {} req/s.\n", case.title, r.rate);
         let _ = writeln!(
             s,

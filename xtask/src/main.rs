@@ -115,6 +115,9 @@ enum BenchKind {
         /// worker_processes), instead of one pinned to core 0.
         #[arg(long)]
         two_workers: bool,
+        /// Run only these cases (comma-separated keys: small, 10k, 1m, post, close).
+        #[arg(long, value_delimiter = ',')]
+        cases: Vec<String>,
     },
     /// Upgraded (WebSocket) flows: SpeedMimi spliced and copied, nginx, HAProxy with and without
     /// splice, and direct: ping-pong latency, CPU per GB, bulk throughput, memory per idle flow.
@@ -164,8 +167,8 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Run { release: _, debug, args } => run::run(!debug, &args),
         Command::Test { args } => test::test(&args),
         Command::Fuzz { time, targets } => fuzz::fuzz(&fuzz::Options { time, targets }),
-        Command::Bench { which: BenchKind::Http { rounds, seconds, connections, two_workers } } => {
-            bench::http(&bench::Options { rounds, seconds, connections, two_workers })?;
+        Command::Bench { which: BenchKind::Http { rounds, seconds, connections, two_workers, cases } } => {
+            bench::http(&bench::Options { rounds, seconds, connections, two_workers, cases })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { which: BenchKind::Splice { rounds, seconds, pings, streams, idle_flows, splice_budget } } => {
