@@ -1,6 +1,7 @@
 //! Command-line entry point of `cargo xtask`: parses the subcommand and dispatches to its module.
 
 mod bench;
+mod bench_h2c;
 mod bench_l4;
 mod bench_peer;
 mod bench_probe;
@@ -45,7 +46,7 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks, side by side with the peers (needs root: installs nginx, haproxy, wrk).
+    /// Benchmarks, side by side with the peers (needs root: installs nginx, haproxy, wrk, h2load).
     Bench {
         #[command(subcommand)]
         which: BenchKind,
@@ -99,8 +100,9 @@ const LAB_PREFIX: &str = "smlab";
 #[derive(Debug, Subcommand)]
 enum BenchKind {
     /// HTTP/1.1 through SpeedMimi, HAProxy, nginx and direct: small, 10 KiB and 1 MiB responses, a 4 KiB
-    /// POST and a connection per request; throughput per proxy core, latency (also at a fixed rate),
-    /// syscalls and SpeedMimi's allocations per request.
+    /// POST, a connection per request, and a small response over prior-knowledge h2c from the client
+    /// (h2load); throughput per proxy core, latency (also at a fixed rate), syscalls and SpeedMimi's
+    /// allocations per request.
     Http {
         /// Interleaved rounds (medians are reported).
         #[arg(long, default_value_t = 3)]
@@ -108,14 +110,15 @@ enum BenchKind {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        /// Concurrent client connections.
+        /// Concurrent client connections (requests in flight in the h2c case, five streams per
+        /// h2load connection).
         #[arg(long, default_value_t = 50)]
         connections: u32,
         /// Two workers per proxy, not pinned (SpeedMimi server.workers, HAProxy nbthread, nginx
         /// worker_processes), instead of one pinned to core 0.
         #[arg(long)]
         two_workers: bool,
-        /// Run only these cases (comma-separated keys: small, 10k, 1m, post, close).
+        /// Run only these cases (comma-separated keys: small, 10k, 1m, post, close, h2c).
         #[arg(long, value_delimiter = ',')]
         cases: Vec<String>,
     },
