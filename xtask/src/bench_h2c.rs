@@ -4,7 +4,7 @@
 //! per-request log (`--log-file`), each request timed from when h2load sent it. A run with any
 //! failed, errored or timed-out stream or any non-2xx answer fails, as wrk's runs do.
 
-use std::{fs, path::PathBuf, process::Command};
+use std::{fs, io, path::PathBuf, process::Command};
 
 use anyhow::{Context, bail};
 
@@ -83,6 +83,11 @@ fn run(case: &Case, port: u16, seconds: u64, in_flight: u32, rate: Option<u64>) 
     }
     let clients = clients(in_flight);
     let log = log_path();
+    // h2load appends to its log: a file left by the run before would mix that run's requests in.
+    match fs::remove_file(&log) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e).context(format!("remove {}", log.display())),
+        _ => {}
+    }
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", LOAD_CORE, "h2load", "-t1"])
         .args(["-c", &clients.to_string(), "-m", &STREAMS.to_string(), "-D", &seconds.to_string()])
@@ -103,8 +108,13 @@ fn run(case: &Case, port: u16, seconds: u64, in_flight: u32, rate: Option<u64>) 
             summary.non_2xx
         );
     }
-    let log = fs::read_to_string(&log).with_context(|| format!("read {}", log.display()))?;
-    Ok((summary, latencies(&log)?))
+    let rows = fs::read_to_string(&log).with_context(|| format!("read {}", log.display()))?;
+    let (logged, latency) = latencies(&rows)?;
+    // One row per finished request: more or fewer than h2load counted means the log is not this run's.
+    if logged.abs_diff(summary.succeeded) > u64::from(in_flight) {
+        bail!("{} has {logged} 2xx rows for {} succeeded requests", log.display(), summary.succeeded);
+    }
+    Ok((summary, latency))
 }
 
 fn log_path() -> PathBuf {
@@ -154,9 +164,9 @@ fn counts<'a>(text: &'a str, prefix: &str) -> anyhow::Result<Vec<(u64, &'a str)>
         .collect()
 }
 
-/// p50, p99 and p99.9 in ms of the 2xx rows of a log (`<start µs>\t<status>\t<µs to the end of
+/// How many 2xx rows a log has and their p50, p99 and p99.9 in ms (`<start µs>\t<status>\t<µs to the end of
 /// the response>`, status -1 for a failed stream).
-fn latencies(log: &str) -> anyhow::Result<[f64; 3]> {
+fn latencies(log: &str) -> anyhow::Result<(u64, [f64; 3])> {
     let mut us: Vec<u64> = log
         .lines()
         .filter_map(|l| {
@@ -169,7 +179,7 @@ fn latencies(log: &str) -> anyhow::Result<[f64; 3]> {
         bail!("h2load logged no 2xx request");
     }
     us.sort_unstable();
-    Ok([0.50, 0.99, 0.999].map(|q| percentile(&us, q) as f64 / 1e3))
+    Ok((us.len() as u64, [0.50, 0.99, 0.999].map(|q| percentile(&us, q) as f64 / 1e3)))
 }
 
 #[cfg(test)]
@@ -206,7 +216,7 @@ mod tests {
     fn percentiles_of_the_2xx_rows() {
         let mut log: String = (1..=1000).map(|i| format!("17966{i}\t200\t{}\n", i * 1000)).collect();
         log.push_str("1796700\t-1\t999999999\n1796701\t503\t999999999\n");
-        assert_eq!(latencies(&log).unwrap(), [500.0, 990.0, 999.0]);
+        assert_eq!(latencies(&log).unwrap(), (1000, [500.0, 990.0, 999.0]));
         assert!(latencies("1796700\t-1\t5\n").is_err());
     }
 }
