@@ -1,7 +1,9 @@
 //! `cargo xtask bench http`: HTTP/1.1 through SpeedMimi, nginx and HAProxy side by side, plus the
-//! direct path, in one interleaved run (round r: each case, each path) over five cases: 13-byte,
-//! 10 KiB and 1 MiB responses, a 4 KiB POST, and a new connection per request. Each proxy is
-//! pinned to core 0; wrk and the backend share core 1 (`--two-workers`: two workers, unpinned).
+//! direct path, in one interleaved run (round r: each case, each path) over six cases: 13-byte,
+//! 10 KiB and 1 MiB responses, a 4 KiB POST, a new connection per request, and 13 bytes over
+//! prior-knowledge h2c from the client (h2load; HTTP/1.1 to the backend). Each proxy is pinned to
+//! core 0; the load (wrk or h2load) and the backend share core 1 (`--two-workers`: two workers,
+//! unpinned; `--cases`: a subset).
 //! The figure that matters is requests per proxy core-second (throughput divided by the CPU the
 //! proxy process used), beside latency and syscalls per request, as medians over rounds. After
 //! the rounds, once per case: latency at a fixed rate (half the slowest proxy's throughput, open
@@ -22,6 +24,7 @@ use std::{
 use anyhow::{Context, bail};
 
 use crate::{
+    bench_h2c,
     bench_probe::{self, Case},
     workspace,
 };
@@ -36,23 +39,33 @@ pub(crate) const LOAD_CORE: &str = "1";
 const FIXED_RATE_SECONDS: u64 = 5;
 const ALLOC_SECONDS: u64 = 2;
 
-const CASES: [Case; 5] = [
-    Case { title: "GET, 13-byte response, keep-alive", key: "small", path: "/bytes?n=13", body: 0, close: false },
-    Case { title: "GET, 10 KiB response, keep-alive", key: "10k", path: "/bytes?n=10240", body: 0, close: false },
-    Case { title: "GET, 1 MiB response, keep-alive", key: "1m", path: "/bytes?n=1048576", body: 0, close: false },
+/// A keep-alive HTTP/1.1 GET with no body: what a case does unless it says otherwise.
+const GET: Case = Case { title: "", key: "", path: "", body: 0, close: false, h2c: false };
+
+const CASES: [Case; 6] = [
+    Case { title: "GET, 13-byte response, keep-alive", key: "small", path: "/bytes?n=13", ..GET },
+    Case { title: "GET, 10 KiB response, keep-alive", key: "10k", path: "/bytes?n=10240", ..GET },
+    Case { title: "GET, 1 MiB response, keep-alive", key: "1m", path: "/bytes?n=1048576", ..GET },
     Case {
         title: "POST, 4 KiB body, 13-byte response, keep-alive",
         key: "post",
         path: "/bytes?n=13",
         body: 4096,
-        close: false,
+        ..GET
     },
     Case {
         title: "GET, 13-byte response, Connection: close (a new connection per request)",
         key: "close",
         path: "/bytes?n=13",
-        body: 0,
         close: true,
+        ..GET
+    },
+    Case {
+        title: "GET, 13-byte response, h2c with prior knowledge from the client (HTTP/1.1 keep-alive to the backend)",
+        key: "h2c",
+        path: "/bytes?n=13",
+        h2c: true,
+        ..GET
     },
 ];
 
@@ -63,6 +76,8 @@ pub struct Options {
     pub connections: u32,
     /// Two workers per proxy, not pinned, instead of one pinned to the proxy core.
     pub two_workers: bool,
+    /// Keys of the cases to run; empty runs all.
+    pub cases: Vec<String>,
 }
 
 /// How the proxies run.
@@ -78,8 +93,9 @@ impl Setup {
     }
 }
 
-/// Starts a proxy: the SpeedMimi binary, the bench directory (for its config), how to run.
-type Start = fn(&Path, &Path, Setup) -> anyhow::Result<Child>;
+/// Starts a proxy: the SpeedMimi binary, the bench directory (for its config), how to run, and
+/// whether clients speak prior-knowledge h2c (nginx and HAProxy then listen for HTTP/2 only).
+type Start = fn(&Path, &Path, Setup, bool) -> anyhow::Result<Child>;
 
 struct Target {
     name: &'static str,
@@ -118,12 +134,13 @@ struct CaseResult {
 
 pub fn http(opts: &Options) -> anyhow::Result<()> {
     if !workspace::is_root() {
-        bail!("the benchmark installs nginx, haproxy and wrk with apt and pins processes: run it as root");
+        bail!("the benchmark installs nginx, haproxy, wrk and h2load with apt and pins processes: run it as root");
     }
     if opts.rounds == 0 || opts.seconds == 0 || opts.connections == 0 {
         bail!("--rounds, --seconds and --connections must all be at least 1");
     }
-    ensure_packages(&["nginx", "haproxy", "wrk"])?;
+    let cases = select(&opts.cases)?;
+    ensure_tools(&[("nginx", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk"), ("h2load", "nghttp2-client")])?;
     if workspace::find_on_path("perf").is_none() {
         bail!("perf counts the proxies' syscalls: install it (apt-get install linux-perf)");
     }
@@ -132,7 +149,7 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
     let peer = build_peer()?;
     let dir = workspace::target_dir().join("bench");
     fs::create_dir_all(&dir)?;
-    let scripts = CASES.iter().map(|c| bench_probe::write_script(&dir, c)).collect::<anyhow::Result<Vec<_>>>()?;
+    let scripts = cases.iter().map(|c| bench_probe::write_script(&dir, c)).collect::<anyhow::Result<Vec<_>>>()?;
     let setup = Setup { workers: if opts.two_workers { 2 } else { 1 } };
     let bench = Bench { dir: &dir, setup, connections: opts.connections };
 
@@ -154,16 +171,22 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
     workspace::wait_port(BACKEND_PORT, &mut backend.0)?;
 
     let mut samples: Vec<Vec<Vec<Sample>>> =
-        CASES.iter().map(|_| TARGETS.iter().map(|_| Vec::new()).collect()).collect();
+        cases.iter().map(|_| TARGETS.iter().map(|_| Vec::new()).collect()).collect();
     for round in 0..opts.rounds {
-        for ((case, script), per_target) in CASES.iter().zip(&scripts).zip(samples.iter_mut()) {
+        for ((&case, script), per_target) in cases.iter().zip(&scripts).zip(samples.iter_mut()) {
             for (t, out) in TARGETS.iter().zip(per_target.iter_mut()) {
                 let sample = bench
                     .with_target(t, &bin, (case, script), |pids| {
                         let cpu0 = workspace::cpu_seconds(pids);
                         let started = Instant::now();
-                        let (run, syscalls) =
-                            bench_probe::wrk_with_syscalls(script, case, t.port, opts.seconds, opts.connections, pids)?;
+                        let (run, syscalls) = bench_probe::load_with_syscalls(
+                            script,
+                            case,
+                            t.port,
+                            opts.seconds,
+                            opts.connections,
+                            pids,
+                        )?;
                         let wall = started.elapsed().as_secs_f64();
                         let cores = if pids.is_empty() { 0.0 } else { (workspace::cpu_seconds(pids) - cpu0) / wall };
                         Ok(Sample { rps: run.rps, cores, latency: run.latency, syscalls })
@@ -184,8 +207,8 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
         }
     }
 
-    let mut results = Vec::with_capacity(CASES.len());
-    for ((case, script), per_target) in CASES.iter().zip(&scripts).zip(samples) {
+    let mut results = Vec::with_capacity(cases.len());
+    for ((&case, script), per_target) in cases.iter().zip(&scripts).zip(samples) {
         // Half the slowest proxy's median throughput: every proxy can keep up.
         let slowest = TARGETS
             .iter()
@@ -210,10 +233,10 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
     }
 
     let counter = Target { name: "speedmimi (count-allocs)", start: Some(start_speedmimi), port: PROXY_PORT };
-    bench.with_target(&counter, &counting, (&CASES[0], &scripts[0]), |_| {
-        for ((case, script), result) in CASES.iter().zip(&scripts).zip(results.iter_mut()) {
+    bench.with_target(&counter, &counting, (cases[0], &scripts[0]), |_| {
+        for ((&case, script), result) in cases.iter().zip(&scripts).zip(results.iter_mut()) {
             // A second of the case warms connections and buffers; the next run is counted.
-            bench_probe::wrk(script, case, PROXY_PORT, 1, opts.connections)?;
+            bench_probe::load(script, case, PROXY_PORT, 1, opts.connections)?;
             let seconds = opts.seconds.min(ALLOC_SECONDS);
             result.allocations =
                 bench_probe::allocations_per_request(script, case, PROXY_PORT, ADMIN_PORT, seconds, opts.connections)?;
@@ -222,7 +245,7 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
         Ok(())
     })?;
 
-    let table = report(&results, opts, setup);
+    let table = report(&cases, &results, opts, setup);
     println!("\n{table}");
     let path = dir.join("http.md");
     fs::write(&path, &table)?;
@@ -249,14 +272,14 @@ impl Bench<'_> {
     ) -> anyhow::Result<R> {
         let mut proxy = match t.start {
             Some(start) => {
-                let mut child = Guard(start(bin, self.dir, self.setup)?);
+                let mut child = Guard(start(bin, self.dir, self.setup, case.h2c)?);
                 workspace::wait_port(t.port, &mut child.0)?;
                 Some(child)
             }
             None => None,
         };
         // Warm up connections and caches; by then every worker process has forked.
-        bench_probe::wrk(script, case, t.port, 1, self.connections)?;
+        bench_probe::load(script, case, t.port, 1, self.connections)?;
         let pids = proxy.as_ref().map(|p| process_tree(p.0.id())).unwrap_or_default();
         let out = f(&pids);
         if let Some(p) = proxy.as_mut() {
@@ -271,14 +294,23 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn report(results: &[CaseResult], opts: &Options, setup: Setup) -> String {
+/// The cases `keys` name, in the table's order; all of them when `keys` is empty.
+fn select(keys: &[String]) -> anyhow::Result<Vec<&'static Case>> {
+    if let Some(unknown) = keys.iter().find(|k| !CASES.iter().any(|c| c.key == k.as_str())) {
+        let known = CASES.iter().map(|c| c.key).collect::<Vec<_>>().join(", ");
+        bail!("no case {unknown:?} (cases: {known})");
+    }
+    Ok(CASES.iter().filter(|c| keys.is_empty() || keys.iter().any(|k| k == c.key)).collect())
+}
+
+fn report(cases: &[&Case], results: &[CaseResult], opts: &Options, setup: Setup) -> String {
     let machine = machine_line();
     let date = utc_date();
     let placement = if setup.workers == 1 {
-        format!("each proxy one worker pinned to core {PROXY_CORE}, wrk and backend on core {LOAD_CORE}")
+        format!("each proxy one worker pinned to core {PROXY_CORE}, load and backend on core {LOAD_CORE}")
     } else {
         format!(
-            "each proxy {} workers, not pinned (SpeedMimi server.workers, HAProxy nbthread, nginx worker_processes), wrk and backend on core {LOAD_CORE}",
+            "each proxy {} workers, not pinned (SpeedMimi server.workers, HAProxy nbthread, nginx worker_processes), load and backend on core {LOAD_CORE}",
             setup.workers
         )
     };
@@ -298,7 +330,10 @@ fn report(results: &[CaseResult], opts: &Options, setup: Setup) -> String {
         fixed_conns = bench_probe::FIXED_RATE_CONNECTIONS,
         alloc = opts.seconds.min(ALLOC_SECONDS),
     );
-    for (case, r) in CASES.iter().zip(results) {
+    if cases.iter().any(|c| c.h2c) {
+        let _ = writeln!(s, "\n{}", bench_h2c::method(opts.connections, bench_probe::FIXED_RATE_CONNECTIONS));
+    }
+    for (case, r) in cases.iter().zip(results) {
         let _ = writeln!(s, "\n### {}\n\nFixed rate: {} req/s.\n", case.title, r.rate);
         let _ = writeln!(
             s,
@@ -368,7 +403,8 @@ pub(crate) fn machine_line() -> String {
     format!("{cores} × {cpu}, Linux {}", kernel.trim())
 }
 
-fn start_speedmimi(bin: &Path, dir: &Path, setup: Setup) -> anyhow::Result<Child> {
+/// SpeedMimi's HTTP listener takes HTTP/1.1 and prior-knowledge h2c alike.
+fn start_speedmimi(bin: &Path, dir: &Path, setup: Setup, _h2c: bool) -> anyhow::Result<Child> {
     let config = dir.join("speedmimi.yaml");
     fs::write(
         &config,
@@ -408,14 +444,14 @@ pub(crate) fn pinned(core: Option<&str>, program: impl AsRef<OsStr>) -> Command 
     }
 }
 
-fn start_nginx(_bin: &Path, dir: &Path, setup: Setup) -> anyhow::Result<Child> {
+fn start_nginx(_bin: &Path, dir: &Path, setup: Setup, h2c: bool) -> anyhow::Result<Child> {
     let upstream = format!("server 127.0.0.1:{BACKEND_PORT};");
-    nginx_command(dir, PROXY_PORT, setup.workers, setup.core(), &upstream, "")?.spawn().context("start nginx")
+    nginx_command(dir, PROXY_PORT, setup.workers, setup.core(), &upstream, "", h2c)?.spawn().context("start nginx")
 }
 
 /// nginx on 127.0.0.1:`port` proxying everything to upstream `b` (`upstream`: its servers and
-/// balancing; `location`: more proxy directives), its config and temporary files in `dir`: the
-/// config is written, the command returned.
+/// balancing; `location`: more proxy directives; `h2c`: the listener speaks prior-knowledge h2c
+/// only), its config and temporary files in `dir`: the config is written, the command returned.
 pub(crate) fn nginx_command(
     dir: &Path,
     port: u16,
@@ -423,6 +459,7 @@ pub(crate) fn nginx_command(
     core: Option<&str>,
     upstream: &str,
     location: &str,
+    h2c: bool,
 ) -> anyhow::Result<Command> {
     let config = dir.join("nginx.conf");
     // More than one worker needs the master process. Responses larger than the proxy buffers
@@ -430,8 +467,10 @@ pub(crate) fn nginx_command(
     fs::write(
         &config,
         format!(
-            "worker_processes {workers};\ndaemon off;\nmaster_process {master};\npid {pid};\nerror_log stderr error;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  upstream b {{ {upstream} keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{port};\n    keepalive_requests 1000000;\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_max_temp_file_size 0; {location}}}\n  }}\n}}\n",
+            "worker_processes {workers};\ndaemon off;\nmaster_process {master};\npid {pid};\nerror_log stderr error;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  upstream b {{ {upstream} keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{port}{http2};\n    keepalive_requests 1000000;\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_max_temp_file_size 0; {location}}}\n  }}\n}}\n",
             master = if workers > 1 { "on" } else { "off" },
+            // Cleartext `http2` is prior-knowledge h2c only; keepalive_requests bounds its streams too.
+            http2 = if h2c { " http2" } else { "" },
             pid = dir.join("nginx.pid").display(),
             tmp = dir.display()
         ),
@@ -441,14 +480,15 @@ pub(crate) fn nginx_command(
     Ok(cmd)
 }
 
-fn start_haproxy(_bin: &Path, dir: &Path, setup: Setup) -> anyhow::Result<Child> {
+fn start_haproxy(_bin: &Path, dir: &Path, setup: Setup, h2c: bool) -> anyhow::Result<Child> {
     let backend = format!("  server b1 127.0.0.1:{BACKEND_PORT}\n");
-    haproxy_command(dir, PROXY_PORT, setup.workers, setup.core(), "", &backend)?.spawn().context("start haproxy")
+    haproxy_command(dir, PROXY_PORT, setup.workers, setup.core(), "", &backend, h2c)?.spawn().context("start haproxy")
 }
 
 /// HAProxy on 127.0.0.1:`port` in HTTP mode with keep-alive both ways, sending everything to
-/// backend `b` (`backend`: its lines, servers included; `defaults`: more lines for `defaults`),
-/// its config in `dir`: the config is written, the command returned.
+/// backend `b` (`backend`: its lines, servers included; `defaults`: more lines for `defaults`;
+/// `h2c`: the frontend speaks prior-knowledge h2c only), its config in `dir`: the config is
+/// written, the command returned.
 pub(crate) fn haproxy_command(
     dir: &Path,
     port: u16,
@@ -456,12 +496,14 @@ pub(crate) fn haproxy_command(
     core: Option<&str>,
     defaults: &str,
     backend: &str,
+    h2c: bool,
 ) -> anyhow::Result<Command> {
     let config = dir.join("haproxy.cfg");
     fs::write(
         &config,
         format!(
-            "global\n  nbthread {workers}\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\n{defaults}frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n{backend}",
+            "global\n  nbthread {workers}\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\n{defaults}frontend f\n  bind 127.0.0.1:{port}{proto}\n  default_backend b\nbackend b\n{backend}",
+            proto = if h2c { " proto h2" } else { "" },
         ),
     )?;
     let mut cmd = pinned(core, "haproxy");
@@ -482,10 +524,15 @@ pub(crate) fn process_tree(root: u32) -> Vec<u32> {
 }
 
 pub(crate) fn ensure_packages(pkgs: &[&str]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = pkgs
+    ensure_tools(&pkgs.iter().map(|&p| (p, p)).collect::<Vec<_>>())
+}
+
+/// Installs the package of each `(program, package)` whose program is missing.
+fn ensure_tools(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = tools
         .iter()
-        .copied()
-        .filter(|p| workspace::find_on_path(p).is_none() && !Path::new(&format!("/usr/sbin/{p}")).exists())
+        .filter(|(p, _)| workspace::find_on_path(p).is_none() && !Path::new(&format!("/usr/sbin/{p}")).exists())
+        .map(|&(_, package)| package)
         .collect();
     if missing.is_empty() {
         return Ok(());

@@ -165,14 +165,14 @@ impl Via {
                 for (port, i) in servers() {
                     let _ = writeln!(backend, "  server b{i} 127.0.0.1:{port}");
                 }
-                bench::haproxy_command(dir, PROXY_PORT, 1, core, HAPROXY_RETRIES, &backend)?
+                bench::haproxy_command(dir, PROXY_PORT, 1, core, HAPROXY_RETRIES, &backend, false)?
             }
             Via::Nginx => {
                 let mut upstream = "least_conn;".to_owned();
                 for (port, _) in servers() {
                     let _ = write!(upstream, " server 127.0.0.1:{port};");
                 }
-                bench::nginx_command(dir, PROXY_PORT, 1, core, &upstream, NGINX_RETRIES)?
+                bench::nginx_command(dir, PROXY_PORT, 1, core, &upstream, NGINX_RETRIES, false)?
             }
         };
         // Failures are logged per request; they would flood the terminal.

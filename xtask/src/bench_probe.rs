@@ -1,7 +1,8 @@
 //! The instruments of `cargo xtask bench http`: wrk driven by a Lua script per case (method,
-//! body, headers, and the latency percentiles it prints when done), perf counting the proxy's
-//! syscalls beside it, SpeedMimi's allocation counter, and the open-loop peer for latency at a
-//! fixed rate. Each returns numbers or fails on any non-2xx answer or socket error.
+//! body, headers, and the latency percentiles it prints when done), or h2load for the h2c case
+//! (`bench_h2c`), perf counting the proxy's syscalls beside either, SpeedMimi's allocation
+//! counter, and the open-loop peer for latency at a fixed rate. Each returns numbers or fails on
+//! any non-2xx answer or socket error.
 
 use std::{
     fs,
@@ -15,9 +16,9 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::{bench::LOAD_CORE, open_loop::Outcome};
+use crate::{bench::LOAD_CORE, bench_h2c, open_loop::Outcome};
 
-/// Keep-alive connections of the fixed-rate load.
+/// Keep-alive connections of the fixed-rate load (requests in flight at most, for h2c).
 pub const FIXED_RATE_CONNECTIONS: u32 = 50;
 
 /// One request shape, run against every path.
@@ -32,9 +33,11 @@ pub struct Case {
     pub body: usize,
     /// `Connection: close` on every request: a new connection per request.
     pub close: bool,
+    /// Prior-knowledge h2c from the client (h2load) instead of HTTP/1.1 (wrk).
+    pub h2c: bool,
 }
 
-/// What wrk measured.
+/// What wrk or h2load measured.
 pub struct Run {
     pub rps: f64,
     pub requests: u64,
@@ -62,8 +65,17 @@ pub fn write_script(dir: &Path, case: &Case) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The case's load for `seconds` with `connections` requests in flight: wrk with its script, or
+/// h2load for the h2c case (the script unused).
+pub fn load(script: &Path, case: &Case, port: u16, seconds: u64, connections: u32) -> anyhow::Result<Run> {
+    if case.h2c {
+        return bench_h2c::h2load(case, port, seconds, connections);
+    }
+    wrk(script, case, port, seconds, connections)
+}
+
 /// wrk pinned to the load core, one thread, `connections` connections, for `seconds`.
-pub fn wrk(script: &Path, case: &Case, port: u16, seconds: u64, connections: u32) -> anyhow::Result<Run> {
+fn wrk(script: &Path, case: &Case, port: u16, seconds: u64, connections: u32) -> anyhow::Result<Run> {
     let child = Command::new("taskset")
         .args(["-c", LOAD_CORE, "wrk", "-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "-s"])
         .arg(script)
@@ -75,9 +87,9 @@ pub fn wrk(script: &Path, case: &Case, port: u16, seconds: u64, connections: u32
     wrk_result(child.wait_with_output().context("wait for wrk")?, port)
 }
 
-/// [`wrk`] with perf counting the syscalls of `pids` over its middle: the run and syscalls per
+/// [`load`] with perf counting the syscalls of `pids` over its middle: the run and syscalls per
 /// request (None when `pids` is empty).
-pub fn wrk_with_syscalls(
+pub fn load_with_syscalls(
     script: &Path,
     case: &Case,
     port: u16,
@@ -86,16 +98,16 @@ pub fn wrk_with_syscalls(
     pids: &[u32],
 ) -> anyhow::Result<(Run, Option<f64>)> {
     if pids.is_empty() {
-        return Ok((wrk(script, case, port, seconds, connections)?, None));
+        return Ok((load(script, case, port, seconds, connections)?, None));
     }
-    // perf counts over the middle of the run, clear of wrk's start and end.
+    // perf counts over the middle of the run, clear of the load's start and end.
     let lead = (seconds as f64 * 0.2).min(0.5);
     let window = seconds as f64 - 2.0 * lead;
     let measured = thread::scope(|s| {
-        let load = s.spawn(|| wrk(script, case, port, seconds, connections));
+        let run = s.spawn(|| load(script, case, port, seconds, connections));
         thread::sleep(Duration::from_secs_f64(lead));
         let syscalls = syscalls(pids, window);
-        (load.join().expect("the wrk thread panicked"), syscalls)
+        (run.join().expect("the load thread panicked"), syscalls)
     });
     let (run, syscalls) = (measured.0?, measured.1?);
     let per_request = syscalls as f64 / (run.rps * window);
@@ -174,7 +186,7 @@ pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
 }
 
 /// Heap allocations SpeedMimi (a `count-allocs` build, admin API on `admin`) makes per request
-/// of a `seconds`-long wrk run, less what reading the counter itself costs.
+/// of a `seconds`-long run of the case's load, less what reading the counter itself costs.
 pub fn allocations_per_request(
     script: &Path,
     case: &Case,
@@ -188,14 +200,18 @@ pub fn allocations_per_request(
             .context("no speedmimi_allocations_total in /metrics: not a count-allocs build?")
     };
     let (a, b) = (read()?, read()?);
-    let run = wrk(script, case, port, seconds, connections)?;
+    let run = load(script, case, port, seconds, connections)?;
     let c = read()?;
     let allocations = (c - b).saturating_sub(b - a);
     Ok(allocations as f64 / run.requests.max(1) as f64)
 }
 
-/// The open-loop peer pinned to the load core at `rate` requests/s: p50, p99 and p99.9 in ms.
+/// The open-loop peer pinned to the load core at `rate` requests/s (h2load `--rps` for the h2c
+/// case): p50, p99 and p99.9 in ms.
 pub fn fixed_rate(exe: &Path, case: &Case, port: u16, rate: u64, seconds: u64) -> anyhow::Result<[f64; 3]> {
+    if case.h2c {
+        return bench_h2c::fixed_rate(case, port, rate, seconds, FIXED_RATE_CONNECTIONS);
+    }
     let mut args = vec!["--port".to_owned(), port.to_string(), "--path".into(), case.path.into()];
     args.extend(["--rate".into(), rate.to_string(), "--seconds".into(), seconds.to_string()]);
     args.extend(["--body".into(), case.body.to_string()]);

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_balance;
+mod bench_h2c;
 mod bench_l4;
 mod bench_peer;
 mod bench_probe;
@@ -46,7 +47,7 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks, side by side with the peers (needs root: installs nginx, haproxy, wrk).
+    /// Benchmarks, side by side with the peers (needs root: installs nginx, haproxy, wrk, h2load).
     Bench {
         #[command(subcommand)]
         which: BenchKind,
@@ -100,8 +101,9 @@ const LAB_PREFIX: &str = "smlab";
 #[derive(Debug, Subcommand)]
 enum BenchKind {
     /// HTTP/1.1 through SpeedMimi, HAProxy, nginx and direct: small, 10 KiB and 1 MiB responses, a 4 KiB
-    /// POST and a connection per request; throughput per proxy core, latency (also at a fixed rate),
-    /// syscalls and SpeedMimi's allocations per request.
+    /// POST, a connection per request, and a small response over prior-knowledge h2c from the client
+    /// (h2load); throughput per proxy core, latency (also at a fixed rate), syscalls and SpeedMimi's
+    /// allocations per request.
     Http {
         /// Interleaved rounds (medians are reported).
         #[arg(long, default_value_t = 3)]
@@ -109,13 +111,17 @@ enum BenchKind {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        /// Concurrent client connections.
+        /// Concurrent client connections (requests in flight in the h2c case, five streams per
+        /// h2load connection).
         #[arg(long, default_value_t = 50)]
         connections: u32,
         /// Two workers per proxy, not pinned (SpeedMimi server.workers, HAProxy nbthread, nginx
         /// worker_processes), instead of one pinned to core 0.
         #[arg(long)]
         two_workers: bool,
+        /// Run only these cases (comma-separated keys: small, 10k, 1m, post, close, h2c).
+        #[arg(long, value_delimiter = ',')]
+        cases: Vec<String>,
     },
     /// Upgraded (WebSocket) flows: SpeedMimi spliced and copied, nginx, HAProxy with and without
     /// splice, and direct: ping-pong latency, CPU per GB, bulk throughput, memory per idle flow.
@@ -186,8 +192,8 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Run { release: _, debug, args } => run::run(!debug, &args),
         Command::Test { args } => test::test(&args),
         Command::Fuzz { time, targets } => fuzz::fuzz(&fuzz::Options { time, targets }),
-        Command::Bench { which: BenchKind::Http { rounds, seconds, connections, two_workers } } => {
-            bench::http(&bench::Options { rounds, seconds, connections, two_workers })?;
+        Command::Bench { which: BenchKind::Http { rounds, seconds, connections, two_workers, cases } } => {
+            bench::http(&bench::Options { rounds, seconds, connections, two_workers, cases })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { which: BenchKind::Splice { rounds, seconds, pings, streams, idle_flows, splice_budget } } => {

@@ -228,7 +228,7 @@ impl Tally {
 }
 
 /// The value at quantile `q` of sorted `v` (nearest rank); 0 when empty.
-fn percentile(v: &[u64], q: f64) -> u64 {
+pub(crate) fn percentile(v: &[u64], q: f64) -> u64 {
     let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
     v.get(rank - 1).copied().unwrap_or(0)
 }
