@@ -140,7 +140,12 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
         bail!("--rounds, --seconds and --connections must all be at least 1");
     }
     let cases = select(&opts.cases)?;
-    ensure_tools(&[("nginx", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk"), ("h2load", "nghttp2-client")])?;
+    workspace::ensure_tools(&[
+        ("nginx", "nginx"),
+        ("haproxy", "haproxy"),
+        ("wrk", "wrk"),
+        ("h2load", "nghttp2-client"),
+    ])?;
     if workspace::find_on_path("perf").is_none() {
         bail!("perf counts the proxies' syscalls: install it (apt-get install linux-perf)");
     }
@@ -521,35 +526,6 @@ pub(crate) fn process_tree(root: u32) -> Vec<u32> {
         i += 1;
     }
     pids
-}
-
-pub(crate) fn ensure_packages(pkgs: &[&str]) -> anyhow::Result<()> {
-    ensure_tools(&pkgs.iter().map(|&p| (p, p)).collect::<Vec<_>>())
-}
-
-/// Installs the package of each `(program, package)` whose program is missing.
-fn ensure_tools(tools: &[(&str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = tools
-        .iter()
-        .filter(|(p, _)| workspace::find_on_path(p).is_none() && !Path::new(&format!("/usr/sbin/{p}")).exists())
-        .map(|&(_, package)| package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("xtask: installing {} (apt-get)", missing.join(", "));
-    workspace::run_checked(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
-    workspace::run_checked(
-        Command::new("apt-get").args(["install", "-y"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    // The packages start system services on install; the benchmark runs its own instances.
-    for p in &missing {
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!("service {p} stop >/dev/null 2>&1; pkill -x {p} || true"))
-            .status();
-    }
-    Ok(())
 }
 
 pub(crate) fn build_release() -> anyhow::Result<PathBuf> {

@@ -211,7 +211,7 @@ pub fn balance(opts: &Options) -> anyhow::Result<()> {
     if opts.rounds == 0 || opts.seconds == 0 || opts.rate == 0 || opts.connections == 0 {
         bail!("--rounds, --seconds, --rate and --connections must all be at least 1");
     }
-    bench::ensure_packages(&["nginx", "haproxy"])?;
+    workspace::ensure_packages(&["nginx", "haproxy"])?;
     let bin = bench::build_release()?;
     let peer = bench::build_peer()?;
     let dir = workspace::target_dir().join("bench-balance");

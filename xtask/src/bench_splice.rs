@@ -95,7 +95,7 @@ pub fn splice(opts: &Options) -> anyhow::Result<()> {
     if opts.rounds == 0 || opts.seconds == 0 || opts.pings == 0 || opts.streams == 0 || opts.idle_flows == 0 {
         bail!("--rounds, --seconds, --pings, --streams and --idle-flows must all be at least 1");
     }
-    bench::ensure_packages(&["nginx", "haproxy"])?;
+    workspace::ensure_packages(&["nginx", "haproxy"])?;
     build_ebpf::build_ebpf(true).context("speedmimi-splice needs the eBPF object")?;
     let bin = bench::build_release()?;
     let dir = workspace::target_dir().join("bench");

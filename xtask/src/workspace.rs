@@ -154,3 +154,33 @@ fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
+
+/// Installs each named package whose program (of the same name) is missing.
+pub(crate) fn ensure_packages(pkgs: &[&str]) -> anyhow::Result<()> {
+    ensure_tools(&pkgs.iter().map(|&p| (p, p)).collect::<Vec<_>>())
+}
+
+/// Installs the package of each `(program, package)` whose program is missing.
+pub(crate) fn ensure_tools(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(p, _)| find_on_path(p).is_none() && !Path::new(&format!("/usr/sbin/{p}")).exists())
+        .map(|&(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("xtask: installing {} (apt-get)", missing.join(", "));
+    run_checked(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run_checked(
+        Command::new("apt-get").args(["install", "-y"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    // The packages start system services on install; the benchmark runs its own instances.
+    for p in &missing {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!("service {p} stop >/dev/null 2>&1; pkill -x {p} || true"))
+            .status();
+    }
+    Ok(())
+}
