@@ -142,14 +142,15 @@ pub(super) async fn forward<E: Exchange>(
             tracing::warn!(route = %route.name, upstream = %upstream.name, "{}", E::NO_BACKEND);
             return Ok(if only_busy { error::unavailable() } else { error::bad_gateway() }.into());
         };
-        // Another backend for this request, when it may have one.
-        let another = |tried: &mut Vec<Arc<Backend>>, backend: &Arc<Backend>| {
+        // Another backend for this request, when it may have one; `free` when `backend` was only
+        // full (nothing failed), which takes nothing from the retry budget.
+        let another = |tried: &mut Vec<Arc<Backend>>, backend: &Arc<Backend>, free: bool| {
             if tried.len() >= retries.max as usize {
                 return None;
             }
             tried.push(backend.clone());
             let other = route.pick(protocol, hash, tried)?;
-            upstream.budget.withdraw().then_some(other)
+            (free || upstream.budget.withdraw()).then_some(other)
         };
         let mut guard = InFlight::new(backend.clone(), server.clone());
         let started = Instant::now();
@@ -161,7 +162,7 @@ pub(super) async fn forward<E: Exchange>(
                 let status = exchange.status(&answer);
                 if retries.statuses.contains(&status)
                     && let Some(again) = exchange.replay()
-                    && let Some(other) = another(&mut tried, &backend)
+                    && let Some(other) = another(&mut tried, &backend, false)
                 {
                     tracing::info!(route = %route.name, backend = %backend.id, status, attempt,
                         "retrying on another backend after the backend's answer");
@@ -181,7 +182,7 @@ pub(super) async fn forward<E: Exchange>(
                 tracing::warn!(route = %route.name, backend = %backend.id, attempt, error = %e,
                     "{}", E::CONNECT_FAILED);
                 if let Some(back) = back
-                    && let Some(other) = another(&mut tried, &backend)
+                    && let Some(other) = another(&mut tried, &backend, busy)
                 {
                     if !busy {
                         upstream.failed(&backend);
@@ -191,7 +192,7 @@ pub(super) async fn forward<E: Exchange>(
                 }
                 if busy {
                     // Full, not failed: nothing to count against the backend.
-                    return Ok(error::unavailable().into());
+                    return Ok(if only_busy { error::unavailable() } else { error::bad_gateway() }.into());
                 }
                 Answered::local(if only_busy { error::unavailable() } else { error::bad_gateway() })
             }
@@ -200,7 +201,7 @@ pub(super) async fn forward<E: Exchange>(
                     "upstream closed or reset the connection before answering");
                 only_busy = false;
                 if let Some(again) = exchange.replay()
-                    && let Some(other) = another(&mut tried, &backend)
+                    && let Some(other) = another(&mut tried, &backend, false)
                 {
                     upstream.failed(&backend);
                     (req, next) = (again, Some(other));
@@ -415,6 +416,8 @@ mod tests {
         let mut want = vec![row(&out.tried[0], &[], true), row(&out.tried[1], &[(200, 1)], true)];
         want.sort();
         assert_eq!(out, Outcome { status: Some(200), tried: out.tried.clone(), counted: want });
+        let budget = &s.snapshot().routes[0].upstream.budget;
+        assert_eq!(budget.retried.load(Relaxed), 0, "going past a full backend is no retry");
     }
 
     #[tokio::test]
