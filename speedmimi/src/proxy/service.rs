@@ -170,8 +170,12 @@ impl Handler {
             return error::payload_too_large();
         }
         let http1 = parts.version == Version::HTTP_11 || parts.version == Version::HTTP_10;
-        // An idempotent request without a body can be sent again to another backend.
-        let replay = (body.is_end_stream() && parts.method.is_idempotent() && route.upstream.conf.retries.max > 0)
+        // An idempotent request without a body can be sent again to another backend: its head is
+        // kept for that, when the upstream has another backend to send it to.
+        let replay = (body.is_end_stream()
+            && parts.method.is_idempotent()
+            && route.upstream.conf.retries.max > 0
+            && route.upstream.backends.len() > 1)
             .then(|| parts.clone());
         let body = if body.is_end_stream() {
             RequestBody::empty()
