@@ -34,12 +34,17 @@ fn next_slot() -> u32 {
     NEXT.fetch_add(1, Relaxed) % speedmimi_common::splice::BACKENDS
 }
 
+/// The process's start, as the backend clocks count it (set by the first use).
+pub fn epoch() -> Instant {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
 /// Milliseconds since process start, plus an hour (so that a time shortly before the start,
 /// such as a ramp placed in the past, is still a positive number): cheap, monotonic, fits an
 /// atomic, never 0 (which fields use as "never").
 pub fn now_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 3_600_000
+    epoch().elapsed().as_millis() as u64 + 3_600_000
 }
 
 pub struct Backend {
@@ -137,10 +142,10 @@ impl Backend {
     /// so in-flight counts and health state carry over. A backend switched back on ramps up.
     pub fn apply_conf(&self, conf: &BackendSection) {
         self.weight.store(conf.weight, Relaxed);
-        if conf.active && !self.active.swap(conf.active, Relaxed) {
+        let was_active = self.active.swap(conf.active, Relaxed);
+        if conf.active && !was_active {
             self.standing.ramp_after(now_ms());
         }
-        self.active.store(conf.active, Relaxed);
         self.max_conn.store(conf.max_conn, Relaxed);
         self.conf.store(std::sync::Arc::new(conf.clone()));
     }

@@ -102,8 +102,8 @@ impl Route {
         let balancer = self.balancer(protocol);
         let fresh = |b: &Backend| b.accepts() && !skip.iter().any(|s| std::ptr::eq(&**s, b));
         let sticky = balancer.sticky();
-        let draw = || (balance::random() >> 11) as f64 / (1u64 << 53) as f64;
-        let i = match balancer.pick(hash, &mut |b| fresh(b) && (sticky || b.standing.admits(draw()))) {
+        let draw = || balance::unit(balance::random());
+        let i = match balancer.pick(hash, &mut |b| fresh(b) && (sticky || b.standing.admits(draw))) {
             Some(i) => i,
             None => balancer.pick(hash, &mut |b| fresh(b))?,
         };

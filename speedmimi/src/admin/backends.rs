@@ -18,6 +18,7 @@ use crate::{
 /// A backend as operators see it: settings, health and live counters.
 pub fn view(b: &Backend, dp: &dyn Datapath) -> Value {
     let conf = b.conf.load();
+    let (ejections, ejected_for_ms) = b.standing.ejections();
     json!({
         "id": b.id,
         "upstream": b.upstream,
@@ -37,8 +38,8 @@ pub fn view(b: &Backend, dp: &dyn Datapath) -> Value {
         // Outlier ejection, and the share a slow start lets it take now (1 = full).
         "outlier": {
             "ejected": b.standing.ejected(),
-            "ejections": b.standing.ejections().0,
-            "ejected_for_ms": b.standing.ejections().1,
+            "ejections": ejections,
+            "ejected_for_ms": ejected_for_ms,
         },
         "slow_start_share": b.standing.share(),
         "health_check": conf.health_check,

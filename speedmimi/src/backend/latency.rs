@@ -11,12 +11,11 @@
 //! comes back. Lossy under races, by design (a lost sample is noise).
 
 use std::{
-    sync::{
-        OnceLock,
-        atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
-    },
+    sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
     time::{Duration, Instant},
 };
+
+use super::epoch;
 
 #[derive(Default)]
 pub struct PeakEwma {
@@ -34,12 +33,7 @@ pub struct PeakEwma {
     stands: AtomicU64,
 }
 
-fn epoch() -> Instant {
-    static START: OnceLock<Instant> = OnceLock::new();
-    *START.get_or_init(Instant::now)
-}
-
-/// µs since the process's latency epoch.
+/// µs since the process's start (`backend::epoch`).
 fn micros(t: Instant) -> u64 {
     t.saturating_duration_since(epoch()).as_micros() as u64
 }
@@ -108,13 +102,11 @@ impl PeakEwma {
         if self.waiting.load(Relaxed) == 0 {
             return decayed.filter(|_| dt < self.stands());
         }
+        // Waiting longer than the estimate: the wait is the better guess.
         let stalled = now.saturating_sub(self.progress.load(Relaxed)) as f64;
         match decayed {
-            Some(d) if d >= stalled => Some(d),
-            // Waiting longer than the estimate: the wait is the better guess.
-            Some(_) => Some(stalled),
-            None if stalled > 0.0 => Some(stalled),
-            None => None,
+            Some(d) => Some(d.max(stalled)),
+            None => (stalled > 0.0).then_some(stalled),
         }
     }
 

@@ -132,8 +132,9 @@ impl Standing {
 
     /// Whether a pick whose draw is `draw` (uniform in [0, 1)) may go to this backend: always
     /// unless ramping.
-    pub fn admits(&self, draw: f64) -> bool {
-        self.ramp_from.load(Relaxed) == 0 || draw < self.share()
+    /// `draw` is called only while ramping (picks of backends that are not pay nothing for it).
+    pub fn admits(&self, draw: impl FnOnce() -> f64) -> bool {
+        self.ramp_from.load(Relaxed) == 0 || draw() < self.share()
     }
 
     #[cfg(test)]
@@ -183,10 +184,10 @@ mod tests {
     #[test]
     fn a_ramp_admits_a_growing_share_and_keeps_whom_it_admitted() {
         let s = standing(0, 10);
-        assert!(s.admits(0.99), "no ramp: everything");
+        assert!(s.admits(|| 0.99), "no ramp: everything");
         s.ramp_after(now_ms());
         assert!((s.share() - RAMP_FLOOR).abs() < 0.01);
-        assert!(s.admits(0.05) && !s.admits(0.5));
+        assert!(s.admits(|| 0.05) && !s.admits(|| 0.5));
         let later = s.ramp_from.load(Relaxed) + 6_000;
         assert!((s.share_at(later) - 0.6).abs() < 0.01, "{}", s.share_at(later));
         assert!(s.admits_at(0.05, later) && s.admits_at(0.5, later) && !s.admits_at(0.7, later));

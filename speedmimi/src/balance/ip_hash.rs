@@ -136,7 +136,7 @@ pub fn slot_draw(slot: usize) -> f64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
+    super::unit(z)
 }
 
 /// A slow start's share in whole tenths (at least one): rings change in ten steps.

@@ -28,7 +28,8 @@ pub trait Balancer: Send + Sync {
     /// refuses every backend. `client_hash` is the client-IP hash (used by `ip_hash` only).
     fn pick(&self, client_hash: u64, accept: &mut dyn FnMut(&Backend) -> bool) -> Option<usize>;
 
-    /// Picks follow the client (`ip_hash`): a ramping backend admits clients by their hash.
+    /// Picks follow the client (`ip_hash`): the balancer ramps a backend in its slow start itself
+    /// (by ring slot), and `Route::pick` leaves slow start to it.
     fn sticky(&self) -> bool {
         false
     }
@@ -52,6 +53,11 @@ pub fn random() -> u64 {
         s.set(x);
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     })
+}
+
+/// `x`'s top 53 bits as a number in [0, 1).
+pub fn unit(x: u64) -> f64 {
+    (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A uniform random index below `n` (n > 0).
