@@ -110,6 +110,21 @@ async fn config_is_readable_and_partially_replaceable() {
     )
     .await;
     assert!(msg.contains("3x"), "{msg}");
+    // Upstream settings: a status that is no 5xx, an upstream that does not exist, a share over 100%.
+    for (patch, field) in [
+        (
+            r#"{"config":{"upstreams":{"default":{"retries":{"statuses":[404]}}}}}"#,
+            "upstreams.default.retries.statuses[0]",
+        ),
+        (r#"{"config":{"upstreams":{"nope":{}}}}"#, "upstreams.nope"),
+        (
+            r#"{"config":{"upstreams":{"default":{"outlier_ejection":{"max_ejected_percent":101}}}}}"#,
+            "upstreams.default.outlier_ejection.max_ejected_percent",
+        ),
+    ] {
+        let msg = rejected(&p, Method::PUT, "/api/v1/config", Some(patch), StatusCode::BAD_REQUEST).await;
+        assert!(msg.contains(field), "{patch}: {msg}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
