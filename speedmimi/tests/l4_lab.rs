@@ -226,22 +226,27 @@ impl Rig {
         .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Polls until `client` is served through `to` by a backend other than `gone` (after a change that the
-    /// daemon applies asynchronously, such as a health verdict).
-    fn wait_moved_off(&self, client: usize, to: SocketAddrV4, gone: &str) {
+    /// Polls until every client that `before` (a backend per client) had on `gone` is served through `to`
+    /// by another backend (after a change that the daemon applies asynchronously, such as a health
+    /// verdict). Every one, not the first: a ring is written slot by slot, so one client having moved
+    /// does not mean the others' slots have been written yet.
+    fn wait_moved_off(&self, before: &[String], to: SocketAddrV4, gone: &str) {
         let deadline = Instant::now() + WAIT;
-        let mut last = Err(String::new());
-        while Instant::now() < deadline {
-            last = lab::in_netns(&self.lab.ns_client(), || self.who(client, to)).unwrap_or_else(|e| panic!("{e}"));
-            if last.as_ref().is_ok_and(|id| id != gone) {
-                return;
+        for client in (0..before.len()).filter(|&c| before[c] == gone) {
+            let mut last = Err(String::new());
+            while Instant::now() < deadline {
+                last = lab::in_netns(&self.lab.ns_client(), || self.who(client, to)).unwrap_or_else(|e| panic!("{e}"));
+                if last.as_ref().is_ok_and(|id| id != gone) {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(50));
             }
-            thread::sleep(Duration::from_millis(50));
+            assert!(
+                last.as_ref().is_ok_and(|id| id != gone),
+                "client {} still not served by another backend than {gone} after {WAIT:?}: {last:?}",
+                lab::client_addr(client)
+            );
         }
-        panic!(
-            "client {} still not served by another backend than {gone} after {WAIT:?}: {last:?}",
-            lab::client_addr(client)
-        );
     }
 
     /// Polls the admin API until backend `id` is listed with `up` equal to `up`.
@@ -621,13 +626,13 @@ fn failed_health_check_takes_backend_out_of_the_ring() {
     }
     let rig = Rig::start(Setup { health_checks: true, ..Setup::default() });
     let before = rig.backends_of(0..500, NAT_VIP, 1);
-    let first_b1 = before.iter().position(|id| id == "b1").expect("b1 has clients");
+    assert!(before.iter().any(|id| id == "b1"), "b1 has clients");
 
     rig.kill_demo_backend(1);
     let b1 = rig.wait_up("b1", false);
     eprintln!("health: b1 is down: {}", b1["health"]);
     // The rings follow health verdicts on a short timer.
-    rig.wait_moved_off(first_b1, NAT_VIP, "b1");
+    rig.wait_moved_off(&before, NAT_VIP, "b1");
     let after = rig.backends_of(0..500, NAT_VIP, 1);
     assert_only_moved(&before, &after, "b1");
     let via_l7 = rig.backends_of(0..500, L7, 1);
