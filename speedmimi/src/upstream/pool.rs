@@ -176,7 +176,10 @@ impl Pool {
             return Ok(H1Conn { sender, reused: true });
         }
         if let Some(slot) = OpenSlot::reserve(&self.open, limit) {
-            return Ok(H1Conn { sender: self.connect_h1_in(connect_timeout, slot).await?, reused: false });
+            // Boxed: the connect and handshake futures are large, and inline they would make every
+            // request's future (moved when spawned) bigger, pooled connection or not.
+            let sender = Box::pin(self.connect_h1_in(connect_timeout, slot)).await?;
+            return Ok(H1Conn { sender, reused: false });
         }
         for i in (0..SHARDS).filter(|&i| i != shard()) {
             if let Some(sender) = self.take_idle(i).await {
@@ -325,9 +328,15 @@ impl Pool {
     /// The backend's HTTP/2 connection (prior-knowledge h2c, or h2 by ALPN over TLS), made on
     /// first use and remade when it closed.
     pub async fn h2(&self, connect_timeout: Duration) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
-        if let Some(s) = self.live_h2() {
-            return Ok(s);
+        match self.live_h2() {
+            Some(s) => Ok(s),
+            // Boxed, as the HTTP/1 connect is.
+            None => Box::pin(self.connect_h2(connect_timeout)).await,
         }
+    }
+
+    /// Makes the HTTP/2 connection unless another request made it meanwhile.
+    async fn connect_h2(&self, connect_timeout: Duration) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
         let _connecting = self.h2_connecting.lock().await;
         // Whoever held the lock before may have made it.
         if let Some(s) = self.live_h2() {
