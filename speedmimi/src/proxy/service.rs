@@ -72,8 +72,14 @@ impl Handler {
         hijack: Option<Hijack>,
         activity: Arc<Activity>,
     ) -> Handler {
-        let peer_header = HeaderValue::try_from(headers::canonical(peer.ip()).to_string())
-            .expect("an IP address is a valid header value");
+        // Formatted on the stack: one allocation (the value's own) per connection, not three.
+        let mut text = [0u8; 64];
+        let len = {
+            let mut w = &mut text[..];
+            let _ = std::io::Write::write_fmt(&mut w, format_args!("{}", headers::canonical(peer.ip())));
+            64 - w.len()
+        };
+        let peer_header = HeaderValue::from_bytes(&text[..len]).expect("an IP address is a valid header value");
         let proto = if listener == Listener::Https { "https" } else { "http" };
         Handler { state, peer, peer_header, listener, ambiguous, proto, hijack, activity }
     }

@@ -35,7 +35,7 @@ use super::{
     error,
     forward::forward,
     io::ClientIo,
-    service::{Handler, RequestLine},
+    service::{Handler, Listener, RequestLine},
 };
 use crate::{
     shutdown::Shutdown,
@@ -75,6 +75,45 @@ pub(super) struct Buffers {
     pub(super) upstream: Vec<u8>,
 }
 
+/// Buffers of ended connections, kept for the next ones on this thread (a worker's runtime
+/// is one thread): a connection per request then allocates no buffers. At most `SPARE_MAX`,
+/// each vector at most `SPARE_BYTES` (a larger one is freed rather than kept).
+const SPARE_MAX: usize = 16;
+const SPARE_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<Buffers>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A connection's buffers, a spare set when there is one; given back when dropped (also when
+/// the connection's task is).
+struct Held(Buffers);
+
+impl Held {
+    fn take() -> Held {
+        let spare = SPARE.with_borrow_mut(Vec::pop);
+        Held(spare.unwrap_or_else(|| Buffers { input: Vec::with_capacity(4096), ..Default::default() }))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut b = std::mem::take(&mut self.0);
+        if [&b.input, &b.out, &b.upstream].iter().any(|v| v.capacity() > SPARE_BYTES) {
+            return;
+        }
+        b.input.clear();
+        b.out.clear();
+        b.upstream.clear();
+        b.pos = 0;
+        SPARE.with_borrow_mut(|spare| {
+            if spare.len() < SPARE_MAX {
+                spare.push(b);
+            }
+        });
+    }
+}
+
 /// The connection's stop signal, polled from several places, fired once.
 struct Stop<'s, F> {
     wait: Pin<&'s mut F>,
@@ -104,16 +143,17 @@ where
     let wait = shutdown.wait();
     tokio::pin!(wait);
     let mut stop = Stop { wait, fired: false };
-    let mut b = Buffers { input: Vec::with_capacity(4096), ..Default::default() };
+    let mut held = Held::take();
+    let b = &mut held.0;
     loop {
         // The next head, whole; the connection's deadline for it is `io`'s (408 or close).
         // Each byte is looked at once however the head trickles in.
         let mut scanned = 0;
         while !head_complete(&b.input[b.pos..], &mut scanned) {
             if b.input.len() - b.pos >= max_head {
-                return hand_over(io, handler, &b);
+                return hand_over(io, handler, b);
             }
-            compact(&mut b);
+            compact(b);
             b.input.reserve(4096);
             let idle = b.pos == b.input.len();
             let n = tokio::select! {
@@ -127,17 +167,21 @@ where
         }
         let open = handler.activity.open();
         let step = tokio::select! {
-            s = exchange(&mut io, handler, &mut b) => s,
+            s = exchange(&mut io, handler, b) => s,
             _ = async { stop.fired().await; tokio::time::sleep(drain).await } => Step::Close,
         };
         drop(open);
         match step {
             Step::Next if !stop.fired => {}
             Step::Next | Step::Close => {
-                let _ = io.shutdown().await;
+                // TLS ends with its close_notify; a plain connection's close sends the FIN
+                // itself, and a shutdown before it was one more syscall per connection.
+                if handler.listener == Listener::Https {
+                    let _ = io.shutdown().await;
+                }
                 return Served::Closed;
             }
-            Step::Hyper => return hand_over(io, handler, &b),
+            Step::Hyper => return hand_over(io, handler, b),
         }
     }
 }
