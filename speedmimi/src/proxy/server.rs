@@ -57,6 +57,15 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, kind: Listener, adm
     let drain = server.drain_timeout.get();
     let max_head = (server.max_header_bytes as usize).max(8192);
 
+    // Accepted connections inherit TCP_NODELAY from their listener (Linux copies the listening
+    // socket): one setsockopt per listener instead of one per connection.
+    let nodelay_each = match socket2::SockRef::from(&listener).set_nodelay(true) {
+        Ok(()) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "TCP_NODELAY not set on the listener: set on every connection instead");
+            true
+        }
+    };
     let max_conn = server.max_conn;
     let mut h1 = http1::Builder::new();
     h1.timer(TokioTimer::new())
@@ -108,7 +117,9 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, kind: Listener, adm
             },
         };
         let accepted = Instant::now();
-        let _ = stream.set_nodelay(true);
+        if nodelay_each {
+            let _ = stream.set_nodelay(true);
+        }
         let conn = Conn {
             state: state.clone(),
             builder: builder.clone(),
@@ -325,6 +336,23 @@ async fn drive<C: Graceful>(
         _ = idle => {
             conn.as_mut().graceful();
             tokio::time::timeout(GOAWAY_GRACE, conn).await.unwrap_or(Ok(()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `serve` sets TCP_NODELAY on its listener only, and counts on accepted connections
+    /// inheriting it (Linux copies the listening socket): a kernel that did not would bring
+    /// back Nagle's delays on every response written in two parts.
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_from_the_listener() {
+        for host in ["127.0.0.1:0", "[::1]:0"] {
+            let listener = tokio::net::TcpListener::bind(host).await.unwrap();
+            socket2::SockRef::from(&listener).set_nodelay(true).unwrap();
+            let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (accepted, _) = listener.accept().await.unwrap();
+            assert!(accepted.nodelay().unwrap(), "{host}: accepted without TCP_NODELAY");
         }
     }
 }
