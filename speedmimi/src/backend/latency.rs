@@ -9,6 +9,10 @@
 //! While requests wait on the backend and none has answered for longer than the estimate, that
 //! wait is the estimate: a backend that stalls looks slow before any of its stalled requests
 //! comes back. Lossy under races, by design (a lost sample is noise).
+//!
+//! Beside the peak-EWMA a plain EWMA (time constant τ/10) keeps the typical latency, which one
+//! peak barely moves: the balancer tells a backend that is slow from one that had a slow
+//! moment by it (`typical`).
 
 use std::{
     sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
@@ -21,6 +25,8 @@ use super::epoch;
 pub struct PeakEwma {
     /// The average in µs, as f64 bits; 0.0 = no sample yet.
     avg: AtomicU64,
+    /// The plain EWMA in µs, as f64 bits; 0.0 = no sample yet.
+    typical: AtomicU64,
     /// When `avg` was last set (µs since `epoch`).
     stamp: AtomicU64,
     /// Requests waiting for their answer head.
@@ -90,6 +96,14 @@ impl PeakEwma {
             old * w + sample * (1.0 - w)
         };
         self.avg.store(new.to_bits(), Relaxed);
+        let typical = f64::from_bits(self.typical.load(Relaxed));
+        let typical = if typical == 0.0 {
+            sample
+        } else {
+            let w = (-dt * 10.0 / self.tau()).exp();
+            typical * w + sample * (1.0 - w)
+        };
+        self.typical.store(typical.to_bits(), Relaxed);
         self.stamp.store(now, Relaxed);
     }
 
@@ -108,6 +122,20 @@ impl PeakEwma {
             Some(d) => Some(d.max(stalled)),
             None => (stalled > 0.0).then_some(stalled),
         }
+    }
+
+    /// The typical latency at `at` in µs (the plain EWMA, not decayed), or the wait of requests
+    /// waiting longer than it; None before the first sample.
+    pub fn typical(&self, at: Instant) -> Option<f64> {
+        let typical = f64::from_bits(self.typical.load(Relaxed));
+        if typical == 0.0 {
+            return None;
+        }
+        if self.waiting.load(Relaxed) == 0 {
+            return Some(typical);
+        }
+        let stalled = micros(at).saturating_sub(self.progress.load(Relaxed)) as f64;
+        Some(typical.max(stalled))
     }
 
     /// The plain average (µs, 0 = no sample), for the admin API.
@@ -149,6 +177,27 @@ mod tests {
         // Fast after a lapse: back to the shortest.
         e.observe(Duration::from_millis(1), lapse + Duration::from_millis(20));
         assert_eq!(e.estimate(lapse + Duration::from_millis(30)), None);
+    }
+
+    #[test]
+    fn the_typical_latency_shrugs_off_a_peak_and_follows_a_lasting_change() {
+        let e = PeakEwma::default();
+        e.set_decay(Duration::from_secs(10));
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        assert_eq!(e.typical(t0), None);
+        for i in 0..1000 {
+            e.observe(ms(10), t0 + ms(i));
+        }
+        let at = t0 + ms(1000);
+        e.observe(ms(100), at);
+        assert!((e.estimate(at).unwrap() - 100_000.0).abs() < 1.0, "the peak-EWMA takes the peak");
+        assert!(e.typical(at).unwrap() < 10_200.0, "one peak: {:?}", e.typical(at));
+        // Two seconds (2 × τ/10) of 30 ms answers: the typical latency has mostly followed.
+        for i in 1..=2000 {
+            e.observe(ms(30), at + ms(i));
+        }
+        assert!(e.typical(at + ms(2000)).unwrap() > 25_000.0, "{:?}", e.typical(at + ms(2000)));
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //! a time.
 //!
 //! One exception to the cost: a backend whose latency is over `SLOWER` times its rival's loses
-//! outright, however many requests the rival holds. In-flight counts arbitrate between
+//! outright, however many requests the rival holds. For this the latency is the lower of the
+//! peak-EWMA and the typical one (`PeakEwma::typical`), so that one slow moment of a fast
+//! backend (a scheduling blip on a busy host) does not make a slow backend its equal for the
+//! seconds its peak takes to decay. In-flight counts arbitrate between
 //! backends of comparable speed; they say nothing of a backend that is slow with no queue at
 //! all (a slow disk, a slow dependency), and counting them let such a backend take requests
 //! whenever its rivals held a few times more than it, each of which then waited its full slow
@@ -87,20 +90,23 @@ impl Balancer for Performance {
         let Some(second) = self.draw(Some(first), accept) else { return Some(first) };
         let (a, b) = (&self.backends[first], &self.backends[second]);
         let now = Instant::now();
-        let (la, lb) = match (a.latency.estimate(now), b.latency.estimate(now)) {
+        let (ea, eb) = (a.latency.estimate(now), b.latency.estimate(now));
+        if let (Some(x), Some(y), Some(tx), Some(ty)) = (ea, eb, a.latency.typical(now), b.latency.typical(now)) {
+            let (x, y) = (x.min(tx).max(LATENCY_FLOOR_US), y.min(ty).max(LATENCY_FLOOR_US));
+            if x > y * SLOWER {
+                return Some(second);
+            }
+            if y > x * SLOWER {
+                return Some(first);
+            }
+        }
+        let (la, lb) = match (ea, eb) {
             (Some(x), Some(y)) => (x, y),
             (Some(x), None) => (x, x),
             (None, Some(y)) => (y, y),
             (None, None) => (0.0, 0.0),
         };
-        let (la, lb) = (la.max(LATENCY_FLOOR_US), lb.max(LATENCY_FLOOR_US));
-        if la > lb * SLOWER {
-            return Some(second);
-        }
-        if lb > la * SLOWER {
-            return Some(first);
-        }
-        let (ca, cb) = (cost(a, la), cost(b, lb));
+        let (ca, cb) = (cost(a, la.max(LATENCY_FLOOR_US)), cost(b, lb.max(LATENCY_FLOOR_US)));
         // Even: the first choice, which was drawn in proportion to weight.
         Some(if ca.max(cb) < ca.min(cb) * TIE || ca < cb { first } else { second })
     }
@@ -141,6 +147,18 @@ mod tests {
     #[test]
     fn a_backend_over_twice_as_slow_loses_however_busy_its_rivals_are() {
         let list = backends(&[10, 10, 40]);
+        list[0].inflight.store(20, Relaxed);
+        list[1].inflight.store(20, Relaxed);
+        let p = Performance::new(list);
+        assert_eq!(shares(&p, 3000)[2], 0, "the 4× slower backend got requests");
+    }
+
+    #[test]
+    fn one_slow_moment_of_a_fast_backend_does_not_make_a_slow_one_its_equal() {
+        let list = backends(&[10, 10, 40]);
+        let now = Instant::now();
+        // A 25 ms blip: b0's peak-EWMA is 25 ms for seconds, within 2× of b2's 40 ms.
+        list[0].latency.observe(Duration::from_millis(25), now);
         list[0].inflight.store(20, Relaxed);
         list[1].inflight.store(20, Relaxed);
         let p = Performance::new(list);
