@@ -91,7 +91,7 @@ struct Held(Buffers);
 
 impl Held {
     fn take() -> Held {
-        let spare = SPARE.with_borrow_mut(Vec::pop);
+        let spare = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
         Held(spare.unwrap_or_else(|| Buffers { input: Vec::with_capacity(4096), ..Default::default() }))
     }
 }
@@ -106,7 +106,9 @@ impl Drop for Held {
         b.out.clear();
         b.upstream.clear();
         b.pos = 0;
-        SPARE.with_borrow_mut(|spare| {
+        // `try_with`: a connection dropped while its thread exits finds the set gone.
+        let _ = SPARE.try_with(|spare| {
+            let mut spare = spare.borrow_mut();
             if spare.len() < SPARE_MAX {
                 spare.push(b);
             }
