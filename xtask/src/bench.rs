@@ -6,9 +6,9 @@
 //! unpinned; `--cases`: a subset).
 //! The figure that matters is requests per proxy core-second (throughput divided by the CPU the
 //! proxy process used), beside latency and syscalls per request, as medians over rounds. After
-//! the rounds, once per case: latency at a fixed rate (half the slowest proxy's throughput, open
-//! loop, from each request's due time) and SpeedMimi's allocations per request (a `count-allocs`
-//! build).
+//! the rounds: latency at a fixed rate (half the slowest proxy's throughput, open loop, from each
+//! request's due time), again in interleaved rounds with medians, and once per case SpeedMimi's
+//! allocations per request (a `count-allocs` build).
 
 use std::{
     ffi::OsStr,
@@ -125,9 +125,9 @@ struct Sample {
 struct CaseResult {
     /// Per target, one sample per round.
     samples: Vec<Vec<Sample>>,
-    /// The fixed rate (requests/s) and, per target, p50, p99, p99.9 in ms at it.
+    /// The fixed rate (requests/s) and, per target, p50, p99, p99.9 in ms at it, per round.
     rate: u64,
-    fixed: Vec<[f64; 3]>,
+    fixed: Vec<Vec<[f64; 3]>>,
     /// SpeedMimi's heap allocations per request.
     allocations: f64,
 }
@@ -212,29 +212,43 @@ pub fn http(opts: &Options) -> anyhow::Result<()> {
         }
     }
 
-    let mut results = Vec::with_capacity(cases.len());
-    for ((&case, script), per_target) in cases.iter().zip(&scripts).zip(samples) {
-        // Half the slowest proxy's median throughput: every proxy can keep up.
-        let slowest = TARGETS
-            .iter()
-            .zip(&per_target)
-            .filter(|(t, _)| t.start.is_some())
-            .map(|(_, v)| median(v.iter().map(|x| x.rps).collect()))
-            .fold(f64::INFINITY, f64::min);
-        let rate = ((slowest / 2.0) as u64).max(1);
-        let mut fixed = Vec::with_capacity(TARGETS.len());
-        for t in &TARGETS {
-            let seconds = opts.seconds.min(FIXED_RATE_SECONDS);
-            let latency = bench
-                .with_target(t, &bin, (case, script), |_| bench_probe::fixed_rate(&peer, case, t.port, rate, seconds))
-                .with_context(|| format!("{} at {rate} req/s against {}", case.key, t.name))?;
-            println!(
-                "bench: fixed {rate} req/s {:<6} {:<10} p50 {:.3} p99 {:.3} p99.9 {:.3} ms",
-                case.key, t.name, latency[0], latency[1], latency[2]
-            );
-            fixed.push(latency);
+    let mut results: Vec<CaseResult> = samples
+        .into_iter()
+        .map(|per_target| {
+            // Half the slowest proxy's median throughput: every proxy can keep up.
+            let slowest = TARGETS
+                .iter()
+                .zip(&per_target)
+                .filter(|(t, _)| t.start.is_some())
+                .map(|(_, v)| median(v.iter().map(|x| x.rps).collect()))
+                .fold(f64::INFINITY, f64::min);
+            let rate = ((slowest / 2.0) as u64).max(1);
+            CaseResult { samples: per_target, rate, fixed: vec![Vec::new(); TARGETS.len()], allocations: f64::NAN }
+        })
+        .collect();
+    // One open-loop run is at the mercy of one hiccup of the host: rounds, as for throughput.
+    for round in 0..opts.rounds {
+        for ((&case, script), result) in cases.iter().zip(&scripts).zip(results.iter_mut()) {
+            let rate = result.rate;
+            for (t, out) in TARGETS.iter().zip(result.fixed.iter_mut()) {
+                let seconds = opts.seconds.min(FIXED_RATE_SECONDS);
+                let latency = bench
+                    .with_target(t, &bin, (case, script), |_| {
+                        bench_probe::fixed_rate(&peer, case, t.port, rate, seconds)
+                    })
+                    .with_context(|| format!("{} at {rate} req/s against {}", case.key, t.name))?;
+                println!(
+                    "bench: round {} fixed {rate} req/s {:<6} {:<10} p50 {:.3} p99 {:.3} p99.9 {:.3} ms",
+                    round + 1,
+                    case.key,
+                    t.name,
+                    latency[0],
+                    latency[1],
+                    latency[2]
+                );
+                out.push(latency);
+            }
         }
-        results.push(CaseResult { samples: per_target, rate, fixed, allocations: f64::NAN });
     }
 
     let counter = Target { name: "speedmimi (count-allocs)", start: Some(start_speedmimi), port: PROXY_PORT };
@@ -326,7 +340,8 @@ fn report(cases: &[&Case], results: &[CaseResult], opts: &Options, setup: Setup)
          Throughput: wrk -t1 -c{c}, {secs} s × {rounds} rounds interleaved (round r: each case, each path), medians; \
          latency columns are wrk's (closed loop). Syscalls per request: perf stat raw_syscalls:sys_enter on the \
          proxy's processes over the middle of the run. Fixed rate: open loop at half the slowest proxy's median \
-         req/s, {fixed_conns} connections, {fixed} s, latency from each request's due time. Allocations per request: a \
+         req/s, {fixed_conns} connections, {fixed} s × {rounds} rounds interleaved, latency from each request's due \
+         time, medians (and each round's p99). Allocations per request: a \
          count-allocs build of SpeedMimi, {alloc} s of wrk per case after a 1 s warm-up.",
         c = opts.connections,
         secs = opts.seconds,
@@ -342,7 +357,7 @@ fn report(cases: &[&Case], results: &[CaseResult], opts: &Options, setup: Setup)
         let _ = writeln!(s, "\n### {}\n\nFixed rate: {} req/s.\n", case.title, r.rate);
         let _ = writeln!(
             s,
-            "| path | req/s | proxy cores busy | req per proxy core-second | SpeedMimi ÷ this (median of rounds; each round) | p50 / p99 / p99.9 ms | syscalls per req | allocations per req | fixed rate p50 / p99 / p99.9 ms |"
+            "| path | req/s | proxy cores busy | req per proxy core-second | SpeedMimi ÷ this (median of rounds; each round) | p50 / p99 / p99.9 ms | syscalls per req | allocations per req | fixed rate p50 / p99 / p99.9 ms (each round's p99) |"
         );
         let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
         let round_per_core = |v: &[Sample]| -> Vec<f64> {
@@ -357,6 +372,10 @@ fn report(cases: &[&Case], results: &[CaseResult], opts: &Options, setup: Setup)
             .map(|i| round_per_core(&r.samples[i]))
             .unwrap_or_default();
         let ms = |l: [f64; 3]| format!("{:.3} / {:.3} / {:.3}", l[0], l[1], l[2]);
+        let fixed_ms = |v: &[[f64; 3]]| {
+            let each = v.iter().map(|l| format!("{:.2}", l[1])).collect::<Vec<_>>().join(", ");
+            format!("{} ({each})", ms(std::array::from_fn(|i| median(v.iter().map(|l| l[i]).collect()))))
+        };
         for (((t, v), pc), fixed) in TARGETS.iter().zip(&r.samples).zip(&per_core).zip(&r.fixed) {
             let rps = median(v.iter().map(|x| x.rps).collect());
             let latency: [f64; 3] = std::array::from_fn(|i| median(v.iter().map(|x| x.latency[i]).collect()));
@@ -377,7 +396,7 @@ fn report(cases: &[&Case], results: &[CaseResult], opts: &Options, setup: Setup)
                 "| {} | {rps:.0} | {cores} | {pc} | {ratio} | {} | {syscalls} | {allocations} | {} |",
                 t.name,
                 ms(latency),
-                ms(*fixed)
+                fixed_ms(fixed)
             );
         }
     }
