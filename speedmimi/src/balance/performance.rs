@@ -17,14 +17,15 @@
 //! outright, however many requests the rival holds. For this the latency is the lower of the
 //! peak-EWMA and the typical one (`PeakEwma::typical`), so that one slow moment of a fast
 //! backend (a scheduling blip on a busy host) does not make a slow backend its equal for the
-//! seconds its peak takes to decay. In-flight counts arbitrate between
-//! backends of comparable speed; they say nothing of a backend that is slow with no queue at
-//! all (a slow disk, a slow dependency), and counting them let such a backend take requests
-//! whenever its rivals held a few times more than it, each of which then waited its full slow
-//! latency (issue 15's shape (b): 7.9% of requests to a 4× slower origin, p99 = its 40 ms).
-//! A rival that really is overloaded shows it in its own latency first (a queue lengthens
-//! every answer), and once within `SLOWER` the cost decides again, so load still spills over.
-//! A lapsed estimate (`backend::latency`) still brings the slow backend a probe now and then.
+//! seconds its peak takes to decay. In-flight counts arbitrate between backends of comparable
+//! speed; they say nothing of a backend that is slow with no queue at all (a slow disk, a slow
+//! dependency), and counting them let such a backend take requests whenever its rivals held a
+//! few times more than it, each of which then waited its full slow latency (issue 15's shape
+//! (b): 7.9% of requests to a 4× slower origin, p99 = its 40 ms). A rival that really is
+//! overloaded shows it in its own latency first (a queue lengthens every answer), and once
+//! within `SLOWER` the cost decides again, so load still spills over. A lapsed estimate
+//! (`backend::latency`) still brings the slow backend a probe now and then: one request, since
+//! the rule applies again as soon as that request waits.
 
 use std::{sync::atomic::Ordering::Relaxed, time::Instant};
 
