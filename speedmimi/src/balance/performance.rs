@@ -145,25 +145,27 @@ mod tests {
         count
     }
 
-    #[test]
-    fn a_backend_over_twice_as_slow_loses_however_busy_its_rivals_are() {
+    /// Picks of b2 (40 ms) out of 3,000 while b0 and b1 (10 ms) hold 20 requests each; `b0_blip`:
+    /// b0 answered once in that many ms just now.
+    fn slow_picks_with_busy_rivals(b0_blip: Option<u64>) -> usize {
         let list = backends(&[10, 10, 40]);
+        if let Some(ms) = b0_blip {
+            list[0].latency.observe(Duration::from_millis(ms), Instant::now());
+        }
         list[0].inflight.store(20, Relaxed);
         list[1].inflight.store(20, Relaxed);
-        let p = Performance::new(list);
-        assert_eq!(shares(&p, 3000)[2], 0, "the 4× slower backend got requests");
+        shares(&Performance::new(list), 3000)[2]
+    }
+
+    #[test]
+    fn a_backend_over_twice_as_slow_loses_however_busy_its_rivals_are() {
+        assert_eq!(slow_picks_with_busy_rivals(None), 0, "the 4× slower backend got requests");
     }
 
     #[test]
     fn one_slow_moment_of_a_fast_backend_does_not_make_a_slow_one_its_equal() {
-        let list = backends(&[10, 10, 40]);
-        let now = Instant::now();
         // A 25 ms blip: b0's peak-EWMA is 25 ms for seconds, within 2× of b2's 40 ms.
-        list[0].latency.observe(Duration::from_millis(25), now);
-        list[0].inflight.store(20, Relaxed);
-        list[1].inflight.store(20, Relaxed);
-        let p = Performance::new(list);
-        assert_eq!(shares(&p, 3000)[2], 0, "the 4× slower backend got requests");
+        assert_eq!(slow_picks_with_busy_rivals(Some(25)), 0, "the 4× slower backend got requests");
     }
 
     #[test]
