@@ -319,6 +319,7 @@ impl State {
     pub fn apply(&self, cmd: Command) -> Result<Applied, StateError> {
         let mut registry = self.writer.lock().expect("state writer lock");
         let current = self.config.load_full();
+        let whole = matches!(cmd, Command::ReplaceConfig(_));
         let file = match cmd {
             Command::Disconnect { upstream, id } => {
                 let b = self.find(&upstream, &id)?;
@@ -409,6 +410,7 @@ impl State {
         }
         self.snapshot.store(Arc::new(snapshot));
         self.config.store(Arc::new(config));
+        self.stats.config_applied(whole);
         debug_assert!(self.invariants_hold());
         Ok(Applied::Done)
     }

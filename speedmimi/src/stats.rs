@@ -72,26 +72,19 @@ impl Histogram {
 
     /// The `q` quantile (0..1) in ms, as the upper bound of its bucket (at most 25% high).
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let rank = ((q * total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (b, c) in counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Some(bucket_upper(b) as f64 / 1000.0);
-            }
-        }
-        None
+        quantile_of(&self.counts(), q)
+    }
+
+    /// Every bucket's count: the dashboard keeps a few, and the difference of two is the
+    /// histogram of the time between them.
+    pub fn counts(&self) -> Vec<u64> {
+        self.buckets.iter().map(|b| b.load(Relaxed)).collect()
     }
 
     /// Cumulative counts at the given bounds (µs, ascending), for Prometheus `le` buckets.
     /// A bound counts the buckets whose whole range lies below it.
     pub fn cumulative(&self, bounds_us: &[u64]) -> Vec<u64> {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let counts = self.counts();
         bounds_us
             .iter()
             .map(|&bound| counts.iter().enumerate().filter(|(b, _)| bucket_upper(*b) <= bound).map(|(_, c)| c).sum())
@@ -109,6 +102,24 @@ impl Histogram {
             },
         }
     }
+}
+
+/// The `q` quantile (0..1) in ms of a histogram's bucket counts ([`Histogram::counts`], or the
+/// difference of two), as the upper bound of its bucket (at most 25% high).
+pub fn quantile_of(counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (b, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return Some(bucket_upper(b) as f64 / 1000.0);
+        }
+    }
+    None
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -230,6 +241,12 @@ pub struct ServerStats {
     pub copied_flows: AtomicU64,
     /// Spliced flows parked now: quiet, so watched by the parking lot instead of tokio.
     pub spliced_parked: AtomicU64,
+    /// Running config changes applied since start (admin API or reload); 1 is the startup config.
+    pub config_generation: AtomicU64,
+    /// When the running config last changed, and when a whole config was last reloaded (SIGHUP
+    /// or `PUT /api/v1/config`): Unix milliseconds, 0 for never.
+    pub config_changed_unix_ms: AtomicU64,
+    pub config_reloaded_unix_ms: AtomicU64,
 }
 
 impl Default for ServerStats {
@@ -246,8 +263,28 @@ impl Default for ServerStats {
             spliced_flows: AtomicU64::new(0),
             copied_flows: AtomicU64::new(0),
             spliced_parked: AtomicU64::new(0),
+            config_generation: AtomicU64::new(1),
+            config_changed_unix_ms: AtomicU64::new(unix_ms()),
+            config_reloaded_unix_ms: AtomicU64::new(0),
         }
     }
+}
+
+impl ServerStats {
+    /// A config change was applied; `whole`: a whole config replaced the running one.
+    pub fn config_applied(&self, whole: bool) {
+        let now = unix_ms();
+        self.config_generation.fetch_add(1, Relaxed);
+        self.config_changed_unix_ms.store(now, Relaxed);
+        if whole {
+            self.config_reloaded_unix_ms.store(now, Relaxed);
+        }
+    }
+}
+
+/// Wall-clock time in Unix milliseconds (what a browser's clock compares with).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Held while a client connection is open.
