@@ -32,6 +32,17 @@ struct Ring {
     upstream: String,
     index: u32,
     source: Option<Source>,
+    /// Ring slots each backend (by id) owns in the ring last written.
+    owners: Vec<(String, usize)>,
+}
+
+/// What one service's ring gives each backend, as last written to the kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RingShare {
+    pub service: String,
+    pub upstream: String,
+    /// Backend id and the fraction of the ring's slots it owns (0 for one out of the ring).
+    pub owners: Vec<(String, f64)>,
 }
 
 /// The upstream a ring was computed from, its table, which backends were usable, and the
@@ -52,7 +63,13 @@ impl Steering {
         let rings = services
             .iter()
             .enumerate()
-            .map(|(i, s)| Ring { name: s.name.clone(), upstream: s.upstream.clone(), index: i as u32, source: None })
+            .map(|(i, s)| Ring {
+                name: s.name.clone(),
+                upstream: s.upstream.clone(),
+                index: i as u32,
+                source: None,
+                owners: Vec::new(),
+            })
             .collect();
         Some(Arc::new(Steering { datapath, rings: Mutex::new(rings) }))
     }
@@ -77,6 +94,22 @@ impl Steering {
                 self.update(ring, &upstream);
             }
         }
+    }
+
+    /// Each service's ring as last written: which backend owns what fraction of it.
+    pub fn shares(&self) -> Vec<RingShare> {
+        let rings = self.rings.lock().expect("rings lock");
+        rings
+            .iter()
+            .map(|r| {
+                let total = r.owners.iter().map(|(_, n)| n).sum::<usize>().max(1) as f64;
+                RingShare {
+                    service: r.name.clone(),
+                    upstream: r.upstream.clone(),
+                    owners: r.owners.iter().map(|(id, n)| (id.clone(), *n as f64 / total)).collect(),
+                }
+            })
+            .collect()
     }
 
     fn update(&self, ring: &mut Ring, upstream: &Arc<Upstream>) {
@@ -107,6 +140,11 @@ impl Steering {
                 if changed > 0 {
                     tracing::info!(service = %ring.name, changed, "XDP ring updated");
                 }
+                ring.owners = upstream
+                    .backends
+                    .iter()
+                    .map(|b| (b.id.clone(), ring_slots.iter().filter(|&&o| o == b.slot).count()))
+                    .collect();
                 ring.source = Some(Source { upstream: upstream.clone(), table, usable, steps });
             }
             Err(e) => tracing::error!(service = %ring.name, error = %e, "cannot update the XDP ring"),
@@ -226,6 +264,12 @@ l4:
         assert!(!plans[&1].1.contains(&backends[1].slot), "a down backend still owns ring slots");
         let full = plans[&1].1.clone();
         drop(plans);
+        // What the dashboard shows: b owns nothing; a and c share the ring by weight (100 each).
+        let ws = steering.shares().into_iter().find(|s| s.service == "ws").expect("ws ring");
+        let share = |id: &str| ws.owners.iter().find(|(o, _)| o == id).map(|(_, f)| *f);
+        assert_eq!(share("b"), Some(0.0));
+        let (a, c) = (share("a").unwrap(), share("c").unwrap());
+        assert!((a + c - 1.0).abs() < 1e-9 && (0.4..0.6).contains(&a), "a {a}, c {c}");
 
         // Nothing changed: no write at all.
         recording.plans.lock().unwrap().clear();
