@@ -42,6 +42,13 @@ pub fn view(b: &Backend, dp: &dyn Datapath) -> Value {
             "ejected_for_ms": ejected_for_ms,
         },
         "slow_start_share": b.standing.share(),
+        "condition": condition(b),
+        // The weight the balancers use now: none while out, a part of it during a slow start.
+        "effective_weight": if b.is_up() && !b.standing.ejected() {
+            (f64::from(b.weight.load(Relaxed)) * b.standing.share()).round() as u32
+        } else {
+            0
+        },
         "health_check": conf.health_check,
         "upgraded_flows": {
             "spliced": b.spliced_flows.load(Relaxed),
@@ -51,6 +58,37 @@ pub fn view(b: &Backend, dp: &dyn Datapath) -> Value {
         // XDP steered (null without eBPF).
         "kernel": kernel_view(b, dp),
     })
+}
+
+/// The one word an operator wants first (`up`, `slow_start`, `full`, `ejected`, `down`,
+/// `drained`) and why, most decisive reason first.
+fn condition(b: &Backend) -> Value {
+    let (state, why) = if !b.active.load(Relaxed) {
+        ("drained", "no new requests or flows (active: false)".to_owned())
+    } else if !b.checked_up.load(Relaxed) {
+        let error = b.health.last_error().unwrap_or_else(|| "no answer".into());
+        ("down", format!("health check failing: {error}"))
+    } else if b.cooling_down() {
+        let conf = b.conf.load();
+        (
+            "down",
+            format!(
+                "{} connect failures in a row: out for fail_timeout ({:?})",
+                conf.max_fails,
+                conf.fail_timeout.get()
+            ),
+        )
+    } else if b.standing.ejected() {
+        let (n, ms) = b.standing.ejections();
+        ("ejected", format!("outlier: failures in a row; ejection {n}, back in {ms} ms"))
+    } else if b.inflight.load(Relaxed) >= b.max_conn.load(Relaxed) {
+        ("full", format!("max_conn reached ({})", b.max_conn.load(Relaxed)))
+    } else if b.standing.share() < 1.0 {
+        ("slow_start", format!("slow start: takes {:.0}% of its share", b.standing.share() * 100.0))
+    } else {
+        ("up", String::new())
+    };
+    json!({ "state": state, "why": why })
 }
 
 fn kernel_view(b: &Backend, dp: &dyn Datapath) -> Option<Value> {
