@@ -67,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
         let state = Arc::new(State::new(config, Arc::new(Userspace)).expect("state"));
         let before = state.config();
         let what = format!("{} {}", req.method(), req.uri());
-        let resp = admin::router(state.clone(), None).oneshot(req).await.expect("the router is infallible");
+        let resp = admin::router(state.clone(), None, Default::default()).oneshot(req).await.expect("the router is infallible");
         let status = resp.status();
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert!(

@@ -136,7 +136,8 @@ pub async fn run_with(
     let follower = steering.clone().map(|s| s as Arc<dyn state::SnapshotFollower>);
     let state = Arc::new(State::with_follower(config, datapath, follower)?);
     health::spawn(state.clone(), shutdown.clone());
-    spawn_sampler(state.clone(), shutdown.clone());
+    let history = Arc::new(admin::history::History::default());
+    spawn_sampler(state.clone(), history.clone(), steering.clone(), shutdown.clone());
     spawn_pool_reaper(state.clone(), shutdown.clone());
     if let Some(steering) = steering {
         spawn_steering_checker(steering, shutdown.clone());
@@ -184,7 +185,7 @@ pub async fn run_with(
     }
     if let Some(admin) = listeners.admin {
         tracing::info!(addr = ?admin.local_addr().ok(), auth = admin_token.is_some(), "admin API listening");
-        let router = admin::router(state.clone(), admin_token);
+        let router = admin::router(state.clone(), admin_token, history);
         let stop = shutdown.clone();
         tasks.spawn(async move {
             let served = axum::serve(admin, router).with_graceful_shutdown(async move { stop.wait().await });
@@ -206,14 +207,22 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Once a second, off the request path: remembers request counts for the rate windows.
-fn spawn_sampler(state: Arc<State>, shutdown: Shutdown) {
+/// Once a second, off the request path: remembers request counts for the rate windows, and
+/// takes the dashboard's tick. At shutdown it ends the dashboard's streams, which would
+/// otherwise hold the admin listener's graceful stop.
+fn spawn_sampler(
+    state: Arc<State>,
+    history: Arc<admin::history::History>,
+    steering: Option<Arc<steering::Steering>>,
+    shutdown: Shutdown,
+) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.wait() => return,
+                _ = shutdown.wait() => break,
             }
             state.stats.traffic.sample();
             for u in state.snapshot().upstreams.values() {
@@ -221,7 +230,9 @@ fn spawn_sampler(state: Arc<State>, shutdown: Shutdown) {
                     b.traffic.sample();
                 }
             }
+            history.sample(&state, steering.as_deref());
         }
+        history.close();
     });
 }
 

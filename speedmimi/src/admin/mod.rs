@@ -4,10 +4,12 @@
 
 mod backends;
 mod config;
+mod dashboard;
+pub mod history;
 pub mod metrics;
 mod stats;
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::AtomicUsize};
 
 use axum::{
     Json, Router,
@@ -19,6 +21,7 @@ use axum::{
 };
 use serde_json::json;
 
+use self::history::History;
 use crate::state::{State, StateError};
 
 /// What the handlers share.
@@ -27,12 +30,18 @@ pub struct Admin {
     pub state: Arc<State>,
     /// When set, every call needs `Authorization: Bearer <token>`.
     token: Option<Arc<str>>,
+    /// What the dashboard draws: sampled every second by the daemon (`History::sample`).
+    history: Arc<History>,
+    /// Dashboard event streams open now.
+    streams: Arc<AtomicUsize>,
 }
 
-/// The admin API. `token` comes from the environment variable `admin.token_env` names.
-pub fn router(state: Arc<State>, token: Option<String>) -> Router {
-    let admin = Admin { state, token: token.filter(|t| !t.is_empty()).map(Arc::from) };
-    Router::new()
+/// The admin API, and the dashboard page at `/`. `token` comes from the environment variable
+/// `admin.token_env` names; `history` is the one the daemon samples.
+pub fn router(state: Arc<State>, token: Option<String>, history: Arc<History>) -> Router {
+    let admin =
+        Admin { state, token: token.filter(|t| !t.is_empty()).map(Arc::from), history, streams: Arc::default() };
+    let api = Router::new()
         .route("/api/v1/config", get(config::get_config).put(config::put_config))
         .route("/api/v1/config/reload-ssl", post(config::reload_ssl))
         .route("/api/v1/backends", get(backends::list))
@@ -43,10 +52,13 @@ pub fn router(state: Arc<State>, token: Option<String>) -> Router {
         .route("/api/v1/stats/server", get(stats::server))
         .route("/api/v1/stats/backend", get(stats::backend))
         .route("/api/v1/report", post(backends::report))
+        .route("/api/v1/dashboard", get(dashboard::snapshot))
+        .route("/api/v1/dashboard/events", get(dashboard::events))
         .route("/metrics", get(metrics::render))
         .fallback(|| async { AdminError::NotFound("no such endpoint".into()) })
-        .layer(middleware::from_fn_with_state(admin.clone(), authorize))
-        .with_state(admin)
+        .layer(middleware::from_fn_with_state(admin.clone(), authorize));
+    // The page holds no data: it loads without the token and asks for it (`dashboard`).
+    Router::new().route("/", get(dashboard::page)).merge(api).with_state(admin)
 }
 
 async fn authorize(AxState(admin): AxState<Admin>, headers: HeaderMap, req: Request, next: Next) -> Response {
@@ -78,6 +90,7 @@ pub enum AdminError {
     Unauthorized,
     NotFound(String),
     Conflict(String),
+    TooMany(String),
 }
 
 impl From<StateError> for AdminError {
@@ -97,6 +110,7 @@ impl IntoResponse for AdminError {
             AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, "missing or wrong bearer token".to_owned()),
             AdminError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             AdminError::Conflict(m) => (StatusCode::CONFLICT, m),
+            AdminError::TooMany(m) => (StatusCode::TOO_MANY_REQUESTS, m),
         };
         (status, Json(json!({ "error": msg }))).into_response()
     }
