@@ -569,8 +569,27 @@ fn clients_spread_over_backends_by_weight() {
         })
         .collect();
     eprintln!("weights 50/30/20 over {CLIENTS} clients: (backend, % of clients, % of weight) {shares:?}");
-    for (id, share, want) in shares {
+    for (id, share, want) in &shares {
         assert!((share - want).abs() <= 5.0, "{id} has {share:.1}% of the clients, its weight says {want}% (±5)");
+    }
+
+    // The dashboard's XDP view: each service's ring shares follow the weights (the Maglev table
+    // does within about 1%), and the packets just steered show as a rate per backend.
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    let (status, v) = rig.admin("GET", "/api/v1/dashboard").expect("admin");
+    assert_eq!(status, 200, "{v}");
+    let l4 = v["latest"]["live"]["l4"].as_array().expect("l4 services in the dashboard");
+    let names: Vec<&str> = l4.iter().filter_map(|s| s["service"].as_str()).collect();
+    assert_eq!(names, ["web-l4", "web-dsr"], "{v}");
+    for service in l4 {
+        for (b, (id, _, want)) in service["backends"].as_array().unwrap().iter().zip(&shares) {
+            assert_eq!(b["backend"], id.as_str(), "{service}");
+            let ring = 100.0 * b["ring_share"].as_f64().unwrap();
+            assert!((ring - want).abs() <= 2.0, "{id} owns {ring:.1}% of the ring, its weight says {want}%");
+        }
+    }
+    for b in l4[0]["backends"].as_array().unwrap() {
+        assert!(b["packets_per_second"].as_f64().unwrap() > 0.0, "no XDP packet rate for {b}");
     }
 }
 

@@ -22,47 +22,11 @@ const START_WITHIN: Duration = Duration::from_secs(10);
 /// The haproxy binary: on PATH or in /usr/sbin, else installed with apt-get when we are root.
 /// Err says why there is none.
 pub fn find_or_install() -> Result<PathBuf, String> {
-    if let Some(path) = find() {
-        return Ok(path);
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("haproxy is not installed, and installing it needs root".into());
-    }
-    // The package lists may be missing or stale: update once if the first try fails.
-    let installed = apt_get(&["install", "-y", "haproxy"])
-        .or_else(|_| apt_get(&["update"]).and_then(|()| apt_get(&["install", "-y", "haproxy"])));
-    installed?;
-    // Where the system lets the package start its own service, it is stopped: our instances
-    // are the only ones wanted (a container's policy-rc.d usually keeps it from starting).
-    let _ = Command::new("service").args(["haproxy", "stop"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
-    find().ok_or_else(|| "apt-get installed haproxy, but no haproxy binary is on PATH or in /usr/sbin".into())
-}
-
-fn find() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|dir| dir.join("haproxy"))
-        .find(|p| p.is_file())
-}
-
-fn apt_get(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("apt-get {}: {e}", args.join(" ")))?;
-    match out.status.success() {
-        true => Ok(()),
-        false => Err(format!(
-            "apt-get {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-    }
+    super::packages::find_or_install("haproxy", "haproxy", || {
+        // Where the system lets the package start its own service, it is stopped: our instances
+        // are the only ones wanted (a container's policy-rc.d usually keeps it from starting).
+        let _ = Command::new("service").args(["haproxy", "stop"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    })
 }
 
 /// A running HAProxy; killed when dropped.

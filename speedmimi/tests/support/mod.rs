@@ -23,11 +23,13 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+pub mod browser;
 pub mod daemon;
 pub mod flows;
 pub mod haproxy;
 pub mod lab;
 pub mod logging;
+pub mod packages;
 pub mod tls;
 pub mod wire;
 

@@ -1,0 +1,50 @@
+//! Programs tests drive (HAProxy, Chromium): found on PATH or in the sbin directories, else
+//! installed from Debian's packages with apt-get when the test runs as root.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+/// `program`'s path; installs `package` first if it is missing (then runs `installed`, e.g. to
+/// stop a service the package started). Err says why there is none.
+pub fn find_or_install(program: &str, package: &str, installed: impl FnOnce()) -> Result<PathBuf, String> {
+    if let Some(path) = find(program) {
+        return Ok(path);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(format!("{program} is not installed, and installing {package} needs root"));
+    }
+    // The package lists may be missing or stale: update once if the first try fails.
+    apt_get(&["install", "-y", package])
+        .or_else(|_| apt_get(&["update"]).and_then(|()| apt_get(&["install", "-y", package])))?;
+    installed();
+    find(program).ok_or_else(|| format!("apt-get installed {package}, but no {program} is on PATH or in /usr/sbin"))
+}
+
+fn find(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+fn apt_get(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("apt-get {}: {e}", args.join(" ")))?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "apt-get {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
