@@ -57,6 +57,10 @@ pub struct Backend {
     /// Upgraded flows to this backend that were spliced in the kernel, and copied.
     pub spliced_flows: AtomicU64,
     pub copied_flows: AtomicU64,
+    /// Upgraded flows to this backend spliced in the kernel now, and those of them parked now
+    /// (each held by a [`Gauge`]).
+    pub spliced_open: AtomicU64,
+    pub parked_open: AtomicU64,
     /// `host:port` as configured: the Maglev identity and the upstream `Host` for health checks.
     pub authority: String,
     pub scheme: Scheme,
@@ -101,6 +105,8 @@ impl Backend {
             slot: next_slot(),
             spliced_flows: AtomicU64::new(0),
             copied_flows: AtomicU64::new(0),
+            spliced_open: AtomicU64::new(0),
+            parked_open: AtomicU64::new(0),
             maglev: maglev::Member::from_addr(authority.as_bytes(), conf.weight),
             scheme: conf.scheme,
             weight: AtomicU32::new(conf.weight),
@@ -213,6 +219,26 @@ impl Backend {
             return 1.0;
         }
         self.report_score.load(Relaxed) as f64 / NEUTRAL as f64
+    }
+}
+
+/// One unit of one of a backend's gauges (`spliced_open`, `parked_open`), held while a flow is
+/// in that state and given back when dropped, however the flow ends.
+pub struct Gauge {
+    backend: std::sync::Arc<Backend>,
+    of: fn(&Backend) -> &AtomicU64,
+}
+
+impl Gauge {
+    pub fn hold(backend: &std::sync::Arc<Backend>, of: fn(&Backend) -> &AtomicU64) -> Gauge {
+        of(backend).fetch_add(1, Relaxed);
+        Gauge { backend: backend.clone(), of }
+    }
+}
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        (self.of)(&self.backend).fetch_sub(1, Relaxed);
     }
 }
 

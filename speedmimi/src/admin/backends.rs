@@ -50,9 +50,12 @@ pub fn view(b: &Backend, dp: &dyn Datapath) -> Value {
             0
         },
         "health_check": conf.health_check,
+        // Spliced flows that ended and copied flows begun, since start; spliced and parked now.
         "upgraded_flows": {
             "spliced": b.spliced_flows.load(Relaxed),
             "copied": b.copied_flows.load(Relaxed),
+            "spliced_open": b.spliced_open.load(Relaxed),
+            "parked_open": b.parked_open.load(Relaxed),
         },
         // What the kernel moved for this backend: spliced bytes, and with `l4:` services what
         // XDP steered (null without eBPF).

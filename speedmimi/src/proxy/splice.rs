@@ -47,6 +47,7 @@ use super::{
     park::{Parked, Wake},
 };
 use crate::{
+    backend::Gauge,
     datapath::{Datapath, Limits, SplicedPair},
     state::Settings,
     stats::{ParkedGuard, UpgradedGuard},
@@ -103,6 +104,8 @@ pub(super) struct Spliced {
     pub(super) policy: Policy,
     activity: Activity,
     tally: Tally,
+    /// Counts the flow among its backend's spliced ones while it is spliced.
+    _open: Gauge,
     /// False once parking this flow failed (no parking lot in this process, or its epoll refused
     /// the sockets): the flow stays with tokio for the rest of its life.
     parkable: bool,
@@ -245,6 +248,7 @@ pub async fn start(
         down: Direction::new(pair.b, ca, down_prefix),
         policy,
         activity: Activity::new(policy.idle),
+        _open: Gauge::hold(tally.guard.backend(), |b| &b.spliced_open),
         tally,
         parkable: true,
     })))
@@ -288,8 +292,9 @@ impl Started {
 /// parking lot while it is quiet.
 pub(super) enum Sockets {
     Tokio(TcpStream, TcpStream),
-    /// The place comes first: it must leave the lot's epoll before the sockets close.
-    Parked(Parked, ParkedGuard, std::net::TcpStream, std::net::TcpStream),
+    /// The place comes first: it must leave the lot's epoll before the sockets close. The
+    /// guards count the flow among the server's and its backend's parked flows.
+    Parked(Parked, (ParkedGuard, Gauge), std::net::TcpStream, std::net::TcpStream),
     /// A socket could not move between tokio and the lot; the flow ends.
     Lost,
 }
@@ -315,7 +320,8 @@ impl Spliced {
         };
         match (client.into_std(), upstream.into_std()) {
             (Ok(c), Ok(u)) => {
-                let counted = self.tally.guard.server().parked();
+                let counted =
+                    (self.tally.guard.server().parked(), Gauge::hold(self.tally.guard.backend(), |b| &b.parked_open));
                 self.sockets = Sockets::Parked(parked, counted, c, u);
                 Ok(true)
             }
