@@ -3,6 +3,7 @@
 //! The browser runs with a profile of its own and is killed, its profile removed, when dropped.
 
 use std::{
+    os::unix::process::CommandExt,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -32,12 +33,25 @@ pub fn chromium_or_skip(test: &str) -> Option<std::path::PathBuf> {
     }
 }
 
-/// A headless Chromium with one page under our control.
+/// A headless Chromium with one page under our control. Fields drop in order: the browser's
+/// processes die before its profile is removed.
 pub struct Browser {
-    child: Child,
     page: WebSocketStream<MaybeTlsStream<TcpStream>>,
     next_id: u64,
+    _process: Group,
     _profile: TempDir,
+}
+
+/// Chromium and the processes it forks (zygote, renderers, GPU), in a process group of their
+/// own: all are killed when this is dropped, also when a test fails while starting it.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the group is the one the child leads.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
 }
 
 impl Browser {
@@ -46,7 +60,7 @@ impl Browser {
         let profile = TempDir::new();
         // Flags as the machine notes give them: no sandbox as root, and nothing that reaches out
         // to the network (this machine refuses it, many connections at a time).
-        let child = Command::new(chromium)
+        let process = Command::new(chromium)
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -65,7 +79,9 @@ impl Browser {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
+            .map(Group)
             .expect("start chromium");
         // Chromium writes its DevTools port to the profile once it listens.
         let port_file = profile.0.join("DevToolsActivePort");
@@ -93,7 +109,7 @@ impl Browser {
         let path = ws.find("/devtools/").map(|i| &ws[i..]).unwrap_or_else(|| panic!("DevTools URL {ws}"));
         let ws = format!("ws://127.0.0.1:{port}{path}");
         let (page, _) = tokio_tungstenite::connect_async(ws.as_str()).await.expect("DevTools WebSocket");
-        let mut browser = Browser { child, page, next_id: 0, _profile: profile };
+        let mut browser = Browser { page, next_id: 0, _process: process, _profile: profile };
         browser.call("Page.enable", json!({})).await;
         browser.call("Runtime.enable", json!({})).await;
         browser
@@ -170,13 +186,6 @@ impl Browser {
     pub async fn as_phone(&mut self, width: u32, height: u32) {
         let params = json!({ "width": width, "height": height, "deviceScaleFactor": 2, "mobile": true });
         self.call("Emulation.setDeviceMetricsOverride", params).await;
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
