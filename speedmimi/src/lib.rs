@@ -145,6 +145,7 @@ pub async fn run_with(
     if let Some(path) = config_path {
         spawn_reloader(state.clone(), path, shutdown.clone());
     }
+    spawn_log_reopener(state.clone(), shutdown.clone());
     let per_client = proxy::admission::PerClient::new(state.config().file.server.max_conn_per_client);
     let http_limit = Admission { slots: Arc::new(Semaphore::new(max_conn)), per_client: per_client.clone() };
     tracing::info!(addr = ?listeners.http.local_addr().ok(), kind = ?http_kind, workers, max_conn, "HTTP listener ready");
@@ -291,6 +292,33 @@ fn spawn_reloader(state: Arc<State>, path: PathBuf, shutdown: Shutdown) {
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "reload rejected; the running config stays")
                 }
+            }
+        }
+    });
+}
+
+/// SIGUSR1: reopen the access log file (after logrotate renamed it), as nginx does.
+fn spawn_log_reopener(state: Arc<State>, shutdown: Shutdown) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        tracing::warn!("cannot listen for SIGUSR1; the access log cannot be reopened");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = usr1.recv() => {}
+                _ = shutdown.wait() => return,
+            }
+            let st = state.clone();
+            // Blocking: it waits for the writer to take the reopen behind the queued lines.
+            match tokio::task::spawn_blocking(move || st.access_log.as_ref().map(|l| l.reopen())).await {
+                Ok(Some(Ok(()))) => tracing::info!("access log reopened"),
+                Ok(Some(Err(e))) => {
+                    tracing::error!(error = %e, "cannot reopen the access log; writing to the old file")
+                }
+                Ok(None) => tracing::info!("SIGUSR1: no access log to reopen"),
+                Err(e) => tracing::error!(error = %e, "access log reopen failed"),
             }
         }
     });
