@@ -34,8 +34,10 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 pub enum DatapathError {
     #[error("this build has no eBPF object (build it with `cargo xtask build-ebpf`)")]
     NoObject,
-    #[error("loading eBPF needs root (CAP_BPF and CAP_NET_ADMIN); running as uid {0}")]
-    NotRoot(u32),
+    #[error(
+        "loading eBPF needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; running as uid {uid} without {missing}"
+    )]
+    NotRoot { uid: u32, missing: String },
     #[error("eBPF: {context}: {}", chain(&**source))]
     Ebpf { context: String, source: Box<dyn std::error::Error + Send + Sync> },
     #[error("XDP steering is not loaded in this datapath")]

@@ -1,0 +1,125 @@
+//! What we ship for deployment, checked with the tools operators use: the systemd unit passes
+//! `systemd-analyze verify` and its hardening scores as systemd rates it; the capabilities the
+//! unit grants are enough to load the eBPF programs as an unprivileged user (the daemon run
+//! under `setpriv` with exactly them), and without them the daemon names what is missing.
+
+mod support;
+
+use std::{path::Path, process::Command, time::Duration};
+
+use support::{
+    Origin,
+    daemon::{Daemon, free_ports},
+    packages::find_or_install,
+    root_or_skip,
+    tls::TempDir,
+};
+
+const UNIT: &str = include_str!("../../deploy/speedmimi.service");
+
+/// The unit as installed, with this build's binary where `make install` puts the binary.
+fn unit_here(dir: &TempDir) -> std::path::PathBuf {
+    dir.write("speedmimi.service", &UNIT.replace("/usr/local/bin/speedmimi", env!("CARGO_BIN_EXE_speedmimi")))
+}
+
+fn systemd_analyze() -> Option<std::path::PathBuf> {
+    match find_or_install("systemd-analyze", "systemd", || {}) {
+        Ok(p) => Some(p),
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("no systemd-analyze, and CI must run this: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_unit_verifies_and_scores_as_hardened() {
+    let Some(analyze) = systemd_analyze() else { return };
+    let dir = TempDir::new();
+    let unit = unit_here(&dir);
+    let out = Command::new(&analyze).arg("verify").arg(&unit).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+
+    // A unit with a misspelt setting is not silently accepted: the check can fail.
+    let bad = dir.write("bad.service", &std::fs::read_to_string(&unit).unwrap().replace("RestartSec=", "RestartSecs="));
+    let out = Command::new(&analyze).arg("verify").arg(&bad).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RestartSecs"), "a bad key went unnoticed");
+
+    let out = Command::new(&analyze).args(["security", "--offline=yes", "--no-pager"]).arg(&unit).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for speedmimi.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in: {text}{}", String::from_utf8_lossy(&out.stderr)));
+    eprintln!("systemd-analyze security: exposure {score} (0 = locked down, 10 = none)");
+    assert!(score <= 3.0, "the unit's exposure is {score}:\n{text}");
+    for needed in ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "LimitNOFILE=", "Restart=on-failure", "ExecReload="] {
+        assert!(UNIT.contains(needed), "the unit lacks {needed}");
+    }
+}
+
+/// The daemon as user `nobody` with the given capabilities (ambient, so they survive the exec).
+fn as_nobody(caps: &str, config: &Path, log: std::path::PathBuf) -> Daemon {
+    let mut cmd = Command::new("setpriv");
+    let set = format!("-all{caps}");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--inh-caps={set}"))
+        .arg(format!("--ambient-caps={set}"))
+        .arg(format!("--bounding-set={set}"))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_speedmimi"));
+    Daemon::spawn_with(cmd, config, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_units_capabilities_load_ebpf_without_root() {
+    if !root_or_skip("the_units_capabilities_load_ebpf_without_root") {
+        return;
+    }
+    let dir = TempDir::new();
+    let origin = Origin::start("a").await;
+    let (port, admin) = free_ports();
+    let config = dir.write(
+        "config.yaml",
+        &format!(
+            "server: {{host: 127.0.0.1, port: {port}}}\nadmin: {{host: 127.0.0.1, port: {admin}}}\n\
+             backends:\n  default:\n{}routing:\n  default: {{path: /, upstream: default}}\n\
+             grpc: {{enabled: false}}\nebpf: {{enabled: true}}\n",
+            origin.yaml(100)
+        ),
+    );
+    let daemon = as_nobody(",+bpf,+net_admin,+perfmon", &config, dir.0.join("caps.log"));
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", admin)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("http://127.0.0.1:{admin}/api/v1/stats/server");
+    let (_, stats) = support::admin_call(http::Method::GET, &url, None, None, Duration::from_secs(5)).await;
+    let datapath = stats["datapath"].as_str().unwrap_or_else(|| panic!("no answer: {}", daemon.log())).to_owned();
+    assert!(datapath.starts_with("kernel"), "datapath {datapath:?}: {}", daemon.log());
+    let c = support::client();
+    assert_eq!(support::who(&c, &format!("http://127.0.0.1:{port}/"), &[]).await, "a");
+    drop(daemon);
+
+    // Without them: eBPF required (`enabled: true`) means a refused start that names them.
+    let (port2, admin2) = free_ports();
+    let config = dir.write(
+        "config2.yaml",
+        &std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(&format!("port: {port}}}"), &format!("port: {port2}}}"))
+            .replace(&format!("port: {admin}}}"), &format!("port: {admin2}}}")),
+    );
+    let mut daemon = as_nobody("", &config, dir.0.join("nocaps.log"));
+    let status = daemon.exit(Duration::from_secs(10)).await.expect("the daemon should refuse to start");
+    assert!(!status.success());
+    let log = daemon.log();
+    assert!(log.contains("CAP_BPF") && log.contains("uid 65534"), "{log}");
+}
