@@ -22,6 +22,7 @@ pub mod stats;
 pub mod steering;
 pub mod telemetry;
 pub mod tls;
+pub mod tune;
 pub mod upstream;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};

@@ -50,6 +50,19 @@ enum Command {
         #[arg(long)]
         interface: String,
     },
+    /// Print the kernel settings a busy load balancer wants (current -> proposed, and why);
+    /// with --apply, raise them live and in /etc/sysctl.d (root). Never lowers a value.
+    Tune {
+        /// Make the changes (the default only prints them).
+        #[arg(long)]
+        apply: bool,
+        /// Where the sysctls are (for tests: a copy of /proc/sys).
+        #[arg(long, default_value = "/proc/sys", hide = true)]
+        sysctl_root: PathBuf,
+        /// The persistent file --apply writes.
+        #[arg(long, default_value = "/etc/sysctl.d/60-speedmimi.conf")]
+        conf: PathBuf,
+    },
 }
 
 /// Latency and faults of the demo origin's answer to `/`.
@@ -102,6 +115,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Tune { apply, sysctl_root, conf }) = &cli.command {
+        return tune(*apply, speedmimi::tune::Host { sysctl: sysctl_root.clone(), conf: conf.clone() });
+    }
     // One single-threaded event loop here; `run` adds one per further CPU (server.workers).
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
@@ -138,6 +154,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             backend.serve(listener, stop).await;
             Ok(())
         }
+        Some(Command::Tune { .. }) => unreachable!("handled before the runtime starts"),
         Some(Command::XdpDecap { interface }) => {
             let attached = speedmimi::datapath::kernel::Decap::attach(&interface)?;
             tracing::info!(%interface, mode = attached.mode(), "XDP IPIP decapsulation attached");
@@ -152,6 +169,29 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             let listeners = Listeners::bind(&config).await?;
             speedmimi::run(config, listeners, stop, Some(cli.config.clone())).await?;
             Ok(())
+        }
+    }
+}
+
+/// `speedmimi tune [--apply]`: the report, then the changes if asked (see `speedmimi::tune`).
+fn tune(apply: bool, host: speedmimi::tune::Host) -> ExitCode {
+    let findings = speedmimi::tune::inspect(&host);
+    print!("{}", speedmimi::tune::report(&findings));
+    if !apply {
+        let pending = findings.iter().filter(|f| f.change.is_some()).count();
+        println!("{pending} to change; `speedmimi tune --apply` (as root) makes these changes");
+        return ExitCode::SUCCESS;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    match speedmimi::tune::apply(&host, &findings, root) {
+        Ok(changed) => {
+            println!("applied: {changed} changed now; kept across reboots in {}", host.conf.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("speedmimi tune: {e}");
+            ExitCode::FAILURE
         }
     }
 }

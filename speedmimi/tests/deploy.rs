@@ -123,3 +123,88 @@ async fn the_units_capabilities_load_ebpf_without_root() {
     let log = daemon.log();
     assert!(log.contains("CAP_BPF") && log.contains("uid 65534"), "{log}");
 }
+
+/// `speedmimi tune` against a copy of this host's settings: it prints each with its reason, the
+/// first `--apply` raises what is low (never lowering a higher value), the second changes
+/// nothing; without root `--apply` refuses and changes nothing, while printing still works.
+#[test]
+fn tune_prints_then_applies_once_and_only_raises() {
+    let dir = TempDir::new();
+    let root = dir.0.join("sys");
+    let keys = ["net.core.somaxconn", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_tw_reuse", "fs.nr_open"];
+    let set = |key: &str, value: &str| {
+        let path = root.join(key.replace('.', "/"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, value).unwrap();
+    };
+    let get = |key: &str| std::fs::read_to_string(root.join(key.replace('.', "/"))).unwrap();
+    for key in keys {
+        let live = std::fs::read_to_string(Path::new("/proc/sys").join(key.replace('.', "/"))).unwrap();
+        set(key, live.trim());
+    }
+    // Tuned further than we would: stays.
+    set("fs.nr_open", "9000000");
+    set("net.core.somaxconn", "128");
+    set("net.ipv4.ip_local_port_range", "32768\t60999");
+    let tune = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_speedmimi"))
+            .arg("tune")
+            .arg("--sysctl-root")
+            .arg(&root)
+            .arg("--conf")
+            .arg(dir.0.join("60-speedmimi.conf"))
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, printed) = tune(&[]);
+    assert!(ok, "{printed}");
+    assert!(printed.contains("net.core.somaxconn             128 -> 65535"), "{printed}");
+    assert!(printed.contains("fs.nr_open                     9000000 (ok)"), "{printed}");
+    assert!(printed.contains("# listen backlog cap"), "every line says why: {printed}");
+    assert!(printed.contains("net.ipv4.tcp_max_syn_backlog") && printed.contains("not on this kernel"), "{printed}");
+    assert_eq!(get("net.core.somaxconn"), "128", "printing changed a value");
+
+    let reuse_changes = usize::from(get("net.ipv4.tcp_tw_reuse").trim() != "1");
+    let (ok, applied) = tune(&["--apply"]);
+    assert!(ok && applied.contains(&format!("applied: {} changed now", 2 + reuse_changes)), "{applied}");
+    assert_eq!(get("net.core.somaxconn"), "65535");
+    assert_eq!(get("net.ipv4.ip_local_port_range"), "1024 65535");
+    assert_eq!(get("net.ipv4.tcp_tw_reuse"), "1");
+    assert_eq!(get("fs.nr_open"), "9000000", "a higher value was lowered");
+    let conf = std::fs::read_to_string(dir.0.join("60-speedmimi.conf")).unwrap();
+    assert!(conf.contains("net.core.somaxconn = 65535") && conf.contains("fs.nr_open = 9000000"), "{conf}");
+
+    let (ok, again) = tune(&["--apply"]);
+    assert!(ok && again.contains("applied: 0 changed now"), "not idempotent: {again}");
+    assert_eq!(std::fs::read_to_string(dir.0.join("60-speedmimi.conf")).unwrap(), conf);
+
+    // Without root (as nobody, where we are root): a polite refusal; the real settings print.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        set("net.core.somaxconn", "128");
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_speedmimi"))
+            .args(["tune", "--apply", "--sysctl-root"])
+            .arg(&root)
+            .arg("--conf")
+            .arg(dir.0.join("60-speedmimi.conf"))
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && said.contains("needs root") && said.contains("sudo"), "{said}");
+        assert_eq!(get("net.core.somaxconn"), "128", "a refused apply changed a value");
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_speedmimi"))
+            .arg("tune")
+            .output()
+            .unwrap();
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("fs.nr_open"));
+    }
+}
