@@ -208,3 +208,60 @@ fn tune_prints_then_applies_once_and_only_raises() {
         assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("fs.nr_open"));
     }
 }
+
+/// `deploy/install.sh` into a scratch root: a dry run changes nothing, the install puts every
+/// file (paths following --prefix), a second run changes nothing, and an operator's config is
+/// never overwritten.
+#[test]
+fn install_is_idempotent_and_keeps_the_operators_config() {
+    let dir = TempDir::new();
+    let dest = dir.0.join("root");
+    let install = |extra: &[&str]| {
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/install.sh"))
+            .args(["--binary", env!("CARGO_BIN_EXE_speedmimi"), "--prefix", "/opt/sm", "--destdir"])
+            .arg(&dest)
+            .args(extra)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "install.sh {extra:?}: {said}");
+        said
+    };
+    let files = [
+        "opt/sm/bin/speedmimi",
+        "etc/speedmimi/config.yaml",
+        "etc/speedmimi/config.yaml.default",
+        "etc/systemd/system/speedmimi.service",
+        "etc/logrotate.d/speedmimi",
+        "opt/sm/share/doc/speedmimi/README.md",
+    ];
+    let dry = install(&["--dry-run"]);
+    assert_eq!(dry.matches("would put").count(), files.len(), "{dry}");
+    assert!(!dest.exists(), "a dry run wrote files");
+
+    let first = install(&[]);
+    assert_eq!(first.matches("installed").count(), files.len(), "{first}");
+    for f in files {
+        assert!(dest.join(f).is_file(), "{f} missing after install: {first}");
+    }
+    let unit = std::fs::read_to_string(dest.join("etc/systemd/system/speedmimi.service")).unwrap();
+    assert!(unit.contains("ExecStart=/opt/sm/bin/speedmimi --config") && !unit.contains("/usr/local/"), "{unit}");
+    // The installed config is valid (its access log moved somewhere this test may write).
+    let config = std::fs::read_to_string(dest.join("etc/speedmimi/config.yaml")).unwrap();
+    assert!(config.contains("access_log: \"/var/log/speedmimi/access.log\""), "{config}");
+    let here = dir.write(
+        "check.yaml",
+        &config.replace("/var/log/speedmimi/access.log", &dir.0.join("a.log").display().to_string()),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_speedmimi")).arg("--check").arg("-c").arg(&here).output().unwrap();
+    assert!(out.status.success(), "the installed config: {}", String::from_utf8_lossy(&out.stderr));
+
+    let again = install(&[]);
+    assert!(!again.contains("installed"), "a second run changed files: {again}");
+    assert_eq!(again.matches("unchanged").count(), files.len() - 1, "{again}");
+
+    std::fs::write(dest.join("etc/speedmimi/config.yaml"), "# mine\n").unwrap();
+    let mine = install(&[]);
+    assert!(mine.contains("kept") && !mine.contains("installed"), "{mine}");
+    assert_eq!(std::fs::read_to_string(dest.join("etc/speedmimi/config.yaml")).unwrap(), "# mine\n");
+}
