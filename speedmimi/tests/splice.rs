@@ -377,15 +377,19 @@ async fn until_parked(mode: &str, proxy: &Proxy, n: u64) {
         let (_, stats) = support::admin_call(http::Method::GET, &url, None, None, STEP).await;
         got = stats.get("spliced_flows").and_then(|f| f.get("parked")).and_then(|p| p.as_u64());
         if got == Some(want) {
-            // The backends' own gauges agree: `want` parked, none more spliced than the server has.
-            let url = proxy.admin_url("/api/v1/backends");
-            let (_, list) = support::admin_call(http::Method::GET, &url, None, None, STEP).await;
-            let sum = |field: &str| -> u64 {
-                let all = list["upstreams"].as_object().unwrap().values().flat_map(|u| u.as_array().unwrap().iter());
-                all.map(|b| b["upgraded_flows"][field].as_u64().unwrap()).sum()
-            };
-            let spliced = stats["spliced_flows"]["open"].as_u64().unwrap();
-            assert_eq!((sum("parked_open"), sum("spliced_open")), (want, spliced), "{mode}: backends' gauges: {list}");
+            // The backends' own gauges agree while flows sit parked (quiet, so none ends between the
+            // two calls): `want` parked, each of them spliced.
+            if want > 0 {
+                let url = proxy.admin_url("/api/v1/backends");
+                let (_, list) = support::admin_call(http::Method::GET, &url, None, None, STEP).await;
+                let sum = |field: &str| -> u64 {
+                    let all =
+                        list["upstreams"].as_object().unwrap().values().flat_map(|u| u.as_array().unwrap().iter());
+                    all.map(|b| b["upgraded_flows"][field].as_u64().unwrap()).sum()
+                };
+                assert_eq!(sum("parked_open"), want, "{mode}: backends' parked gauges: {list}");
+                assert!(sum("spliced_open") >= want, "{mode}: backends' spliced gauges: {list}");
+            }
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
