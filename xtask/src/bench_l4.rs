@@ -7,6 +7,7 @@
 //! is whole-machine CPU from /proc/stat (softirq included) minus what the direct row costs in the same round. The
 //! XDP program's own share comes from the kernel's BPF run-time statistics.
 
+pub mod flows;
 mod load;
 mod report;
 mod setup;

@@ -167,6 +167,16 @@ enum BenchKind {
         #[arg(long, default_value_t = 512)]
         connections: u64,
     },
+    /// The XDP flow table at scale: l4_steer's LRU tables filled with each count of flows through
+    /// BPF_PROG_TEST_RUN, ns per packet on hits and misses, and the tables' memory.
+    Flows {
+        /// Flow counts (comma-separated), each its own table size.
+        #[arg(long, value_delimiter = ',', default_value = "1000,1000000,10000000")]
+        sizes: Vec<u32>,
+        /// Hits and misses timed per size.
+        #[arg(long, default_value_t = 200_000)]
+        samples: u32,
+    },
     /// L4 in the netns lab: connections/s and keep-alive requests/s through XDP (NAT and DSR), nftables DNAT
     /// (IPVS's stand-in), HAProxy in TCP mode, SpeedMimi's L7 proxy and direct forwarding, with the CPU each
     /// costs; and l4_steer's ns per packet through BPF_PROG_TEST_RUN.
@@ -209,6 +219,10 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Bench { which: BenchKind::Balance { rounds, seconds, rate, delay_ms, connections } } => {
             bench_balance::balance(&bench_balance::Options { rounds, seconds, rate, delay_ms, connections })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { which: BenchKind::Flows { sizes, samples } } => {
+            bench_l4::flows::flows(&bench_l4::flows::Options { sizes, samples })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { which: BenchKind::L4 { rounds, seconds, clients } } => {

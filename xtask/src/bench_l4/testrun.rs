@@ -57,7 +57,13 @@ impl Drop for ScratchNs {
 
 /// Times l4_steer on each crafted packet in a scratch namespace, deleted afterwards.
 pub(super) fn test_runs(prefix: &str, object: &Path) -> anyhow::Result<Vec<TestRunRow>> {
-    let ns = ScratchNs(format!("{prefix}t"));
+    in_scratch_ns(&format!("{prefix}t"), || test_runs_here(object))
+}
+
+/// Runs `body` in a namespace of its own set up as the lab's load balancer (interfaces, routes to the
+/// clients' and backends' networks, permanent neighbours), deleted afterwards.
+pub(super) fn in_scratch_ns<T: Send>(name: &str, body: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+    let ns = ScratchNs(name.to_owned());
     let ip = |args: &[&str]| -> anyhow::Result<()> {
         let out = Command::new("ip").args(args).stdin(Stdio::null()).output().context("run ip")?;
         if !out.status.success() {
@@ -85,14 +91,15 @@ pub(super) fn test_runs(prefix: &str, object: &Path) -> anyhow::Result<Vec<TestR
         ip(&args)?;
     }
     sysctls(&ns.0, &[("net/ipv4/ip_forward", "1")])?;
-    lab::in_netns(&ns.0, || test_runs_here(object)).map_err(anyhow::Error::msg)?
+    lab::in_netns(&ns.0, body).map_err(anyhow::Error::msg)?
 }
 
-/// Loads the object, sets up one NAT and one DSR service over the three backends and times the cases.
-fn test_runs_here(object: &Path) -> anyhow::Result<Vec<TestRunRow>> {
+/// Loads the object with flow tables of `flows` entries and sets up one NAT service (`VIP_NAT:VIP_PORT`) and one
+/// DSR service over the three backends, l4_steer attached to eth0 and eth1.
+pub(super) fn load_steering(object: &Path, flows: u32) -> anyhow::Result<aya::Ebpf> {
     let mut ebpf = EbpfLoader::new()
-        .map_max_entries(l4::FLOWS, 4096)
-        .map_max_entries(l4::REVERSE, 4096)
+        .map_max_entries(l4::FLOWS, flows)
+        .map_max_entries(l4::REVERSE, flows)
         .load_file(object)
         .with_context(|| format!("load {}", object.display()))?;
     let prog: &mut Xdp = ebpf.program_mut("l4_steer").context("no l4_steer program")?.try_into()?;
@@ -128,7 +135,12 @@ fn test_runs_here(object: &Path) -> anyhow::Result<Vec<TestRunRow>> {
             ring.set(service * TABLE_SIZE as u32 + slot as u32, b, 0)?;
         }
     }
+    Ok(ebpf)
+}
 
+/// Times the cases on a freshly loaded program.
+fn test_runs_here(object: &Path) -> anyhow::Result<Vec<TestRunRow>> {
+    let ebpf = load_steering(object, 4096)?;
     let prog: &Xdp = ebpf.program("l4_steer").context("no l4_steer program")?.try_into()?;
     let (eth0, eth1) = (ifindex("eth0")?, ifindex("eth1")?);
     let payload = [b'x'; 100];
@@ -186,10 +198,15 @@ fn test_runs_here(object: &Path) -> anyhow::Result<Vec<TestRunRow>> {
     Ok(rows)
 }
 
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
+pub(super) const SYN: u8 = 0x02;
+pub(super) const ACK: u8 = 0x10;
 
-fn test_run(prog: &Xdp, frame: &[u8], ctx: &[u8], repeat: u32) -> anyhow::Result<aya::programs::TestRunResult> {
+pub(super) fn test_run(
+    prog: &Xdp,
+    frame: &[u8],
+    ctx: &[u8],
+    repeat: u32,
+) -> anyhow::Result<aya::programs::TestRunResult> {
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
     opts.ctx_in = Some(ctx);
@@ -211,11 +228,11 @@ fn run_once(prog: &Xdp, frame: &[u8], ingress: u32) -> anyhow::Result<(u32, Vec<
 }
 
 /// `struct xdp_md` for a test run: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-fn xdp_md(len: usize, ingress: u32) -> Vec<u8> {
+pub(super) fn xdp_md(len: usize, ingress: u32) -> Vec<u8> {
     [0, len as u32, 0, ingress, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect()
 }
 
-fn ifindex(name: &str) -> anyhow::Result<u32> {
+pub(super) fn ifindex(name: &str) -> anyhow::Result<u32> {
     let c = std::ffi::CString::new(name)?;
     // SAFETY: a valid C string.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
@@ -226,7 +243,7 @@ fn ifindex(name: &str) -> anyhow::Result<u32> {
 }
 
 /// An Ethernet/IPv4/TCP frame with correct checksums.
-fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+pub(super) fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
     let mut tcp = Vec::with_capacity(20 + payload.len());
     tcp.extend(sport.to_be_bytes());
     tcp.extend(dport.to_be_bytes());
