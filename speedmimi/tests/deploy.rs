@@ -265,3 +265,97 @@ fn install_is_idempotent_and_keeps_the_operators_config() {
     assert!(mine.contains("kept") && !mine.contains("installed"), "{mine}");
     assert_eq!(std::fs::read_to_string(dest.join("etc/speedmimi/config.yaml")).unwrap(), "# mine\n");
 }
+
+/// Images this test made; removed (and unmounted) when dropped, also when the test fails.
+struct Images(Vec<String>);
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        for image in &self.0 {
+            let _ = Command::new("podman").args(["image", "unmount", image]).output();
+            let _ = Command::new("podman").args(["rmi", "--force", image]).output();
+        }
+    }
+}
+
+/// `deploy/Containerfile` built with podman as far as this machine allows: no registry is reachable and no
+/// container can start here (README, Install), so the base is made from this build's own libraries and the
+/// binary comes prebuilt (`BINARY_FROM`); the runtime stage builds, and the binary inside the image, run by
+/// chroot, accepts the image's config.
+#[test]
+fn the_container_image_builds_and_its_binary_runs() {
+    if !root_or_skip("the_container_image_builds_and_its_binary_runs") {
+        return;
+    }
+    let podman = match find_or_install("podman", "podman", || {}) {
+        Ok(p) => p,
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("no podman, and CI must run this: {e}"),
+        Err(e) => return eprintln!("skipping: {e}"),
+    };
+    let run = |args: &[&str], input: Option<&Path>| {
+        let mut cmd = Command::new(&podman);
+        cmd.args(args);
+        if let Some(dir) = input {
+            // `podman import -` of the directory's tar.
+            let tar = Command::new("tar").arg("-C").arg(dir).args(["-c", "."]).output().unwrap();
+            assert!(tar.status.success());
+            let mut child =
+                cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+            std::io::Write::write_all(&mut child.stdin.take().unwrap(), &tar.stdout).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "podman {args:?}");
+            return String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "podman {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let dir = TempDir::new();
+    let tag = std::process::id();
+    let (base, binary, image) = (
+        format!("localhost/speedmimi-test-base:{tag}"),
+        format!("localhost/speedmimi-test-binary:{tag}"),
+        format!("localhost/speedmimi-test:{tag}"),
+    );
+    let _images = Images(vec![image.clone(), binary.clone(), base.clone()]);
+
+    // The base: the shared libraries the binary links, where the loader looks for them.
+    let exe = env!("CARGO_BIN_EXE_speedmimi");
+    let ldd = String::from_utf8(Command::new("ldd").arg(exe).output().unwrap().stdout).unwrap();
+    let root = dir.0.join("base");
+    for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+        let to = root.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(lib, &to).unwrap();
+    }
+    run(&["import", "-", &base], Some(&root));
+    let bin = dir.0.join("bin");
+    std::fs::create_dir_all(bin.join("out")).unwrap();
+    std::fs::copy(exe, bin.join("out/speedmimi")).unwrap();
+    run(&["import", "-", &binary], Some(&bin));
+
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    run(
+        &[
+            "build",
+            "--build-arg",
+            &format!("BINARY_FROM={binary}"),
+            "--build-arg",
+            &format!("RUNTIME_IMAGE={base}"),
+            "-t",
+            &image,
+            "-f",
+            &format!("{repo}/deploy/Containerfile"),
+            repo,
+        ],
+        None,
+    );
+    let mount = run(&["image", "mount", &image], None);
+    let out = Command::new("chroot")
+        .arg(&mount)
+        .args(["/usr/local/bin/speedmimi", "--check", "--config", "/etc/speedmimi/config.yaml"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains("/etc/speedmimi/config.yaml: ok"), "{said}");
+}
