@@ -110,7 +110,8 @@ fn print_hints() {
          curl -s localhost:8080/\n  \
          curl -s localhost:8080/\n  \
          curl -s localhost:8080/health\n  \
-         curl -N localhost:8080/events    # live server-sent events (SSE)\n"
+         curl -N localhost:8080/events    # live server-sent events (SSE)\n  \
+         and open http://127.0.0.1:9091/ in a browser: the live dashboard\n"
     );
 }
 
