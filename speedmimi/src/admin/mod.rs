@@ -58,10 +58,17 @@ pub fn router(state: Arc<State>, token: Option<String>, history: Arc<History>) -
         .fallback(|| async { AdminError::NotFound("no such endpoint".into()) })
         .layer(middleware::from_fn_with_state(admin.clone(), authorize));
     // The page holds no data: it loads without the token and asks for it (`dashboard`).
-    Router::new().route("/", get(dashboard::page)).merge(api).with_state(admin)
+    Router::new()
+        .route("/", get(dashboard::page))
+        .route("/dashboard.js", get(dashboard::script))
+        .merge(api)
+        .with_state(admin)
 }
 
 async fn authorize(AxState(admin): AxState<Admin>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    if let Some(why) = cross_origin(&headers) {
+        return AdminError::Forbidden(format!("cross-origin request refused ({why})")).into_response();
+    }
     if let Some(token) = &admin.token {
         let given = headers
             .get(header::AUTHORIZATION)
@@ -73,6 +80,25 @@ async fn authorize(AxState(admin): AxState<Admin>, headers: HeaderMap, req: Requ
         }
     }
     next.run(req).await
+}
+
+/// Why a request comes from a page of another origin, if it does. Any site open in the operator's
+/// browser can send requests to a loopback admin listener (a form POST needs no preflight); the
+/// browser marks them with `Sec-Fetch-Site` and `Origin`. The dashboard's own calls are
+/// same-origin, and curl and scripts send neither header, so refusing these costs no client.
+fn cross_origin(headers: &HeaderMap) -> Option<String> {
+    let get = |name: header::HeaderName| headers.get(name).map(|v| v.to_str().unwrap_or("?"));
+    if let Some(site) = get(header::HeaderName::from_static("sec-fetch-site"))
+        && !matches!(site, "same-origin" | "none")
+    {
+        return Some(format!("Sec-Fetch-Site: {site}"));
+    }
+    let origin = get(header::ORIGIN)?;
+    let host = get(header::HOST).unwrap_or("");
+    match origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) {
+        Some(o) if o == host => None,
+        _ => Some(format!("Origin {origin} is not this listener's ({host})")),
+    }
 }
 
 /// Equal-length inputs take the same time whatever their content; the length itself is not secret.
@@ -88,6 +114,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub enum AdminError {
     BadRequest(String),
     Unauthorized,
+    Forbidden(String),
     NotFound(String),
     Conflict(String),
     TooMany(String),
@@ -108,6 +135,7 @@ impl IntoResponse for AdminError {
         let (status, msg) = match self {
             AdminError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, "missing or wrong bearer token".to_owned()),
+            AdminError::Forbidden(m) => (StatusCode::FORBIDDEN, m),
             AdminError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             AdminError::Conflict(m) => (StatusCode::CONFLICT, m),
             AdminError::TooMany(m) => (StatusCode::TOO_MANY_REQUESTS, m),
@@ -167,6 +195,24 @@ pub fn name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> 
 #[cfg(test)]
 mod tests {
     use super::constant_time_eq;
+
+    #[test]
+    fn cross_origin_requests_are_told_apart() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = axum::http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, v.parse().unwrap());
+            }
+            super::cross_origin(&m)
+        };
+        assert_eq!(h(&[("host", "127.0.0.1:9091")]), None, "curl");
+        assert_eq!(h(&[("host", "127.0.0.1:9091"), ("origin", "http://127.0.0.1:9091")]), None);
+        assert_eq!(h(&[("sec-fetch-site", "same-origin"), ("host", "a")]), None);
+        assert!(h(&[("host", "127.0.0.1:9091"), ("origin", "https://evil.example")]).is_some());
+        assert!(h(&[("host", "127.0.0.1:9091"), ("origin", "null")]).is_some());
+        assert!(h(&[("sec-fetch-site", "cross-site")]).is_some());
+        assert!(h(&[("sec-fetch-site", "same-site")]).is_some());
+    }
 
     #[test]
     fn token_comparison() {
