@@ -7,7 +7,10 @@ use std::{
     collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{
+            AtomicBool,
+            Ordering::{Relaxed, SeqCst},
+        },
     },
     time::Instant,
 };
@@ -182,7 +185,7 @@ impl History {
         }
         drop(inner);
         let tick = format!("{{\"live\":{live},\"point\":{point}}}");
-        if !self.closed.load(Relaxed) {
+        if !self.closed.load(SeqCst) {
             self.ticks.send_replace(Some(tick.into()));
         }
     }
@@ -207,14 +210,16 @@ impl History {
         self.ticks.borrow().clone()
     }
 
-    /// Ticks as they come; `None` when the history was closed.
+    /// Ticks as they come; `None` when the history was closed. Checked after subscribing: a
+    /// close from then on is a change the receiver sees, so no stream outlives it.
     pub fn subscribe(&self) -> Option<watch::Receiver<Option<Arc<str>>>> {
-        (!self.closed.load(Relaxed)).then(|| self.ticks.subscribe())
+        let rx = self.ticks.subscribe();
+        (!self.closed.load(SeqCst)).then_some(rx)
     }
 
     /// Ends every page's stream (the daemon stops: open streams must not hold up the stop).
     pub fn close(&self) {
-        self.closed.store(true, Relaxed);
+        self.closed.store(true, SeqCst);
         self.ticks.send_replace(None);
     }
 }
@@ -261,6 +266,7 @@ impl Inner {
         for (name, up) in &snap.upstreams {
             let mut sum = Reading::new(now);
             let mut backends = Vec::new();
+            let mut rates: (Vec<Figures>, Vec<Figures>) = (Vec::new(), Vec::new());
             for b in up.backends.iter() {
                 let mut r = Reading::of(now, &b.traffic);
                 let splice = dp.counters(b.slot);
@@ -270,6 +276,8 @@ impl Inner {
                 let key = format!("b/{name}/{}", b.id);
                 let (live, last) = self.step(&mut kept, key.clone(), r);
                 point(&key, &last);
+                rates.0.push(live);
+                rates.1.push(last);
                 backend_pps.insert((name.clone(), b.id.clone()), live.pps);
                 let mut v = view(b, dp);
                 v["figures"] = live.json();
@@ -278,7 +286,12 @@ impl Inner {
                 backends.push(v);
             }
             let key = format!("u/{name}");
-            let (live, last) = self.step(&mut kept, key.clone(), sum);
+            let (mut live, mut last) = self.step(&mut kept, key.clone(), sum);
+            // Rates are the backends' own: a removed backend's totals leaving the sum must not
+            // read as a fall in traffic. Quantiles come from the summed histograms.
+            for (f, of) in [(&mut live, &rates.0), (&mut last, &rates.1)] {
+                (f.rate, f.e4, f.e5) = of.iter().fold((0.0, 0.0, 0.0), |a, b| (a.0 + b.rate, a.1 + b.e4, a.2 + b.e5));
+            }
             point(&key, &last);
             upstreams.push(json!({ "name": name, "figures": live.json(), "backends": backends }));
         }

@@ -76,6 +76,7 @@ impl Spliced {
             Err(end) => return end,
         };
         tracing::debug!("splice: a receiver fell behind; the flow is copied from here on");
+        self.spliced = None;
         let open = (!self.up.done, !self.down.done);
         copy_on(client, upstream, open, self.policy.one_way, self.closer.clone(), self.policy.idle).await
     }

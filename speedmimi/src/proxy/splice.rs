@@ -104,8 +104,9 @@ pub(super) struct Spliced {
     pub(super) policy: Policy,
     activity: Activity,
     tally: Tally,
-    /// Counts the flow among its backend's spliced ones while it is spliced.
-    _open: Gauge,
+    /// Counts the flow among its backend's spliced ones while it is spliced (let go when the
+    /// flow leaves the kernel path to be copied).
+    pub(super) spliced: Option<Gauge>,
     /// False once parking this flow failed (no parking lot in this process, or its epoll refused
     /// the sockets): the flow stays with tokio for the rest of its life.
     parkable: bool,
@@ -248,7 +249,7 @@ pub async fn start(
         down: Direction::new(pair.b, ca, down_prefix),
         policy,
         activity: Activity::new(policy.idle),
-        _open: Gauge::hold(tally.guard.backend(), |b| &b.spliced_open),
+        spliced: Some(Gauge::hold(tally.guard.backend(), |b| &b.spliced_open)),
         tally,
         parkable: true,
     })))
