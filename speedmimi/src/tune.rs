@@ -1,8 +1,9 @@
 //! `speedmimi tune`: the kernel settings a busy load balancer wants, each with one line of why.
 //! It prints what it would change (the default) and changes it only with `--apply`: the live
 //! value under /proc/sys and a file in /etc/sysctl.d so a reboot keeps it. It only ever raises
-//! a value (or widens a range): a host tuned further already is left alone, so running it twice
-//! changes nothing the second time.
+//! an amount (or widens a range): a host tuned further already is left alone, and its values are
+//! not written into our file. Modes (`tcp_tw_reuse`) are set to exactly the one wanted. Running it
+//! twice changes nothing the second time.
 
 use std::{
     fmt::Write as _,
@@ -34,8 +35,9 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         key: "net.ipv4.ip_local_port_range",
-        want: &[1024, 65535],
-        why: "source ports for connections to backends: ~64k per backend address instead of ~28k",
+        want: &[10_000, 65535],
+        why: "source ports for connections to backends: ~55k per backend address instead of ~28k, \
+              from 10000 up to keep clear of services' own ports",
         exact: false,
     },
     Setting {
@@ -176,6 +178,11 @@ pub fn apply(host: &Host, findings: &[Finding], root: bool) -> Result<usize, Tun
     for f in findings {
         let Some(current) = &f.current else { continue };
         let value = f.change.as_ref().unwrap_or(current);
+        // Ours: what we change now, or set on an earlier run. A value the host has beyond ours is
+        // the operator's, kept out of our file.
+        if value != f.setting.want {
+            continue;
+        }
         let _ = writeln!(conf, "# {}\n{} = {}", f.setting.why, f.setting.key, show(value));
         if let Some(t) = &f.change {
             write(&path_of(&host.sysctl, f.setting.key), &show(t))?;
@@ -200,8 +207,8 @@ mod tests {
     fn values_are_only_raised_and_ranges_only_widened() {
         assert_eq!(target(&[65535], &[4096]), [65535]);
         assert_eq!(target(&[65535], &[100_000]), [100_000]);
-        assert_eq!(target(&[1024, 65535], &[32768, 60999]), [1024, 65535]);
-        assert_eq!(target(&[1024, 65535], &[500, 65535]), [500, 65535]);
+        assert_eq!(target(&[10_000, 65535], &[32768, 60999]), [10_000, 65535]);
+        assert_eq!(target(&[10_000, 65535], &[500, 65535]), [500, 65535]);
         assert_eq!(target(&[4096, 131_072, 16_777_216], &[4096, 131_072, 6_291_456]), [4096, 131_072, 16_777_216]);
     }
 }

@@ -12,6 +12,12 @@ pub fn find_or_install(program: &str, package: &str, installed: impl FnOnce()) -
     if let Some(path) = find(program) {
         return Ok(path);
     }
+    // Tests of one binary run in parallel threads; two apt-gets at once fight over dpkg's lock.
+    static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = APT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = find(program) {
+        return Ok(path);
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(format!("{program} is not installed, and installing {package} needs root"));
