@@ -100,6 +100,10 @@ impl DemoKnobs {
 }
 
 fn main() -> ExitCode {
+    // SIGUSR1 (log rotation) would end the process by default until the daemon's handler is
+    // installed; ignored until then, so a logrotate during startup costs nothing.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no memory-safety preconditions.
+    unsafe { libc::signal(libc::SIGUSR1, libc::SIG_IGN) };
     telemetry::init();
     let cli = Cli::parse();
     if cli.check {
