@@ -27,7 +27,7 @@ pub mod upstream;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::Semaphore};
 
 use crate::{
     config::Config,
@@ -277,41 +277,22 @@ fn spawn_steering_checker(steering: Arc<steering::Steering>, shutdown: Shutdown)
 
 /// SIGHUP: re-read the config file and apply it through the same path as the admin API.
 fn spawn_reloader(state: Arc<State>, path: PathBuf, shutdown: Shutdown) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; reload through the admin API only");
-        return;
-    };
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = hup.recv() => {}
-                _ = shutdown.wait() => return,
-            }
-            match reload(&state, &path) {
-                Ok(applied) => tracing::info!(path = %path.display(), ?applied, "config reloaded"),
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "reload rejected; the running config stays")
-                }
-            }
+    let unavailable = "cannot listen for SIGHUP; reload through the admin API only";
+    on_signal(SignalKind::hangup(), unavailable, shutdown, move || {
+        match reload(&state, &path) {
+            Ok(applied) => tracing::info!(path = %path.display(), ?applied, "config reloaded"),
+            Err(e) => tracing::error!(path = %path.display(), error = %e, "reload rejected; the running config stays"),
         }
+        std::future::ready(())
     });
 }
 
 /// SIGUSR1: reopen the access log file (after logrotate renamed it), as nginx does.
 fn spawn_log_reopener(state: Arc<State>, shutdown: Shutdown) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-        tracing::warn!("cannot listen for SIGUSR1; the access log cannot be reopened");
-        return;
-    };
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = usr1.recv() => {}
-                _ = shutdown.wait() => return,
-            }
-            let st = state.clone();
+    let unavailable = "cannot listen for SIGUSR1; the access log cannot be reopened";
+    on_signal(SignalKind::user_defined1(), unavailable, shutdown, move || {
+        let st = state.clone();
+        async move {
             // Blocking: it waits for the writer to take the reopen behind the queued lines.
             match tokio::task::spawn_blocking(move || st.access_log.as_ref().map(|l| l.reopen())).await {
                 Ok(Some(Ok(()))) => tracing::info!("access log reopened"),
@@ -321,6 +302,28 @@ fn spawn_log_reopener(state: Arc<State>, shutdown: Shutdown) {
                 Ok(None) => tracing::info!("SIGUSR1: no access log to reopen"),
                 Err(e) => tracing::error!(error = %e, "access log reopen failed"),
             }
+        }
+    });
+}
+
+/// Runs `act` for each `kind` signal until shutdown; logs `unavailable` when the signal cannot
+/// be listened for.
+fn on_signal<F, Fut>(kind: SignalKind, unavailable: &'static str, shutdown: Shutdown, mut act: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let Ok(mut signals) = tokio::signal::unix::signal(kind) else {
+        tracing::warn!("{unavailable}");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = signals.recv() => {}
+                _ = shutdown.wait() => return,
+            }
+            act().await;
         }
     });
 }
