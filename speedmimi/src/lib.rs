@@ -137,7 +137,8 @@ pub async fn run_with(
     let follower = steering.clone().map(|s| s as Arc<dyn state::SnapshotFollower>);
     let state = Arc::new(State::with_follower(config, datapath, follower)?);
     health::spawn(state.clone(), shutdown.clone());
-    let history = Arc::new(admin::history::History::default());
+    // The dashboard's history only where there is an admin listener to show it.
+    let history = listeners.admin.as_ref().map(|_| Arc::new(admin::history::History::default()));
     spawn_sampler(state.clone(), history.clone(), steering.clone(), shutdown.clone());
     spawn_pool_reaper(state.clone(), shutdown.clone());
     if let Some(steering) = steering {
@@ -185,7 +186,7 @@ pub async fn run_with(
         let limit = Admission { slots: Arc::new(Semaphore::new(max_conn)), per_client };
         tasks.spawn(proxy::serve(grpc, state.clone(), Listener::Grpc, limit, shutdown.clone()));
     }
-    if let Some(admin) = listeners.admin {
+    if let (Some(admin), Some(history)) = (listeners.admin, history) {
         tracing::info!(addr = ?admin.local_addr().ok(), auth = admin_token.is_some(), "admin API listening");
         let router = admin::router(state.clone(), admin_token, history);
         let stop = shutdown.clone();
@@ -210,11 +211,11 @@ pub async fn run_with(
 }
 
 /// Once a second, off the request path: remembers request counts for the rate windows, and
-/// takes the dashboard's tick. At shutdown it ends the dashboard's streams, which would
+/// takes the dashboard's tick (with an admin listener). At shutdown it ends the dashboard's streams, which would
 /// otherwise hold the admin listener's graceful stop.
 fn spawn_sampler(
     state: Arc<State>,
-    history: Arc<admin::history::History>,
+    history: Option<Arc<admin::history::History>>,
     steering: Option<Arc<steering::Steering>>,
     shutdown: Shutdown,
 ) {
@@ -232,9 +233,13 @@ fn spawn_sampler(
                     b.traffic.sample();
                 }
             }
-            history.sample(&state, steering.as_deref());
+            if let Some(h) = &history {
+                h.sample(&state, steering.as_deref());
+            }
         }
-        history.close();
+        if let Some(h) = &history {
+            h.close();
+        }
     });
 }
 
