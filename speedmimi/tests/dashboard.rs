@@ -231,7 +231,8 @@ async fn the_page_loads_and_the_data_needs_the_token() {
 /// the API's error. Screenshots go to the test's target directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_and_undrain_from_the_page_in_chromium() {
-    let Some(chromium) = browser::chromium_or_skip("drain_and_undrain_from_the_page_in_chromium") else { return };
+    let test = "drain_and_undrain_from_the_page_in_chromium";
+    let Some(chromium) = support::packages::required(test, "chromium", "chromium") else { return };
     let (a, b) = (Origin::start("a").await, Origin::start("b").await);
     // SAFETY: no other thread reads this variable.
     unsafe { std::env::set_var("SM_DASHBOARD_TOKEN_B", "open-sesame") };

@@ -10,7 +10,7 @@ use std::{path::Path, process::Command, time::Duration};
 use support::{
     Origin,
     daemon::{Daemon, free_ports},
-    packages::find_or_install,
+    packages::required,
     root_or_skip,
     tls::TempDir,
 };
@@ -22,22 +22,11 @@ fn unit_here(dir: &TempDir) -> std::path::PathBuf {
     dir.write("speedmimi.service", &UNIT.replace("/usr/local/bin/speedmimi", env!("CARGO_BIN_EXE_speedmimi")))
 }
 
-fn systemd_analyze() -> Option<std::path::PathBuf> {
-    match find_or_install("systemd-analyze", "systemd", || {}) {
-        Ok(p) => Some(p),
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("no systemd-analyze, and CI must run this: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-    }
-}
-
 #[test]
 fn the_unit_verifies_and_scores_as_hardened() {
-    let Some(analyze) = systemd_analyze() else { return };
+    let Some(analyze) = required("the_unit_verifies_and_scores_as_hardened", "systemd-analyze", "systemd") else {
+        return;
+    };
     let dir = TempDir::new();
     let unit = unit_here(&dir);
     let out = Command::new(&analyze).arg("verify").arg(&unit).output().unwrap();
@@ -288,11 +277,7 @@ fn the_container_image_builds_and_its_binary_runs() {
     if !root_or_skip("the_container_image_builds_and_its_binary_runs") {
         return;
     }
-    let podman = match find_or_install("podman", "podman", || {}) {
-        Ok(p) => p,
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("no podman, and CI must run this: {e}"),
-        Err(e) => return eprintln!("skipping: {e}"),
-    };
+    let Some(podman) = required("the_container_image_builds_and_its_binary_runs", "podman", "podman") else { return };
     let run = |args: &[&str], input: Option<&Path>| {
         let mut cmd = Command::new(&podman);
         cmd.args(args);

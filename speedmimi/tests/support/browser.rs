@@ -18,21 +18,6 @@ use super::tls::TempDir;
 /// How long one DevTools command may take.
 const CALL_WITHIN: Duration = Duration::from_secs(20);
 
-/// Chromium's path: installed from Debian's `chromium` when missing and running as root. Without
-/// it: under CI=true a panic (CI must run browser tests), elsewhere None and a printed reason.
-pub fn chromium_or_skip(test: &str) -> Option<std::path::PathBuf> {
-    match super::packages::find_or_install("chromium", "chromium", || {}) {
-        Ok(path) => Some(path),
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("{test}: no Chromium, and CI must run it: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping {test}: {e}");
-            None
-        }
-    }
-}
-
 /// A headless Chromium with one page under our control. Fields drop in order: the browser's
 /// processes die before its profile is removed.
 pub struct Browser {

@@ -29,6 +29,21 @@ pub fn find_or_install(program: &str, package: &str, installed: impl FnOnce()) -
     find(program).ok_or_else(|| format!("apt-get installed {package}, but no {program} is on PATH or in /usr/sbin"))
 }
 
+/// `program` for `test`, found or installed: without it, under CI=true a panic (CI must run the
+/// test), elsewhere None and a printed reason to skip.
+pub fn required(test: &str, program: &str, package: &str) -> Option<PathBuf> {
+    match find_or_install(program, package, || {}) {
+        Ok(path) => Some(path),
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: no {program}, and CI must run it: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping {test}: {e}");
+            None
+        }
+    }
+}
+
 fn find(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
