@@ -126,10 +126,7 @@ fn measure(object: &Path, flows: u32, samples: u32) -> anyhow::Result<Row> {
         pin_to(cpu)?;
         for i in flows / cpus * cpu..if cpu + 1 == cpus { flows } else { flows / cpus * (cpu + 1) } {
             Frames::flow(&mut frames.syn, i);
-            let r = test_run(prog, &frames.syn, &ctx, 1)?;
-            if r.return_value != XDP_REDIRECT {
-                bail!("the SYN of flow {i} was not redirected (verdict {})", r.return_value);
-            }
+            redirected(prog, &frames.syn, &ctx, "a new flow's SYN")?;
         }
     }
     let fill_secs = started.elapsed().as_secs_f64();
@@ -144,11 +141,7 @@ fn measure(object: &Path, flows: u32, samples: u32) -> anyhow::Result<Row> {
         x ^= x >> 7;
         x ^= x << 17;
         Frames::flow(&mut frames.ack, (x % u64::from(flows)) as u32);
-        let r = test_run(prog, &frames.ack, &ctx, 1)?;
-        if r.return_value != XDP_REDIRECT {
-            bail!("an established flow's ACK was not redirected (verdict {})", r.return_value);
-        }
-        total += r.duration.as_nanos();
+        total += redirected(prog, &frames.ack, &ctx, "an established flow's ACK")?;
     }
     let hit_ns = total as f64 / f64::from(samples);
     let hit_misses = new_flows()? - before;
@@ -160,14 +153,19 @@ fn measure(object: &Path, flows: u32, samples: u32) -> anyhow::Result<Row> {
     let mut total = 0u128;
     for i in 0..samples {
         Frames::flow(&mut frames.ack, flows + i);
-        let r = test_run(prog, &frames.ack, &ctx, 1)?;
-        if r.return_value != XDP_REDIRECT {
-            bail!("a new flow's ACK was not redirected (verdict {})", r.return_value);
-        }
-        total += r.duration.as_nanos();
+        total += redirected(prog, &frames.ack, &ctx, "an unknown flow's ACK")?;
     }
     let miss_ns = total as f64 / f64::from(samples);
     Ok(Row { flows, fill_secs, hit_ns, hit_misses, hot_ns, miss_ns, table_bytes: lru_memlock(flows)? })
+}
+
+/// One test run of `frame`, which must be redirected; the kernel-measured ns it took.
+fn redirected(prog: &Xdp, frame: &[u8], ctx: &[u8], what: &str) -> anyhow::Result<u128> {
+    let r = test_run(prog, frame, ctx, 1)?;
+    if r.return_value != XDP_REDIRECT {
+        bail!("{what} was not redirected (verdict {})", r.return_value);
+    }
+    Ok(r.duration.as_nanos())
 }
 
 /// Moves the calling thread to `cpu` (test runs execute on the caller's CPU).
