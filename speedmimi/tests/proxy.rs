@@ -371,10 +371,18 @@ async fn keep_alive_reuses_upstream_connections() {
     let o = Origin::start("b1").await;
     // Idle connections are pooled per worker; with one worker the count is exact.
     let proxy = Proxy::start(&one_route(&o.yaml(100), "round_robin", "  workers: 1\n")).await;
-    let c = client();
+    // One client connection: a pooling client may open a second one while it puts the first
+    // back, and the second may be served before the first's upstream connection is returned.
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.expect("handshake");
+    tokio::spawn(conn);
     for _ in 0..50 {
-        let (status, _, _) = get(&c, &proxy.url("/"), &[]).await;
-        assert_eq!(status, StatusCode::OK);
+        let req = http::Request::get("/").header("host", "test").body(http_body_util::Empty::<bytes::Bytes>::new());
+        sender.ready().await.expect("the connection takes the next request");
+        let resp = sender.send_request(req.unwrap()).await.expect("request through the proxy");
+        assert_eq!(resp.status(), StatusCode::OK);
+        http_body_util::BodyExt::collect(resp.into_body()).await.expect("body");
     }
     assert_eq!(o.requests(), 50);
     assert_eq!(o.connections(), 1, "sequential requests should share one pooled upstream connection");
