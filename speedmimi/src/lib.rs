@@ -189,13 +189,7 @@ pub async fn run_with(
     if let (Some(admin), Some(history)) = (listeners.admin, history) {
         tracing::info!(addr = ?admin.local_addr().ok(), auth = admin_token.is_some(), "admin API listening");
         let router = admin::router(state.clone(), admin_token, history);
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let served = axum::serve(admin, router).with_graceful_shutdown(async move { stop.wait().await });
-            if let Err(e) = served.await {
-                tracing::error!(error = %e, "admin API stopped");
-            }
-        });
+        tasks.spawn(admin::serve(admin, router, state.clone(), shutdown.clone()));
     }
     while tasks.join_next().await.is_some() {}
     // Upgraded flows are not HTTP exchanges a graceful stop waits for: close them now.

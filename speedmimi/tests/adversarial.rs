@@ -23,7 +23,7 @@ use support::{
     EmptyBody, Proxy, backend_yaml,
     haproxy::{self, HaProxy},
     logging::{LoggingBackend, Reply, Seen},
-    one_route,
+    one_route, read_to_close,
     tls::{Ca, TempDir, ssl_yaml, tls_connect},
 };
 use tokio::{
@@ -776,19 +776,6 @@ enum Ending {
     Timeout408,
     /// Closed; what was written (h2 SETTINGS, GOAWAY) does not matter.
     Closed,
-}
-
-/// Reads until the peer closes; returns what it sent, or None if it was still open at `deadline`.
-async fn read_to_close(s: &mut (impl AsyncReadExt + Unpin), deadline: Instant) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(out),
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-        }
-    }
 }
 
 fn check_ending(name: &str, got: Option<Vec<u8>>, want: Ending) -> Result<(), String> {

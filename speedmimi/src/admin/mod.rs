@@ -7,6 +7,7 @@ mod config;
 mod dashboard;
 pub mod history;
 pub mod metrics;
+mod serve;
 mod stats;
 
 use std::sync::{Arc, atomic::AtomicUsize};
@@ -22,6 +23,7 @@ use axum::{
 use serde_json::json;
 
 use self::history::History;
+pub use self::serve::serve;
 use crate::state::{State, StateError};
 
 /// What the handlers share.

@@ -12,7 +12,7 @@ pub(crate) mod framing;
 pub(crate) mod h1;
 pub mod headers;
 pub(crate) mod idle;
-mod io;
+pub(crate) mod io;
 mod park;
 pub mod server;
 pub(crate) mod service;

@@ -94,14 +94,9 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, kind: Listener, adm
             _ = shutdown.wait() => break,
         };
         let (mut stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            r = accept(&listener) => match r {
+                Some(x) => x,
+                None => continue,
             },
             _ = shutdown.wait() => break,
         };
@@ -165,6 +160,19 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, kind: Listener, adm
     // Every open connection holds a permit: having them all back means all have finished.
     if tokio::time::timeout(drain + DRAIN_SLACK, limit.acquire_many(max_conn)).await.is_err() {
         tracing::warn!(listener = ?kind, "connections still open {:?} after the drain time", DRAIN_SLACK);
+    }
+}
+
+/// The next connection, or None after a failed accept (EMFILE and friends) and a short back-off
+/// instead of a spin.
+pub(crate) async fn accept(listener: &TcpListener) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    match listener.accept().await {
+        Ok(x) => Some(x),
+        Err(e) => {
+            tracing::warn!(listener = ?listener.local_addr().ok(), error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
     }
 }
 
@@ -284,7 +292,7 @@ impl Conn {
 }
 
 /// A hyper server connection that can be asked to finish its requests and close.
-trait Graceful: Future<Output = hyper::Result<()>> {
+pub(crate) trait Graceful: Future<Output = hyper::Result<()>> {
     fn graceful(self: std::pin::Pin<&mut Self>);
 }
 
@@ -319,7 +327,7 @@ where
 /// most `drain`; when
 /// `idle` resolves (no stream open for the idle time), tells it to go away and gives it
 /// `GOAWAY_GRACE` to do so.
-async fn drive<C: Graceful>(
+pub(crate) async fn drive<C: Graceful>(
     conn: C,
     shutdown: &Shutdown,
     drain: Duration,

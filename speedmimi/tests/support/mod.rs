@@ -263,6 +263,19 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads until the peer closes; returns what it sent, or None if it was still open at `deadline`.
+pub async fn read_to_close(s: &mut (impl AsyncReadExt + Unpin), deadline: tokio::time::Instant) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(out),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// An empty-bodied request type for h2 clients.
 pub type EmptyBody = Empty<Bytes>;
 
