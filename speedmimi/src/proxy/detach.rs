@@ -25,13 +25,10 @@ use std::{io, os::fd::AsFd, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use speedmimi_common::splice::Control;
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
-    net::TcpStream,
-    sync::watch,
-};
+use tokio::{io::AsyncReadExt, net::TcpStream, sync::watch};
 
 use super::{
+    copy::half,
     idle::{Clock, Stamped},
     splice::{Direction, End, Sockets, Spliced, grow_sndbuf, reset, set_sndbuf, settle, wait_flushed, write_now},
 };
@@ -55,9 +52,6 @@ const SETTLE: Duration = Duration::from_millis(2);
 /// Receive buffer of a flow's sockets once it is copied (the kernel doubles it): what a sender
 /// can have accepted and not yet read on each socket.
 const COPY_RCVBUF: usize = 2 << 20;
-
-/// Copy buffer per direction once the flow is copied (as for flows copied from the start).
-const COPY_BUF: usize = 64 * 1024;
 
 /// Bytes read from one side of a flow and not yet written to the other (what `pump` could not
 /// write when a receiver fell behind); leaving the kernel path writes them first.
@@ -265,7 +259,7 @@ async fn copy_on(
                 let mut cr = cr;
                 let mut probe = [0u8; 1];
                 tokio::select! {
-                    r = down => r.map_or(End::Reset, |()| End::Closed),
+                    r = down => r.map_or(End::Reset, |_| End::Closed),
                     r = cr.read(&mut probe) => if matches!(r, Ok(0)) { End::Closed } else { End::Reset },
                 }
             } else {
@@ -284,19 +278,4 @@ async fn copy_on(
         reset(&upstream);
     }
     end
-}
-
-/// One direction of a copied flow: everything until EOF, then a shutdown of the writer (nothing
-/// when the direction had already ended).
-async fn half<R, W>(rd: R, mut wr: W, open: bool) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    if !open {
-        return Ok(());
-    }
-    let mut rd = BufReader::with_capacity(COPY_BUF, rd);
-    tokio::io::copy_buf(&mut rd, &mut wr).await?;
-    wr.shutdown().await
 }

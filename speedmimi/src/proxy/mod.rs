@@ -5,6 +5,7 @@
 mod activity;
 pub mod admission;
 pub mod body;
+mod copy;
 mod detach;
 mod error;
 mod forward;

@@ -218,9 +218,8 @@ async fn copy_one_way(
     let (mut cl_rd, mut cl_wr) = client.split();
     let mut probe = [0u8; 1];
     tokio::select! {
-        _ = tokio::io::copy(&mut up_rd, &mut cl_wr) => {
-            let _ = cl_wr.shutdown().await;
-        }
+        // `half` shuts the client's side down at the stream's end.
+        _ = super::copy::half(&mut up_rd, &mut cl_wr, true) => {}
         _ = cl_rd.read(&mut probe) => {}
         _ = closer.changed() => {}
         _ = clock.expired(idle) => {}

@@ -25,6 +25,7 @@ use tokio::{
 
 use super::{
     body::{InFlight, ResponseBody},
+    copy::half,
     error,
     forward::{Answered, Exchange, Failure, forward},
     headers, idle,
@@ -39,9 +40,6 @@ use crate::{
     tls::Alpn,
     upstream::{RequestBody, UpstreamIo},
 };
-
-/// Copy buffer per direction: small enough for many idle flows.
-const COPY_BUF: usize = 64 * 1024;
 
 /// Relays an upgrade request: the handshake goes to a backend on a connection of its own; a 101
 /// joins the client and that connection, any other answer goes back as an ordinary response.
@@ -271,7 +269,8 @@ async fn copy<C>(
         if !upstream_ahead.is_empty() {
             client.write_all(&upstream_ahead).await?;
         }
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF).await
+        let ((cr, cw), (ur, uw)) = (tokio::io::split(client), tokio::io::split(upstream));
+        tokio::try_join!(half(cr, uw, true), half(ur, cw, true))
     };
     tokio::select! {
         r = copied => match r {
