@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::open_loop;
 
@@ -78,7 +78,8 @@ pub enum Role {
         #[arg(long)]
         flows: usize,
     },
-    /// `flows` idle flows: prints `ready` once all are upgraded, holds them until stdin closes.
+    /// `flows` idle flows, opened many at a time: prints `ready <upgraded> <failed> <ms>`, answers
+    /// `check` with `alive <n>`, holds them until stdin closes.
     Idle {
         #[arg(long)]
         port: u16,
@@ -258,27 +259,53 @@ fn connect(port: u16, mode: Mode) -> anyhow::Result<TcpStream> {
     let mut buf = [0u8; 512];
     loop {
         let n = s.read(&mut buf).context("read the 101 head")?;
-        if n == 0 {
-            bail!("connection to {port} closed before the 101 head");
-        }
         head.extend_from_slice(&buf[..n]);
-        if let Some(p) = find(&head, b"\r\n\r\n") {
-            let text = String::from_utf8_lossy(&head[..p]);
-            if !text.starts_with("HTTP/1.1 101") {
-                bail!("port {port} answered {:?} instead of 101", text.lines().next().unwrap_or(""));
-            }
-            if !has_header(&text, "sec-websocket-accept", WS_ACCEPT) {
-                bail!("port {port}: the 101 lacks Sec-WebSocket-Accept: {WS_ACCEPT}");
-            }
-            if p + 4 != head.len() {
-                bail!("port {port}: bytes followed the 101 head");
-            }
+        if upgraded(&head, n == 0, port)? {
             return Ok(s);
+        }
+    }
+}
+
+/// `connect` for many flows at once, on a tokio runtime.
+async fn connect_async(port: u16, mode: Mode) -> anyhow::Result<tokio::net::TcpStream> {
+    let mut s =
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.with_context(|| format!("connect to {port}"))?;
+    s.set_nodelay(true)?;
+    s.write_all(request(mode).as_bytes()).await.context("send the upgrade request")?;
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    loop {
+        let n = s.read(&mut buf).await.context("read the 101 head")?;
+        head.extend_from_slice(&buf[..n]);
+        if upgraded(&head, n == 0, port)? {
+            return Ok(s);
+        }
+    }
+}
+
+/// Whether `head` (what the proxy sent so far; `closed` once it closed) is a whole 101 with the
+/// right accept value and nothing after it; false while more is needed.
+fn upgraded(head: &[u8], closed: bool, port: u16) -> anyhow::Result<bool> {
+    let Some(p) = find(head, b"\r\n\r\n") else {
+        if closed {
+            bail!("connection to {port} closed before the 101 head");
         }
         if head.len() > 16 << 10 {
             bail!("port {port}: 101 head longer than 16 KiB");
         }
+        return Ok(false);
+    };
+    let text = String::from_utf8_lossy(&head[..p]);
+    if !text.starts_with("HTTP/1.1 101") {
+        bail!("port {port} answered {:?} instead of 101", text.lines().next().unwrap_or(""));
     }
+    if !has_header(&text, "sec-websocket-accept", WS_ACCEPT) {
+        bail!("port {port}: the 101 lacks Sec-WebSocket-Accept: {WS_ACCEPT}");
+    }
+    if p + 4 != head.len() {
+        bail!("port {port}: bytes followed the 101 head");
+    }
+    Ok(true)
 }
 
 fn ping(port: u16, count: usize, size: usize) -> anyhow::Result<()> {
@@ -355,13 +382,65 @@ fn push(port: u16, flows: usize) -> anyhow::Result<()> {
     })
 }
 
-fn idle(port: u16, flows: usize) -> anyhow::Result<()> {
-    let mut held = Vec::with_capacity(flows);
-    for i in 0..flows {
-        held.push(connect(port, Mode::Idle).with_context(|| format!("idle flow {i}"))?);
+/// The idle client's `ready <upgraded> <failed> <ms>` line, as numbers.
+pub fn parse_ready(line: &str) -> anyhow::Result<(usize, usize, u64)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    match f[..] {
+        ["ready", ok, failed, ms] => Ok((ok.parse()?, failed.parse()?, ms.parse()?)),
+        _ => bail!("the idle client said {line:?}, expected `ready <upgraded> <failed> <ms>`"),
     }
-    ready("ready")?;
-    wait_stdin_eof();
-    drop(held);
-    Ok(())
+}
+
+/// Opens `flows` idle flows, `IDLE_CONCURRENCY` at a time, each bounded by `IDLE_TIMEOUT`; prints
+/// `ready <upgraded> <failed> <ms>`. Then answers each `check` line with `alive <n>` (flows the
+/// proxy has not closed), and exits when stdin closes.
+fn idle(port: u16, flows: usize) -> anyhow::Result<()> {
+    const IDLE_CONCURRENCY: usize = 128;
+    const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let started = Instant::now();
+        let mut held = Vec::with_capacity(flows);
+        let mut failed = 0usize;
+        let mut first_error = None;
+        let (mut pending, mut started_flows) = (tokio::task::JoinSet::new(), 0);
+        loop {
+            while started_flows < flows && pending.len() < IDLE_CONCURRENCY {
+                pending.spawn(tokio::time::timeout(IDLE_TIMEOUT, connect_async(port, Mode::Idle)));
+                started_flows += 1;
+            }
+            let Some(r) = pending.join_next().await else { break };
+            match r? {
+                Ok(Ok(s)) => held.push(s),
+                Ok(Err(e)) => {
+                    failed += 1;
+                    first_error.get_or_insert_with(|| format!("{e:#}"));
+                }
+                Err(_) => {
+                    failed += 1;
+                    first_error.get_or_insert_with(|| format!("no 101 within {IDLE_TIMEOUT:?}"));
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            eprintln!("bench-peer idle: {failed} of {flows} flows failed, the first: {e}");
+        }
+        ready(&format!("ready {} {failed} {}", held.len(), started.elapsed().as_millis()))?;
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        while let Some(line) = lines.next_line().await? {
+            if line.trim() == "check" {
+                let mut buf = [0u8; 64];
+                let alive = held
+                    .iter()
+                    .filter(|s| match s.try_read(&mut buf) {
+                        Ok(n) => n > 0,
+                        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+                    })
+                    .count();
+                ready(&format!("alive {alive}"))?;
+            }
+        }
+        drop(held);
+        Ok(())
+    })
 }

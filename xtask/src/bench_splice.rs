@@ -21,13 +21,13 @@ use anyhow::{Context, bail};
 
 use crate::{
     bench::{self, Guard, LOAD_CORE, PROXY_CORE},
-    bench_probe, build_ebpf, workspace,
+    bench_peer, bench_probe, build_ebpf, workspace,
 };
 
-const PROXY_PORT: u16 = 18180;
+pub(crate) const PROXY_PORT: u16 = 18180;
 const BACKEND_PORT: u16 = 18181;
 const CONTROL_PORT: u16 = 18182;
-const ADMIN_PORT: u16 = 18183;
+pub(crate) const ADMIN_PORT: u16 = 18183;
 
 /// Options of one benchmark run.
 pub struct Options {
@@ -41,7 +41,7 @@ pub struct Options {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Proxy {
+pub(crate) enum Proxy {
     Direct,
     SpeedMimi { splice: bool },
     Nginx,
@@ -89,18 +89,10 @@ struct Sample {
 }
 
 pub fn splice(opts: &Options) -> anyhow::Result<()> {
-    if !workspace::is_root() {
-        bail!("the benchmark loads eBPF, installs nginx and haproxy with apt and pins processes: run it as root");
-    }
     if opts.rounds == 0 || opts.seconds == 0 || opts.pings == 0 || opts.streams == 0 || opts.idle_flows == 0 {
         bail!("--rounds, --seconds, --pings, --streams and --idle-flows must all be at least 1");
     }
-    workspace::ensure_packages(&["nginx", "haproxy"])?;
-    build_ebpf::build_ebpf(true).context("speedmimi-splice needs the eBPF object")?;
-    let bin = bench::build_release()?;
-    let dir = workspace::target_dir().join("bench");
-    fs::create_dir_all(&dir)?;
-    let exe = env::current_exe().context("locate the xtask binary")?;
+    let (bin, dir, exe) = prepare()?;
 
     let mut backend = Peer::spawn(
         &exe,
@@ -114,7 +106,9 @@ pub fn splice(opts: &Options) -> anyhow::Result<()> {
     let mut samples: Vec<Vec<Sample>> = TARGETS.iter().map(|_| Vec::new()).collect();
     for round in 0..opts.rounds {
         for (t, out) in TARGETS.iter().zip(samples.iter_mut()) {
-            let mut proxy = match start(t.proxy, &bin, &dir, &opts.splice_budget)? {
+            let setup =
+                Setup { name: "splice", backends: &[BACKEND_PORT], max_flows: 5_000, budget: &opts.splice_budget };
+            let mut proxy = match start(t.proxy, &bin, &dir, &setup)? {
                 Some(child) => {
                     let mut child = Guard(child);
                     workspace::wait_port(PROXY_PORT, &mut child.0)?;
@@ -162,6 +156,21 @@ pub fn splice(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the upgraded-flow benchmarks need first: root, nginx and HAProxy, the eBPF object and the
+/// release daemon. (daemon, the directory of configs and tables, this xtask binary)
+pub(crate) fn prepare() -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    if !workspace::is_root() {
+        bail!("the benchmark loads eBPF, installs nginx and haproxy with apt and pins processes: run it as root");
+    }
+    workspace::ensure_packages(&["nginx", "haproxy"])?;
+    build_ebpf::build_ebpf(true).context("speedmimi-splice needs the eBPF object")?;
+    let bin = bench::build_release()?;
+    let dir = workspace::target_dir().join("bench");
+    fs::create_dir_all(&dir)?;
+    let exe = env::current_exe().context("locate the xtask binary")?;
+    Ok((bin, dir, exe))
+}
+
 fn measure(
     t: &Target,
     port: u16,
@@ -200,7 +209,7 @@ fn measure(
 }
 
 /// (1) One flow, 1 KiB ping-pong: (p50, p99) in µs.
-fn ping(exe: &Path, port: u16, pings: usize) -> anyhow::Result<(f64, f64)> {
+pub(crate) fn ping(exe: &Path, port: u16, pings: usize) -> anyhow::Result<(f64, f64)> {
     let mut p = Peer::spawn(
         exe,
         "ping client",
@@ -279,7 +288,11 @@ fn idle(
     thread::sleep(Duration::from_millis(300));
     let before = root.map(rss_kib);
     let mut p = Peer::spawn(exe, "idle client", &["idle", "--port", &port.to_string(), "--flows", &flows.to_string()])?;
-    p.expect("ready", Duration::from_secs(30) + Duration::from_millis(5 * flows as u64))?;
+    let ready = p.line(Duration::from_secs(30) + Duration::from_millis(5 * flows as u64))?;
+    let (_, failed, _) = bench_peer::parse_ready(&ready)?;
+    if failed > 0 {
+        bail!("{failed} of {flows} idle flows through port {port} were not upgraded");
+    }
     thread::sleep(Duration::from_secs(1));
     let after = root.map(rss_kib);
     // Proof the flows really are spliced.
@@ -297,7 +310,7 @@ fn idle(
 }
 
 /// VmRSS summed over the process and its descendants, in KiB.
-fn rss_kib(root: u32) -> u64 {
+pub(crate) fn rss_kib(root: u32) -> u64 {
     bench::process_tree(root)
         .iter()
         .filter_map(|p| fs::read_to_string(format!("/proc/{p}/status")).ok())
@@ -310,7 +323,7 @@ fn rss_kib(root: u32) -> u64 {
 }
 
 /// A metric from SpeedMimi's `/metrics`, summed over its label sets (None when absent).
-fn metric(name: &str) -> anyhow::Result<Option<u64>> {
+pub(crate) fn metric(name: &str) -> anyhow::Result<Option<u64>> {
     bench_probe::admin_metric(ADMIN_PORT, name)
 }
 
@@ -335,15 +348,15 @@ impl Control {
 }
 
 /// A `bench-peer` child pinned to the load core, spoken to in lines; killed on drop.
-struct Peer {
+pub(crate) struct Peer {
     what: &'static str,
-    child: Guard,
+    pub(crate) child: Guard,
     stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
 }
 
 impl Peer {
-    fn spawn(exe: &Path, what: &'static str, args: &[&str]) -> anyhow::Result<Peer> {
+    pub(crate) fn spawn(exe: &Path, what: &'static str, args: &[&str]) -> anyhow::Result<Peer> {
         let mut child = Command::new("taskset")
             .args(["-c", LOAD_CORE])
             .arg(exe)
@@ -368,7 +381,7 @@ impl Peer {
         Ok(Peer { what, child, stdin, lines })
     }
 
-    fn line(&mut self, timeout: Duration) -> anyhow::Result<String> {
+    pub(crate) fn line(&mut self, timeout: Duration) -> anyhow::Result<String> {
         match self.lines.recv_timeout(timeout) {
             Ok(line) => Ok(line),
             Err(RecvTimeoutError::Timeout) => bail!("the {} said nothing within {timeout:?}", self.what),
@@ -390,7 +403,7 @@ impl Peer {
         Ok(())
     }
 
-    fn say(&mut self, line: &str) -> anyhow::Result<()> {
+    pub(crate) fn say(&mut self, line: &str) -> anyhow::Result<()> {
         let stdin = self.stdin.as_mut().context("peer stdin already closed")?;
         writeln!(stdin, "{line}")?;
         stdin.flush()?;
@@ -398,7 +411,7 @@ impl Peer {
     }
 
     /// Closes stdin (the peer exits on EOF) and gives it a moment; the guard kills it otherwise.
-    fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         drop(self.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -413,12 +426,26 @@ impl Peer {
 // ---------------------------------------------------------------------------------------------
 // Proxies
 
-fn start(proxy: Proxy, bin: &Path, dir: &Path, budget: &str) -> anyhow::Result<Option<std::process::Child>> {
+/// What a proxy under test is set up for: its backends (bench-peer backends on loopback), the
+/// flows it must hold, SpeedMimi's splice budget, and a name for its config files.
+pub(crate) struct Setup<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) backends: &'a [u16],
+    pub(crate) max_flows: u32,
+    pub(crate) budget: &'a str,
+}
+
+pub(crate) fn start(
+    proxy: Proxy,
+    bin: &Path,
+    dir: &Path,
+    setup: &Setup,
+) -> anyhow::Result<Option<std::process::Child>> {
     let child = match proxy {
         Proxy::Direct => return Ok(None),
-        Proxy::SpeedMimi { splice } => start_speedmimi(bin, dir, splice, budget)?,
-        Proxy::Nginx => start_nginx(dir)?,
-        Proxy::Haproxy { splice } => start_haproxy(dir, splice)?,
+        Proxy::SpeedMimi { splice } => start_speedmimi(bin, dir, splice, setup)?,
+        Proxy::Nginx => start_nginx(dir, setup)?,
+        Proxy::Haproxy { splice } => start_haproxy(dir, splice, setup)?,
     };
     Ok(Some(child))
 }
@@ -428,23 +455,36 @@ fn write_config(path: PathBuf, text: String) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn start_speedmimi(bin: &Path, dir: &Path, splice: bool, budget: &str) -> anyhow::Result<std::process::Child> {
+fn start_speedmimi(bin: &Path, dir: &Path, splice: bool, setup: &Setup) -> anyhow::Result<std::process::Child> {
+    let backends: String = setup
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            format!("    - id: b{}\n      host: 127.0.0.1\n      port: {port}\n      max_conn: 100000\n", i + 1)
+        })
+        .collect();
+    let Setup { name, max_flows, budget, .. } = setup;
     let config = write_config(
-        dir.join(if splice { "splice-speedmimi-splice.yaml" } else { "splice-speedmimi-copy.yaml" }),
+        dir.join(format!("{name}-speedmimi-{}.yaml", if splice { "splice" } else { "copy" })),
         format!(
-            "server:\n  host: 127.0.0.1\n  port: {PROXY_PORT}\n  workers: 1\nadmin:\n  host: 127.0.0.1\n  port: {ADMIN_PORT}\nbackends:\n  b:\n    - id: b1\n      host: 127.0.0.1\n      port: {BACKEND_PORT}\n      max_conn: 100000\nrouting:\n  all:\n    path: /\n    upstream: b\nebpf:\n  enabled: true\n  splice: {splice}\n  splice_budget: {budget}\n"
+            "server:\n  host: 127.0.0.1\n  port: {PROXY_PORT}\n  workers: 1\n  max_conn: {}\nadmin:\n  host: 127.0.0.1\n  port: {ADMIN_PORT}\nbackends:\n  b:\n{backends}routing:\n  all:\n    path: /\n    upstream: b\n    load_balancer: least_connections\nebpf:\n  enabled: true\n  splice: {splice}\n  splice_budget: {budget}\n",
+            max_flows.max(&10_000)
         ),
     )?;
     crate::bench::spawn_speedmimi(bin, &config, Some(PROXY_CORE))
 }
 
-fn start_nginx(dir: &Path) -> anyhow::Result<std::process::Child> {
+fn start_nginx(dir: &Path, setup: &Setup) -> anyhow::Result<std::process::Child> {
+    let servers: String = setup.backends.iter().map(|port| format!("    server 127.0.0.1:{port};\n")).collect();
+    // Each flow takes two of nginx's connections (client and upstream).
+    let connections = (2 * setup.max_flows + 100).max(10_000);
     // Upgrade headers as in nginx's WebSocket proxying docs.
     let config = write_config(
-        dir.join("splice-nginx.conf"),
+        dir.join(format!("{}-nginx.conf", setup.name)),
         format!(
-            "worker_processes 1;\nworker_rlimit_nofile 20000;\ndaemon off;\nmaster_process off;\npid {pid};\nerror_log stderr error;\nevents {{ worker_connections 10000; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n  server {{\n    listen 127.0.0.1:{PROXY_PORT};\n    location / {{\n      proxy_pass http://127.0.0.1:{BACKEND_PORT};\n      proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection $connection_upgrade;\n      proxy_set_header Host $host;\n      proxy_buffer_size 64k;\n      proxy_buffers 8 16k;\n      proxy_busy_buffers_size 64k;\n      proxy_read_timeout 1h;\n      proxy_send_timeout 1h;\n    }}\n  }}\n}}\n",
-            pid = dir.join("splice-nginx.pid").display(),
+            "worker_processes 1;\nworker_rlimit_nofile 20000;\ndaemon off;\nmaster_process off;\npid {pid};\nerror_log stderr error;\nevents {{ worker_connections {connections}; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n  upstream b {{\n    least_conn;\n{servers}  }}\n  server {{\n    listen 127.0.0.1:{PROXY_PORT} backlog=4096;\n    location / {{\n      proxy_pass http://b;\n      proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection $connection_upgrade;\n      proxy_set_header Host $host;\n      proxy_buffer_size 64k;\n      proxy_buffers 8 16k;\n      proxy_busy_buffers_size 64k;\n      proxy_read_timeout 1h;\n      proxy_send_timeout 1h;\n    }}\n  }}\n}}\n",
+            pid = dir.join(format!("{}-nginx.pid", setup.name)).display(),
             tmp = dir.display()
         ),
     )?;
@@ -456,12 +496,18 @@ fn start_nginx(dir: &Path) -> anyhow::Result<std::process::Child> {
         .context("start nginx")
 }
 
-fn start_haproxy(dir: &Path, splice: bool) -> anyhow::Result<std::process::Child> {
+fn start_haproxy(dir: &Path, splice: bool, setup: &Setup) -> anyhow::Result<std::process::Child> {
     let splice_opts = if splice { "  option splice-request\n  option splice-response\n" } else { "" };
+    // HAProxy refuses to start when its connections (two files each, and a few more) would need
+    // more files than the hard limit allows.
+    let maxconn = setup.max_flows.max(5_000).min((workspace::open_files_limit().saturating_sub(100) / 2) as u32);
+    let servers: String =
+        setup.backends.iter().enumerate().map(|(i, port)| format!("  server b{} 127.0.0.1:{port}\n", i + 1)).collect();
     let config = write_config(
-        dir.join(if splice { "splice-haproxy-splice.cfg" } else { "splice-haproxy.cfg" }),
+        dir.join(format!("{}-haproxy{}.cfg", setup.name, if splice { "-splice" } else { "" })),
         format!(
-            "global\n  nbthread 1\n  maxconn 5000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  timeout tunnel 1h\n{splice_opts}frontend f\n  bind 127.0.0.1:{PROXY_PORT}\n  default_backend b\nbackend b\n  server b1 127.0.0.1:{BACKEND_PORT}\n"
+            "global\n  nbthread 1\n  maxconn {}\ndefaults\n  mode http\n  maxconn {}\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  timeout tunnel 1h\n{splice_opts}frontend f\n  bind 127.0.0.1:{PROXY_PORT}\n  default_backend b\nbackend b\n  balance leastconn\n{servers}",
+            maxconn, maxconn
         ),
     )?;
     Command::new("taskset")

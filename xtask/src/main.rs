@@ -6,6 +6,7 @@ mod bench_h2c;
 mod bench_l4;
 mod bench_peer;
 mod bench_probe;
+mod bench_scale;
 mod bench_splice;
 mod build_ebpf;
 mod fuzz;
@@ -167,6 +168,15 @@ enum BenchKind {
         #[arg(long, default_value_t = 512)]
         connections: u64,
     },
+    /// Idle WebSocket flows ramped in steps through SpeedMimi (spliced and copied), HAProxy and
+    /// nginx until the first failed handshake: proxy RSS and kernel TCP memory per flow, time to
+    /// open, flows still open, a fresh flow's echo (`make test-million`).
+    Scale {
+        /// Cumulative flow counts (comma-separated, ascending). One proxy process holds at most
+        /// ~9,900 flows here (20,000 open files, two per flow): the last default step shows that ceiling.
+        #[arg(long, value_delimiter = ',', default_value = "1000,2500,5000,7500,9500,10500")]
+        steps: Vec<usize>,
+    },
     /// The XDP flow table at scale: l4_steer's LRU tables filled with each count of flows through
     /// BPF_PROG_TEST_RUN, ns per packet on hits and misses, and the tables' memory.
     Flows {
@@ -219,6 +229,10 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Bench { which: BenchKind::Balance { rounds, seconds, rate, delay_ms, connections } } => {
             bench_balance::balance(&bench_balance::Options { rounds, seconds, rate, delay_ms, connections })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { which: BenchKind::Scale { steps } } => {
+            bench_scale::scale(&bench_scale::Options { steps })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { which: BenchKind::Flows { sizes, samples } } => {

@@ -118,6 +118,17 @@ pub fn wait_port(port: u16, child: &mut Child) -> anyhow::Result<()> {
     bail!("nothing listens on port {port} after 10 s")
 }
 
+/// This process's hard limit of open files (`Max open files` in /proc/self/limits); 1024 when unread.
+pub fn open_files_limit() -> u64 {
+    fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            let line = l.lines().find(|l| l.starts_with("Max open files"))?.to_owned();
+            line.split_whitespace().nth(4)?.parse().ok()
+        })
+        .unwrap_or(1024)
+}
+
 /// utime + stime of the processes, in seconds.
 pub fn cpu_seconds(pids: &[u32]) -> f64 {
     let ticks = clock_ticks();
