@@ -1,8 +1,9 @@
 //! The admin listener, held to the same limits as the proxy's: at most `MAX_CONN` connections
 //! (one more is told 503 and closed), a request head within `server.read_timeout` (also the
 //! idle limit between requests), a request body within it too, a write that makes no progress
-//! for `server.write_timeout` fails (a dashboard stream whose reader stopped reading ends, with at
-//! most `SEND_BUFFER` of kernel memory held meanwhile), and a stop waits at most `server.drain_timeout` for calls in progress. Served with HTTP/1.1 only.
+//! for `server.write_timeout` fails (a dashboard stream whose reader stopped reading ends, with
+//! at most `SEND_BUFFER` of kernel memory held meanwhile), and a stop waits at most
+//! `server.drain_timeout` for calls in progress. Served with HTTP/1.1 only.
 
 use std::{sync::Arc, time::Duration};
 
