@@ -269,6 +269,9 @@ async fn copy<C>(
         if !upstream_ahead.is_empty() {
             client.write_all(&upstream_ahead).await?;
         }
+        // Even empty, these may be views of a connection's whole read buffer, which an idle flow
+        // would otherwise hold for its life.
+        drop((client_ahead, upstream_ahead));
         let ((cr, cw), (ur, uw)) = (tokio::io::split(client), tokio::io::split(upstream));
         tokio::try_join!(half(cr, uw, true), half(ur, cw, true))
     };
