@@ -14,6 +14,7 @@ pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;
+pub mod heap;
 pub mod preflight;
 pub mod proxy;
 pub mod shutdown;
@@ -141,6 +142,7 @@ pub async fn run_with(
     let history = listeners.admin.as_ref().map(|_| Arc::new(admin::history::History::default()));
     spawn_sampler(state.clone(), history.clone(), steering.clone(), shutdown.clone());
     spawn_pool_reaper(state.clone(), shutdown.clone());
+    heap::spawn_trimmer(shutdown.clone());
     if let Some(steering) = steering {
         spawn_steering_checker(steering, shutdown.clone());
     }
