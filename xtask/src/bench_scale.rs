@@ -5,7 +5,7 @@
 //! process meets the per-process file limit first) run on core 1. Per step: flows upgraded and
 //! failed, time to open the step, flows still open, the proxy's RSS and file descriptors per
 //! flow, the kernel's TCP memory per flow (/proc/net/sockstat: all four sockets of a flow), and
-//! a fresh echo flow's round trips.
+//! a fresh echo flow's round trips, all measured `SETTLE` after the step's flows are open.
 
 use std::{
     fmt::Write as _,
@@ -28,6 +28,8 @@ use crate::{
 const BACKENDS: [(u16, u16); 2] = [(18181, 18182), (18184, 18185)];
 /// Idle flows one client process holds (one file each): far below the 20,000-file limit.
 const FLOWS_PER_CLIENT: usize = 4_000;
+/// The wait between opening a step's flows and measuring.
+const SETTLE: Duration = Duration::from_secs(12);
 /// Echo round trips of the sample flow at each step.
 const PINGS: usize = 200;
 
@@ -123,7 +125,9 @@ fn ramp(name: &str, exe: &Path, root: u32, speedmimi: bool, steps: &[usize]) -> 
             clients.push((p, ok));
         }
         let open_ms = started.elapsed().as_millis() as u64;
-        thread::sleep(Duration::from_secs(1));
+        // Idle flows are long-lived: measured once the proxy has settled (SpeedMimi returns free
+        // heap every 10 s; the peers keep their own schedules), the same wait for every proxy.
+        thread::sleep(SETTLE);
         let mut alive = 0;
         for (p, _) in &mut clients {
             p.say("check")?;
