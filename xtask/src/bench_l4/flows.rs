@@ -119,18 +119,28 @@ fn measure(object: &Path, flows: u32, samples: u32) -> anyhow::Result<Row> {
 
     // The tables keep per-CPU LRU lists (BPF_F_NO_COMMON_LRU): each CPU inserts into its own share of the
     // entries, max_entries / CPUs. Filled from one CPU, half of a two-CPU table was evicted again (measured);
-    // a NIC's receive queues spread flows over the CPUs, so each CPU opens its share here.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    // a NIC's receive queues spread flows over the CPUs, so each online CPU opens its share here. The kernel
+    // divides by the possible CPUs: where some are offline, their shares stay empty (reported).
+    let online = aya::util::online_cpus().map_err(|(path, e)| anyhow::anyhow!("{path}: {e}"))?;
+    let possible = aya::util::nr_cpus().map_err(|(path, e)| anyhow::anyhow!("{path}: {e}"))?;
+    if online.len() < possible {
+        println!(
+            "bench: {} of {possible} possible CPUs online: the tables hold at most {}% of their entries",
+            online.len(),
+            online.len() * 100 / possible
+        );
+    }
+    let n = online.len() as u32;
     let started = Instant::now();
-    for cpu in 0..cpus {
+    for (k, &cpu) in (0u32..).zip(&online) {
         pin_to(cpu)?;
-        for i in flows / cpus * cpu..if cpu + 1 == cpus { flows } else { flows / cpus * (cpu + 1) } {
+        for i in flows / n * k..if k + 1 == n { flows } else { flows / n * (k + 1) } {
             Frames::flow(&mut frames.syn, i);
             redirected(prog, &frames.syn, &ctx, "a new flow's SYN")?;
         }
     }
     let fill_secs = started.elapsed().as_secs_f64();
-    pin_to(0)?;
+    pin_to(online[0])?;
 
     // Hits: established flows in a fixed pseudo-random order (the same for every size).
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
