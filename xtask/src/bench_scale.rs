@@ -4,8 +4,9 @@
 //! backends and the idle clients (at most `FLOWS_PER_CLIENT` flows per process, so no load
 //! process meets the per-process file limit first) run on core 1. Per step: flows upgraded and
 //! failed, time to open the step, flows still open, the proxy's RSS and file descriptors per
-//! flow, the kernel's TCP memory per flow (/proc/net/sockstat: all four sockets of a flow), and
-//! a fresh echo flow's round trips, all measured `SETTLE` after the step's flows are open.
+//! flow, the kernel's TCP buffer memory (/proc/net/sockstat) and slab (/proc/meminfo) per flow
+//! (all four sockets of a flow), and a fresh echo flow's round trips, all measured `SETTLE`
+//! after the step's flows are open.
 
 use std::{
     fmt::Write as _,
@@ -109,7 +110,7 @@ fn ramp(name: &str, exe: &Path, root: u32, speedmimi: bool, steps: &[usize]) -> 
     thread::sleep(Duration::from_millis(500));
     let (rss0, tcp0, slab0) = (bench_splice::rss_kib(root), tcp_mem_kib()?, slab_kib()?);
     let port = bench_splice::PROXY_PORT.to_string();
-    let mut clients: Vec<(Peer, usize)> = Vec::new();
+    let mut clients: Vec<Peer> = Vec::new();
     let mut out = Vec::new();
     let (mut upgraded, mut failed) = (0, 0);
     for &want in steps {
@@ -122,14 +123,14 @@ fn ramp(name: &str, exe: &Path, root: u32, speedmimi: bool, steps: &[usize]) -> 
             let (ok, bad, _) = bench_peer::parse_ready(&line)?;
             upgraded += ok;
             failed += bad;
-            clients.push((p, ok));
+            clients.push(p);
         }
         let open_ms = started.elapsed().as_millis() as u64;
         // Idle flows are long-lived: measured once the proxy has settled (SpeedMimi returns free
         // heap every 10 s; the peers keep their own schedules), the same wait for every proxy.
         thread::sleep(SETTLE);
         let mut alive = 0;
-        for (p, _) in &mut clients {
+        for p in &mut clients {
             p.say("check")?;
             let line = p.line(Duration::from_secs(10))?;
             alive += line.strip_prefix("alive ").and_then(|n| n.parse::<usize>().ok()).context("alive count")?;
@@ -166,7 +167,7 @@ fn ramp(name: &str, exe: &Path, root: u32, speedmimi: bool, steps: &[usize]) -> 
             break;
         }
     }
-    for (p, _) in clients {
+    for p in clients {
         p.finish();
     }
     Ok(out)
