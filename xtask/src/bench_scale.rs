@@ -6,7 +6,7 @@
 //! failed, time to open the step, flows still open, the proxy's RSS and file descriptors per
 //! flow, the kernel's TCP buffer memory (/proc/net/sockstat) and slab (/proc/meminfo) per flow
 //! (all four sockets of a flow), and a fresh echo flow's round trips, all measured `SETTLE`
-//! after the step's flows are open.
+//! after the step's flows are open, from a baseline taken after a warm-up burst.
 
 use std::{
     fmt::Write as _,
@@ -29,7 +29,9 @@ use crate::{
 const BACKENDS: [(u16, u16); 2] = [(18181, 18182), (18184, 18185)];
 /// Idle flows one client process holds (one file each): far below the 20,000-file limit.
 const FLOWS_PER_CLIENT: usize = 4_000;
-/// The wait between opening a step's flows and measuring.
+/// Flows opened and closed before the baseline.
+const WARMUP: usize = 1_000;
+/// The wait between opening a step's flows (or closing the warm-up's) and measuring.
 const SETTLE: Duration = Duration::from_secs(12);
 /// Echo round trips of the sample flow at each step.
 const PINGS: usize = 200;
@@ -107,9 +109,19 @@ pub fn scale(opts: &Options) -> anyhow::Result<()> {
 
 /// Ramps one proxy through the steps; stops after the first step with a failed handshake.
 fn ramp(name: &str, exe: &Path, root: u32, speedmimi: bool, steps: &[usize]) -> anyhow::Result<Vec<Step>> {
-    thread::sleep(Duration::from_millis(500));
-    let (rss0, tcp0, slab0) = (bench_splice::rss_kib(root), tcp_mem_kib()?, slab_kib()?);
     let port = bench_splice::PROXY_PORT.to_string();
+    // Warm-up: a burst of flows opened and closed, then the settle time, before the baseline. The
+    // proxy's allocator has then seen a burst of handshakes and given back what it gives back
+    // (SpeedMimi's heap trim would otherwise also return free heap left from startup during the
+    // first step, and make the flows look cheaper than they are).
+    let mut warm = Peer::spawn(exe, "idle client", &["idle", "--port", &port, "--flows", &WARMUP.to_string()])?;
+    let (_, bad, _) = bench_peer::parse_ready(&warm.line(Duration::from_secs(60))?)?;
+    if bad > 0 {
+        bail!("{bad} of the {WARMUP} warm-up flows failed");
+    }
+    warm.finish();
+    thread::sleep(SETTLE);
+    let (rss0, tcp0, slab0) = (bench_splice::rss_kib(root), tcp_mem_kib()?, slab_kib()?);
     let mut clients: Vec<Peer> = Vec::new();
     let mut out = Vec::new();
     let (mut upgraded, mut failed) = (0, 0);
