@@ -91,12 +91,6 @@ pub struct Host {
     pub conf: PathBuf,
 }
 
-impl Default for Host {
-    fn default() -> Self {
-        Host { sysctl: PathBuf::from("/proc/sys"), conf: PathBuf::from("/etc/sysctl.d/60-speedmimi.conf") }
-    }
-}
-
 /// A setting as found: its current value (None when the kernel has no such setting) and what
 /// `--apply` would write (None when it is good already).
 pub struct Finding {
