@@ -105,7 +105,8 @@ impl Kernel {
 /// verifier (measured here: without it `splice_verdict` is refused, "pointer arithmetic with it
 /// prohibited for !root"). Root has them all; the systemd unit grants exactly these
 /// (`deploy/speedmimi.service`; `tests/deploy.rs` runs the daemon with only them).
-const NEEDED: [(u32, &str); 3] = [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN"), (38, "CAP_PERFMON")];
+const NEEDED: [(u32, &str); 3] = [(39, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (38, "CAP_PERFMON")];
+const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 
 /// The needed capabilities this process lacks in its effective set. CAP_SYS_ADMIN stands in for
@@ -118,7 +119,11 @@ fn missing_capabilities() -> Vec<&'static str> {
         })
         .unwrap_or(0);
     let has = |bit: u32| effective & (1 << bit) != 0;
-    NEEDED.iter().filter(|&&(bit, _)| !(has(bit) || (bit != 12 && has(CAP_SYS_ADMIN)))).map(|&(_, name)| name).collect()
+    NEEDED
+        .iter()
+        .filter(|&&(bit, _)| !(has(bit) || (bit != CAP_NET_ADMIN && has(CAP_SYS_ADMIN))))
+        .map(|&(_, name)| name)
+        .collect()
 }
 
 /// The `l4_decap` program attached to an interface (a DSR backend's half); detached on drop.
