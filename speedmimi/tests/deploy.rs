@@ -52,17 +52,23 @@ fn the_unit_verifies_and_scores_as_hardened() {
     }
 }
 
-/// The daemon as user `nobody` with the given capabilities (ambient, so they survive the exec).
-fn as_nobody(caps: &str, config: &Path, log: std::path::PathBuf) -> Daemon {
+/// This build's binary run as user `nobody` (`setpriv`), with `caps` (setpriv's syntax, e.g.
+/// `,+bpf`) as its inheritable, ambient and bounding sets, so they survive the exec; with no
+/// `caps`, the capability sets are left as setpriv leaves them for a non-root user.
+fn as_nobody_cmd(caps: Option<&str>) -> Command {
     let mut cmd = Command::new("setpriv");
-    let set = format!("-all{caps}");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(format!("--inh-caps={set}"))
-        .arg(format!("--ambient-caps={set}"))
-        .arg(format!("--bounding-set={set}"))
-        .arg("--")
-        .arg(env!("CARGO_BIN_EXE_speedmimi"));
-    Daemon::spawn_with(cmd, config, log)
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    if let Some(caps) = caps {
+        let set = format!("-all{caps}");
+        cmd.arg(format!("--inh-caps={set}")).arg(format!("--ambient-caps={set}")).arg(format!("--bounding-set={set}"));
+    }
+    cmd.arg("--").arg(env!("CARGO_BIN_EXE_speedmimi"));
+    cmd
+}
+
+/// The daemon as user `nobody` with the given capabilities.
+fn as_nobody(caps: &str, config: &Path, log: std::path::PathBuf) -> Daemon {
+    Daemon::spawn_with(as_nobody_cmd(Some(caps)), config, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,9 +183,7 @@ fn tune_prints_then_applies_once_and_only_raises() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         set("net.core.somaxconn", "128");
-        let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(env!("CARGO_BIN_EXE_speedmimi"))
+        let out = as_nobody_cmd(None)
             .args(["tune", "--apply", "--sysctl-root"])
             .arg(&root)
             .arg("--conf")
@@ -189,12 +193,7 @@ fn tune_prints_then_applies_once_and_only_raises() {
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && said.contains("needs root") && said.contains("sudo"), "{said}");
         assert_eq!(get("net.core.somaxconn"), "128", "a refused apply changed a value");
-        let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(env!("CARGO_BIN_EXE_speedmimi"))
-            .arg("tune")
-            .output()
-            .unwrap();
+        let out = as_nobody_cmd(None).arg("tune").output().unwrap();
         assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("fs.nr_open"));
     }
 }
