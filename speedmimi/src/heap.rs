@@ -78,9 +78,12 @@ mod tests {
         let mut kept = Vec::with_capacity(BUFFERS);
         let mut freed = Vec::with_capacity(BUFFERS);
         for i in 0..BUFFERS {
-            // 64 KiB, below glibc's mmap threshold: from the heap, as connection buffers are.
+            // 64 KiB, below glibc's mmap threshold: from the heap, as connection buffers are. The
+            // kept ones are as large, so that they are carved from the heap's top in turn with the
+            // freed ones: small ones would come from chunks freed earlier elsewhere, and the freed
+            // buffers would then join the top and go back to the kernel by themselves.
             freed.push(vec![i as u8; 64 << 10]);
-            kept.push(vec![i as u8; 64]);
+            kept.push(vec![i as u8; 64 << 10]);
         }
         drop(freed);
         let before = rss_kib();
