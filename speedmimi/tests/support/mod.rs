@@ -30,6 +30,7 @@ pub mod haproxy;
 pub mod lab;
 pub mod logging;
 pub mod packages;
+pub mod recorder;
 pub mod tls;
 pub mod wire;
 
