@@ -234,6 +234,8 @@ pub struct ServerStats {
     /// HTTP/1 connections the proxy's own engine handed to hyper (at a request it does not
     /// serve itself: an upgrade, a chunked body, ...).
     pub http1_handovers: AtomicU64,
+    /// HTTP/2 requests forwarded to their HTTP/1.1 backend by the own engine (`h1::bridge`).
+    pub h2_bridged: AtomicU64,
     pub upgraded_open: AtomicU64,
     pub upgraded_total: AtomicU64,
     /// Upgraded flows that ended, by how they were joined.
@@ -258,6 +260,7 @@ impl Default for ServerStats {
             connections_total: AtomicU64::new(0),
             refused_per_client: AtomicU64::new(0),
             http1_handovers: AtomicU64::new(0),
+            h2_bridged: AtomicU64::new(0),
             upgraded_open: AtomicU64::new(0),
             upgraded_total: AtomicU64::new(0),
             spliced_flows: AtomicU64::new(0),

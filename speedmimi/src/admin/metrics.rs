@@ -68,6 +68,13 @@ pub fn text(state: &State) -> String {
         "HTTP/1 connections the proxy's own engine handed to hyper, at a request it does not serve itself.",
     );
     let _ = writeln!(out, "speedmimi_http1_handovers_total {}", s.http1_handovers.load(Relaxed));
+    family(
+        &mut out,
+        "speedmimi_h2_bridged_requests_total",
+        "counter",
+        "HTTP/2 requests the proxy's own engine forwarded to their HTTP/1.1 backend (instead of hyper's client).",
+    );
+    let _ = writeln!(out, "speedmimi_h2_bridged_requests_total {}", s.h2_bridged.load(Relaxed));
     family(&mut out, "speedmimi_upgraded_flows_open", "gauge", "Upgraded (WebSocket) flows open now.");
     let _ = writeln!(out, "speedmimi_upgraded_flows_open {}", s.upgraded_open.load(Relaxed));
     family(&mut out, "speedmimi_spliced_flows_open", "gauge", "Flows spliced in the kernel now.");

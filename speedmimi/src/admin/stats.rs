@@ -19,6 +19,7 @@ pub async fn server(AxState(admin): AxState<Admin>) -> Json<Value> {
             "http1_handovers": s.http1_handovers.load(Relaxed),
         },
         "requests": t.requests,
+        "requests_h2_bridged": s.h2_bridged.load(Relaxed),
         "status": t.status,
         "latency": t.latency,
         "bytes": t.bytes,

@@ -14,7 +14,7 @@ use hyper::{body::Incoming, client::conn::http1};
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::activity::Open;
+use super::{activity::Open, h1::bridge::RawBody};
 use crate::{
     backend::Backend,
     stats::ServerStats,
@@ -76,9 +76,11 @@ impl Drop for InFlight {
     }
 }
 
-/// What the proxy answers with: a backend's streamed body or a short local one.
+/// What the proxy answers with: a backend's streamed body (from hyper's client, or read off a
+/// raw connection by the HTTP/2 bridge) or a short local one.
 pub enum ResponseBody {
     Upstream { inner: Incoming, guard: Option<InFlight> },
+    Raw(Box<RawBody>),
     Local(Option<Bytes>),
 }
 
@@ -105,6 +107,7 @@ impl Body for ResponseBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Raw(raw) => raw.poll_frame(cx),
             ResponseBody::Upstream { inner, guard } => {
                 let r = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 if let (Some(Ok(f)), Some(g)) = (&r, guard.as_ref()) {
@@ -124,6 +127,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Local(b) => b.is_none(),
+            ResponseBody::Raw(raw) => raw.is_end_stream(),
             ResponseBody::Upstream { inner, .. } => inner.is_end_stream(),
         }
     }
@@ -131,6 +135,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ResponseBody::Raw(raw) => raw.size_hint(),
             ResponseBody::Upstream { inner, .. } => inner.size_hint(),
         }
     }

@@ -19,7 +19,7 @@ use super::{
     error,
     forward::{Answered, Exchange, Failure, forward},
     framing::Ambiguous,
-    headers,
+    h1, headers,
     io::Hijack,
     sse, upgrade,
 };
@@ -165,6 +165,14 @@ impl Handler {
             && let Some(resp) = sse::relay(snap, route, &req, hash, &self.state.stats, &splicer, hijack).await
         {
             return resp;
+        }
+
+        if req.version() == Version::HTTP_2
+            && self.state.config().file.server.http1_fast_path
+            && h1::bridge::takes(route, &req)
+        {
+            self.state.stats.h2_bridged.fetch_add(1, Relaxed);
+            return h1::bridge::forward_h2(route, req, hash, &self.state.stats, settings).await;
         }
 
         let (parts, body) = req.into_parts();

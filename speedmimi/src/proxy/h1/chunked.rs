@@ -31,9 +31,21 @@ pub struct Decoder {
     trailers: usize,
     /// Bytes seen after the end of the body (the connection cannot be reused).
     extra: bool,
+    /// The trailer section's bytes, when they are kept (see `keeping_trailers`).
+    kept: Option<Vec<u8>>,
 }
 
 impl Decoder {
+    /// A decoder that keeps the trailer section's bytes for `trailers`.
+    pub fn keeping_trailers() -> Self {
+        Decoder { kept: Some(Vec::new()), ..Decoder::default() }
+    }
+
+    /// The trailer section read so far (its lines and the empty line that ends it), when kept.
+    pub fn trailers(&self) -> Option<&[u8]> {
+        self.kept.as_deref()
+    }
+
     /// Feeds body bytes, handing each piece of chunk data to `data`; Ok(true) once the
     /// body's end was read; Err on bad framing.
     pub fn feed(&mut self, buf: &[u8], mut data: impl FnMut(&[u8])) -> Result<bool, ()> {
@@ -90,6 +102,9 @@ impl Decoder {
                     if self.trailers > MAX_TRAILERS {
                         return Err(());
                     }
+                    if let Some(kept) = &mut self.kept {
+                        kept.push(c);
+                    }
                     match c {
                         b'\n' if len == 0 => self.state = State::Done,
                         b'\n' => self.state = State::Trailer { len: 0 },
@@ -140,6 +155,21 @@ mod tests {
             let (r, out, exact) = decode(&[&body[..cut], &body[cut..]]);
             assert_eq!((r, out.as_slice(), exact), (Ok(true), &b"hello world"[..], true), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn trailers_are_kept_when_asked_however_they_arrive() {
+        let body: &[u8] = b"3\r\nabc\r\n0\r\nX-T: 1\r\nY: 2\r\n\r\n";
+        for cut in 0..body.len() {
+            let mut d = Decoder::keeping_trailers();
+            let mut out = Vec::new();
+            let first = d.feed(&body[..cut], |x| out.extend_from_slice(x));
+            let done = first == Ok(true) || d.feed(&body[cut..], |x| out.extend_from_slice(x)) == Ok(true);
+            assert!(done && d.done_exactly(), "cut at {cut}");
+            assert_eq!((out.as_slice(), d.trailers()), (&b"abc"[..], Some(&b"X-T: 1\r\nY: 2\r\n\r\n"[..])));
+        }
+        assert_eq!(decode(&[b"0\r\n\r\n"]).0, Ok(true));
+        assert_eq!(Decoder::default().trailers(), None);
     }
 
     #[test]

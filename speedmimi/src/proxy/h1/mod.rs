@@ -11,6 +11,7 @@
 //! answers it exactly as it does when this engine is off, including every refusal (400, 413,
 //! 431, 501). So this engine never refuses a request itself; it only serves those it is sure of.
 
+pub(crate) mod bridge;
 pub(crate) mod chunked;
 mod request;
 mod upstream;

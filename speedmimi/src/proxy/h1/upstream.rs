@@ -72,8 +72,8 @@ pub(super) struct Plain<'a> {
 
 /// A backend's response head, parsed.
 pub(super) struct Answer {
-    conn: RawConn,
-    head_len: usize,
+    pub(super) conn: RawConn,
+    pub(super) head_len: usize,
     status: u16,
 }
 
@@ -218,23 +218,27 @@ async fn write_pair<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> std
     Ok(())
 }
 
-/// Rewrites a backend's response head for the client into `out`, as the hyper path would
-/// send it: hop-by-hop fields and those its `Connection` lists removed, the body's framing as
-/// the relay will send it, a `Date` when it has none, `Connection: close` when the client
-/// asked for it. Returns the status, the body's framing and whether the backend connection may
-/// be reused; Err when the head is one to answer 502 for.
-pub(crate) fn response_head(
-    head: &[u8],
-    head_method: bool,
-    close: bool,
-    out: &mut Vec<u8>,
-) -> Result<(u16, Framing, bool), &'static str> {
-    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, head, &mut slots);
-    if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
-        return Err("invalid upstream response head");
+/// What a backend's response head says about its message: the status, how its body is
+/// delimited, whether the connection may carry another request, and the names its
+/// `Connection` lists (to be dropped with the hop-by-hop fields).
+pub(super) struct Scanned<'h> {
+    pub(super) status: u16,
+    pub(super) framing: Framing,
+    pub(super) reusable: bool,
+    listed: [&'h [u8]; MAX_LISTED],
+    n_listed: usize,
+}
+
+impl Scanned<'_> {
+    /// A field that does not go on to the client: hop-by-hop, or listed in `Connection`.
+    pub(super) fn drops(&self, name: &str) -> bool {
+        is_hop_by_hop(name) || self.listed[..self.n_listed].iter().any(|l| name.as_bytes().eq_ignore_ascii_case(l))
     }
+}
+
+/// Reads a parsed response head's framing and connection fields (RFC 9112 §6.3, §9.6); Err
+/// when the head is one to answer 502 for.
+pub(super) fn scan<'h>(resp: &httparse::Response<'_, 'h>, head_method: bool) -> Result<Scanned<'h>, &'static str> {
     let status = resp.code.ok_or("invalid upstream response head")?;
     if status == 101 {
         return Err("upstream switched protocols unasked");
@@ -285,6 +289,28 @@ pub(crate) fn response_head(
     if framing == Framing::Close {
         reusable = false;
     }
+    Ok(Scanned { status, framing, reusable, listed, n_listed })
+}
+
+/// Rewrites a backend's response head for the client into `out`, as the hyper path would
+/// send it: hop-by-hop fields and those its `Connection` lists removed, the body's framing as
+/// the relay will send it, a `Date` when it has none, `Connection: close` when the client
+/// asked for it. Returns the status, the body's framing and whether the backend connection may
+/// be reused; Err when the head is one to answer 502 for.
+pub(crate) fn response_head(
+    head: &[u8],
+    head_method: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<(u16, Framing, bool), &'static str> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, head, &mut slots);
+    if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
+        return Err("invalid upstream response head");
+    }
+    let scanned = scan(&resp, head_method)?;
+    let Scanned { status, framing, reusable, .. } = scanned;
     let no_length = status == 204 || status == 304 || (100..200).contains(&status);
 
     out.clear();
@@ -302,10 +328,7 @@ pub(crate) fn response_head(
         let name = h.name;
         let length = name.eq_ignore_ascii_case("content-length");
         // A length `Connection` lists still frames the body (hyper writes it again).
-        if is_hop_by_hop(name)
-            || (no_length && length)
-            || (!length && listed[..n_listed].iter().any(|l| name.as_bytes().eq_ignore_ascii_case(l)))
-        {
+        if (no_length && length) || (!length && scanned.drops(name)) {
             continue;
         }
         has_date |= name.eq_ignore_ascii_case("date");
@@ -473,7 +496,7 @@ where
     let (parts, body) = resp.into_parts();
     let body = match body {
         ResponseBody::Local(b) => b.unwrap_or_default(),
-        ResponseBody::Upstream { .. } => Bytes::new(),
+        ResponseBody::Upstream { .. } | ResponseBody::Raw(_) => Bytes::new(),
     };
     out.clear();
     let _ = write!(out, "HTTP/1.1 {} {}\r\n", parts.status.as_str(), parts.status.canonical_reason().unwrap_or(""));
