@@ -240,20 +240,17 @@ impl RawBody {
         }
     }
 
-    /// The next frame from the bytes in `ahead`, if they make one; the end noted when reached.
+    /// The next frame from the bytes in `ahead`, if they make one, counted as sent; the end
+    /// noted when reached (after the count: the end releases the guard that counts).
     fn take(&mut self) -> Result<Option<Bytes>, &'static str> {
-        match self.framing {
-            Framing::Empty => Ok(None),
+        let (data, done) = match self.framing {
+            Framing::Empty => (Bytes::new(), true),
             Framing::Length(_) => {
                 let n = (self.ahead.len() as u64).min(self.left) as usize;
-                let data = self.ahead.split_to(n);
                 self.left -= n as u64;
-                if self.left == 0 {
-                    self.end();
-                }
-                Ok((n > 0).then_some(data))
+                (self.ahead.split_to(n), self.left == 0)
             }
-            Framing::Close => Ok((!self.ahead.is_empty()).then(|| std::mem::take(&mut self.ahead))),
+            Framing::Close => (std::mem::take(&mut self.ahead), false),
             Framing::Chunked => {
                 let mut data = BytesMut::new();
                 let done = self
@@ -264,11 +261,17 @@ impl RawBody {
                 if done {
                     self.reusable &= self.decoder.done_exactly();
                     self.trailers = trailers(self.decoder.trailers().unwrap_or_default())?;
-                    self.end();
                 }
-                Ok((!data.is_empty()).then(|| data.freeze()))
+                (data.freeze(), done)
             }
+        };
+        if let Some(g) = &self.guard {
+            g.count_sent(data.len() as u64);
         }
+        if done {
+            self.end();
+        }
+        Ok((!data.is_empty()).then_some(data))
     }
 
     pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -279,12 +282,7 @@ impl RawBody {
             if !self.ahead.is_empty() {
                 match self.take() {
                     Err(why) => return self.fail(why),
-                    Ok(Some(data)) => {
-                        if let Some(g) = &self.guard {
-                            g.count_sent(data.len() as u64);
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
+                    Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(None) => continue,
                 }
             }
