@@ -224,8 +224,8 @@ async fn the_bridge_and_hypers_client_answer_alike() {
 }
 
 /// GETs through the bridge get the backend's body whole, and are counted: as bridged, and
-/// their body bytes as sent, as through hyper's client (each body ends with its first frame
-/// here, where a count after the end once lost it).
+/// their body bytes as sent, as through hyper's client (a body's last frame was once counted
+/// after its end had released the counter, so not at all).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bodiless_h2_get_goes_through_the_bridge_and_is_counted() {
     let rec = Recorder::start().await;
