@@ -169,6 +169,9 @@ pub struct Settings {
     pub real_ip_header: HeaderName,
     /// Responses carry which backend answered (for the access log).
     pub tag_backend: bool,
+    /// `server.http1_fast_path`: the own engine serves what it can (also HTTP/2 requests'
+    /// upstream leg, `h1::bridge`).
+    pub http1_fast_path: bool,
 }
 
 /// An immutable view of routes and upstreams, replaced whole on every change.
@@ -611,6 +614,7 @@ fn commit(config: &Config, prepared: Prepared, registry: &mut Registry) -> Snaps
         trusted_proxies: config.trusted_proxies.clone(),
         real_ip_header: HeaderName::from_bytes(s.real_ip_header.as_bytes()).expect("validated header name"),
         tag_backend: !s.access_log.is_empty(),
+        http1_fast_path: s.http1_fast_path,
     };
     Snapshot { routes, upstreams, settings }
 }

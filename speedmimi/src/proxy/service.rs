@@ -167,10 +167,7 @@ impl Handler {
             return resp;
         }
 
-        if req.version() == Version::HTTP_2
-            && self.state.config().file.server.http1_fast_path
-            && h1::bridge::takes(route, &req)
-        {
+        if settings.http1_fast_path && h1::bridge::takes(route, &req) {
             self.state.stats.h2_bridged.fetch_add(1, Relaxed);
             return h1::bridge::forward_h2(route, req, hash, &self.state.stats, settings).await;
         }

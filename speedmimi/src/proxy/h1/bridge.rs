@@ -9,7 +9,6 @@
 use std::{
     convert::Infallible,
     io,
-    mem::MaybeUninit,
     sync::Arc,
     task::{Context, Poll, ready},
     time::Instant,
@@ -22,7 +21,7 @@ use http_body::{Frame, SizeHint};
 use super::{
     MAX_HEADERS, RELAY_CHUNK, chunked,
     request::put_header,
-    upstream::{Answer, Framing, Plain, scan},
+    upstream::{Answer, Framing, Plain, read_head},
 };
 use crate::{
     backend::Backend,
@@ -45,7 +44,7 @@ pub(crate) fn takes<B: http_body::Body>(route: &Route, req: &Request<B>) -> bool
         && [Method::GET, Method::HEAD, Method::OPTIONS, Method::PUT, Method::DELETE, Method::POST, Method::PATCH]
             .contains(req.method())
         && req.uri().path().starts_with('/')
-        && route.upstream.backends.iter().all(|b| b.pool.is_plain())
+        && super::plain_backends(route)
 }
 
 /// Forwards a request `takes` accepted to a backend of `route`, as `Handler::proxy` does.
@@ -96,9 +95,9 @@ impl Exchange for Bridge<'_> {
     type Answer = Answer;
     type Pass = Infallible;
     type Reply = Response<ResponseBody>;
-    const NO_BACKEND: &'static str = "no eligible backend";
-    const CONNECT_FAILED: &'static str = "connect failed";
-    const TIMED_OUT: &'static str = "upstream timed out";
+    const NO_BACKEND: &'static str = <Plain<'_> as Exchange>::NO_BACKEND;
+    const CONNECT_FAILED: &'static str = <Plain<'_> as Exchange>::CONNECT_FAILED;
+    const TIMED_OUT: &'static str = <Plain<'_> as Exchange>::TIMED_OUT;
 
     async fn send(&mut self, backend: &Arc<Backend>, (): (), guard: &mut InFlight) -> Result<Answer, Failure<()>> {
         self.0.send(backend, (), guard).await
@@ -143,25 +142,19 @@ fn response(
     head_len: usize,
     head_method: bool,
 ) -> Result<(http::response::Parts, Framing, bool), &'static str> {
-    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut []);
-    let parsed =
-        httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, &read[..head_len], &mut slots);
-    if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
-        return Err("invalid upstream response head");
-    }
-    let scanned = scan(&resp, head_method)?;
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
-    for h in resp.headers.iter().filter(|h| !scanned.drops(h.name)) {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "invalid upstream header name")?;
-        let value =
-            HeaderValue::from_maybe_shared(read.slice_ref(h.value)).map_err(|_| "invalid upstream header value")?;
-        headers.append(name, value);
-    }
-    let (mut parts, ()) = Response::new(()).into_parts();
-    parts.status = StatusCode::from_u16(scanned.status).map_err(|_| "invalid upstream status")?;
-    parts.headers = headers;
-    Ok((parts, scanned.framing, scanned.reusable))
+    read_head(&read[..head_len], head_method, |resp, scanned| {
+        let mut headers = HeaderMap::with_capacity(resp.headers.len());
+        for h in resp.headers.iter().filter(|h| !scanned.drops(h.name)) {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "invalid upstream header name")?;
+            let value =
+                HeaderValue::from_maybe_shared(read.slice_ref(h.value)).map_err(|_| "invalid upstream header value")?;
+            headers.append(name, value);
+        }
+        let (mut parts, ()) = Response::new(()).into_parts();
+        parts.status = StatusCode::from_u16(scanned.status).map_err(|_| "invalid upstream status")?;
+        parts.headers = headers;
+        Ok((parts, scanned.framing, scanned.reusable))
+    })
 }
 
 /// A backend's response body read from its raw connection by its framing. The connection goes

@@ -55,6 +55,11 @@ pub(super) const RELAY_CHUNK: usize = 32 * 1024;
 /// Names a request's `Connection` may list for removal before it goes to hyper instead.
 pub(super) const MAX_LISTED: usize = 8;
 
+/// Whether the own engine can speak to every backend of `route` (none runs TLS).
+pub(super) fn plain_backends(route: &Route) -> bool {
+    route.upstream.backends.iter().all(|b| b.pool.is_plain())
+}
+
 /// How a connection left this engine.
 pub(super) enum Served<T> {
     /// Closed (the client left, asked to close, timed out, or the server stopped).

@@ -101,7 +101,7 @@ pub(super) fn prepare<'s>(handler: &Handler, snap: &'s Snapshot, b: &mut Buffers
     }
     let path = target.split('?').next().unwrap_or(target);
     let route = snap.route(Some(host), path)?;
-    if !route.upstream.backends.iter().all(|b| b.pool.is_plain()) {
+    if !super::plain_backends(route) {
         return None;
     }
 

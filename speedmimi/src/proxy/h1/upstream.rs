@@ -238,7 +238,7 @@ impl Scanned<'_> {
 
 /// Reads a parsed response head's framing and connection fields (RFC 9112 §6.3, §9.6); Err
 /// when the head is one to answer 502 for.
-pub(super) fn scan<'h>(resp: &httparse::Response<'_, 'h>, head_method: bool) -> Result<Scanned<'h>, &'static str> {
+fn scan<'h>(resp: &httparse::Response<'_, 'h>, head_method: bool) -> Result<Scanned<'h>, &'static str> {
     let status = resp.code.ok_or("invalid upstream response head")?;
     if status == 101 {
         return Err("upstream switched protocols unasked");
@@ -292,6 +292,23 @@ pub(super) fn scan<'h>(resp: &httparse::Response<'_, 'h>, head_method: bool) -> 
     Ok(Scanned { status, framing, reusable, listed, n_listed })
 }
 
+/// Parses the whole response head `head`, scans it (`scan`), and gives both to `read`; Err when
+/// the head is one to answer 502 for.
+pub(super) fn read_head<'h, R>(
+    head: &'h [u8],
+    head_method: bool,
+    read: impl FnOnce(&httparse::Response<'_, 'h>, Scanned<'h>) -> Result<R, &'static str>,
+) -> Result<R, &'static str> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, head, &mut slots);
+    if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
+        return Err("invalid upstream response head");
+    }
+    let scanned = scan(&resp, head_method)?;
+    read(&resp, scanned)
+}
+
 /// Rewrites a backend's response head for the client into `out`, as the hyper path would
 /// send it: hop-by-hop fields and those its `Connection` lists removed, the body's framing as
 /// the relay will send it, a `Date` when it has none, `Connection: close` when the client
@@ -303,14 +320,17 @@ pub(crate) fn response_head(
     close: bool,
     out: &mut Vec<u8>,
 ) -> Result<(u16, Framing, bool), &'static str> {
-    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, head, &mut slots);
-    if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
-        return Err("invalid upstream response head");
-    }
-    let scanned = scan(&resp, head_method)?;
-    let Scanned { status, framing, reusable, .. } = scanned;
+    read_head(head, head_method, |resp, scanned| Ok(write_head(resp, &scanned, close, out)))
+}
+
+/// `response_head`'s writing, of a head read and scanned.
+fn write_head(
+    resp: &httparse::Response<'_, '_>,
+    scanned: &Scanned<'_>,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> (u16, Framing, bool) {
+    let Scanned { status, framing, reusable, .. } = *scanned;
     let no_length = status == 204 || status == 304 || (100..200).contains(&status);
 
     out.clear();
@@ -346,7 +366,7 @@ pub(crate) fn response_head(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    Ok((status, framing, reusable))
+    (status, framing, reusable)
 }
 
 /// A status code's three digits.
