@@ -324,7 +324,7 @@ impl Drop for UpgradedGuard {
     }
 }
 
-/// Held while a spliced flow is parked (outside tokio), also when its task is dropped parked.
+/// Held while a spliced flow is parked (outside tokio), also when it is dropped parked.
 pub struct ParkedGuard(std::sync::Arc<ServerStats>);
 
 impl ServerStats {

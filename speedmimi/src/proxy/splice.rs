@@ -21,14 +21,13 @@
 //!
 //! A flow within its budget causes no socket event, so most spliced flows are quiet most of the
 //! time. After `PARK_AFTER` without one, a flow leaves tokio for the parking lot (`park`): its
-//! task then holds only a small future, and everything else it keeps sits in one box
-//! (`Spliced`). A socket event brings it back; its closer and idle limit are checked while
-//! parked.
+//! task ends, and all it keeps (`Spliced`) sits inline in the lot's slab. A socket event sends
+//! it back to tokio in a new task; its closer and idle limit are checked by the lot.
 
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
-    sync::{Arc, atomic::Ordering::Relaxed},
+    sync::{Arc, OnceLock, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -44,7 +43,7 @@ use super::body::InFlight;
 use super::{
     detach::Held,
     idle::check_period,
-    park::{Parked, Wake},
+    park::{Lot, Tenant, Wake},
 };
 use crate::{
     backend::Gauge,
@@ -256,108 +255,88 @@ pub async fn start(
 }
 
 impl Started {
-    /// Watches the flow until it ends: with tokio while it has socket events, parked while
-    /// quiet. All it keeps is in the box; this future adds little.
+    /// Watches the flow until it ends: with tokio while it has socket events, in the parking lot
+    /// while quiet (this task ends then; the lot spawns another when the flow leaves it).
     pub async fn run(self) {
-        let mut flow = self.0;
-        let end = loop {
-            // Boxed: the watcher's state (large) exists only while the flow is with tokio.
-            match Box::pin(watch(&mut flow)).await {
-                Watched::Ended(end) => break end,
-                Watched::Detach(held) => break Box::pin(flow.detach_and_copy(held)).await,
-                Watched::Quiet => {}
-            }
-            // Quiet: parked until a socket event, unless the closer or idle limit ends it.
-            let parked = match flow.park() {
-                Ok(parked) => parked,
-                Err(end) => break end,
-            };
-            if parked
-                && let Err(end) = async {
-                    flow.wait_parked().await?;
-                    flow.unpark()
-                }
-                .await
-            {
-                break end;
-            }
-        };
-        let end = flow.finish(end);
-        let Spliced { sockets, tally, .. } = *flow;
-        drop(sockets);
-        tally.spliced(end);
+        self.0.drive().await;
     }
 }
 
-/// A spliced flow's sockets: registered with tokio while the flow has socket events, in the
-/// parking lot while it is quiet.
-pub(super) enum Sockets {
-    Tokio(TcpStream, TcpStream),
-    /// The place comes first: it must leave the lot's epoll before the sockets close. The
-    /// guards count the flow among the server's and its backend's parked flows.
-    Parked(Parked, (ParkedGuard, Gauge), std::net::TcpStream, std::net::TcpStream),
-    /// A socket could not move between tokio and the lot; the flow ends.
-    Lost,
+/// How parking a quiet flow went.
+enum Parking {
+    /// The lot has it.
+    Parked,
+    /// It stays with tokio.
+    Stays(Box<Spliced>),
+    Ended(Box<Spliced>, End),
 }
 
 impl Spliced {
-    /// Moves a quiet flow's sockets from tokio to the parking lot; false when the flow cannot
-    /// be parked (it stays with tokio).
-    fn park(&mut self) -> Result<bool, End> {
-        let Sockets::Tokio(client, upstream) = &self.sockets else { return Err(End::Reset) };
-        // The sockets whose direction is still open (a response stream's client stays open: the
-        // flow ends if it sends anything).
-        let open = [(!self.up.done, client.as_fd()), (!self.down.done, upstream.as_fd())];
-        let parked = match Parked::new(open.iter().filter(|(o, _)| *o).map(|(_, fd)| *fd), &self.closer) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::debug!(error = %e, "splice: cannot park a quiet flow; it stays with tokio");
-                self.parkable = false;
-                return Ok(false);
+    /// Watches the flow with tokio until it ends or parks.
+    async fn drive(mut self: Box<Self>) {
+        let end = loop {
+            // Boxed: the watcher's state (large) exists only while the flow is with tokio.
+            match Box::pin(watch(&mut self)).await {
+                Watched::Ended(end) => break end,
+                Watched::Detach(held) => break Box::pin(self.detach_and_copy(held)).await,
+                Watched::Quiet => {}
             }
+            self = match self.park() {
+                Parking::Parked => return,
+                Parking::Stays(flow) => flow,
+                Parking::Ended(flow, end) => {
+                    flow.end(end);
+                    return;
+                }
+            };
+        };
+        self.end(end);
+    }
+
+    /// Moves a quiet flow's sockets from tokio to the parking lot, and the flow with them.
+    fn park(mut self: Box<Self>) -> Parking {
+        let Some(lot) = lot() else {
+            self.parkable = false;
+            return Parking::Stays(self);
         };
         let Sockets::Tokio(client, upstream) = std::mem::replace(&mut self.sockets, Sockets::Lost) else {
-            unreachable!("matched above")
+            return Parking::Ended(self, End::Reset);
         };
         match (client.into_std(), upstream.into_std()) {
             (Ok(c), Ok(u)) => {
                 let counted =
                     (self.tally.guard.server().parked(), Gauge::hold(self.tally.guard.backend(), |b| &b.parked_open));
-                self.sockets = Sockets::Parked(parked, counted, c, u);
-                Ok(true)
+                self.sockets = Sockets::Parked(counted, c, u);
             }
             // A socket that could not leave tokio's epoll was closed with it (a FIN, not a
             // reset: unavoidable here); the other is reset.
             (c, u) => {
-                drop(parked);
                 tracing::warn!("splice: a quiet flow's socket could not leave tokio; resetting the flow");
                 c.iter().chain(u.iter()).for_each(reset);
-                Err(End::Reset)
+                return Parking::Ended(self, End::Reset);
             }
         }
-    }
-
-    /// Waits while parked until a socket has an event; ends the flow on its closer or idle limit.
-    async fn wait_parked(&mut self) -> Result<(), End> {
-        loop {
-            let Sockets::Parked(parked, ..) = &self.sockets else { return Err(End::Reset) };
-            let why = parked.wait(self.activity.next_check.into_std()).await;
-            match why {
-                Wake::Event => return Ok(()),
-                Wake::Closer => return Err(End::Disconnected),
-                Wake::Due if self.idle_now() => return Err(End::Idle),
-                Wake::Due => {}
+        // Inline in the lot's slab: the box goes.
+        match lot.park(*self) {
+            Ok(()) => Parking::Parked,
+            Err((flow, e)) => {
+                tracing::debug!(error = %e, "splice: cannot park a quiet flow; it stays with tokio");
+                let mut flow = Box::new(flow);
+                flow.parkable = false;
+                match flow.unpark() {
+                    Ok(()) => Parking::Stays(flow),
+                    Err(end) => Parking::Ended(flow, end),
+                }
             }
         }
     }
 
     /// Brings a parked flow's sockets back to tokio.
     fn unpark(&mut self) -> Result<(), End> {
-        let Sockets::Parked(parked, counted, client, upstream) = std::mem::replace(&mut self.sockets, Sockets::Lost)
-        else {
+        let Sockets::Parked(counted, client, upstream) = std::mem::replace(&mut self.sockets, Sockets::Lost) else {
             return Err(End::Reset);
         };
-        drop((parked, counted));
+        drop(counted);
         match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
             (Ok(c), Ok(u)) => {
                 self.sockets = Sockets::Tokio(c, u);
@@ -372,22 +351,81 @@ impl Spliced {
     }
 
     /// Ends the flow: its sockets leave the maps, and unless it ended normally both sides are
-    /// reset. The sockets close when the flow is dropped.
-    fn finish(&self, end: End) -> End {
+    /// reset; then the sockets close and the flow is counted.
+    fn end(self: Box<Self>, end: End) {
         let _ = self.dp.unsplice(SplicedPair { a: self.up.src, b: self.down.src });
         if !matches!(end, End::Closed | End::Idle) {
             match &self.sockets {
                 Sockets::Tokio(c, u) => [c.as_fd(), u.as_fd()].iter().for_each(reset),
-                Sockets::Parked(_, _, c, u) => [c.as_fd(), u.as_fd()].iter().for_each(reset),
+                Sockets::Parked(_, c, u) => [c.as_fd(), u.as_fd()].iter().for_each(reset),
                 Sockets::Lost => {}
             }
         }
-        end
+        let Spliced { sockets, tally, .. } = *self;
+        drop(sockets);
+        tally.spliced(end);
     }
 
     /// Looks at the flow's byte total for the idle clock: true when it is idle now.
     fn idle_now(&mut self) -> bool {
         self.activity.idle_after(moved(&*self.dp, &self.up, &self.down), self.policy.idle)
+    }
+}
+
+/// A spliced flow's sockets: registered with tokio while the flow has socket events, in the
+/// parking lot while it is quiet.
+pub(super) enum Sockets {
+    Tokio(TcpStream, TcpStream),
+    /// The guards count the flow among the server's and its backend's parked flows.
+    Parked((ParkedGuard, Gauge), std::net::TcpStream, std::net::TcpStream),
+    /// A socket could not move between tokio and the lot; the flow ends.
+    Lost,
+}
+
+/// The process's parking lot for spliced flows, started on first use; None when its epoll or
+/// thread could not be created (flows then stay with tokio).
+fn lot() -> Option<&'static Lot<Spliced>> {
+    static LOT: OnceLock<Option<&'static Lot<Spliced>>> = OnceLock::new();
+    *LOT.get_or_init(|| match Lot::start("splice-park") {
+        Ok(lot) => Some(lot),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot park quiet spliced flows; they stay watched by tokio");
+            None
+        }
+    })
+}
+
+impl Tenant for Spliced {
+    fn sockets(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        // The sockets whose direction is still open (a response stream's client stays open: the
+        // flow ends if it sends anything).
+        let open = match &self.sockets {
+            Sockets::Parked(_, c, u) => [(!self.up.done).then(|| c.as_fd()), (!self.down.done).then(|| u.as_fd())],
+            _ => [None, None],
+        };
+        open.into_iter().flatten()
+    }
+
+    fn check(&mut self) -> Option<Wake> {
+        if self.closer.has_changed().unwrap_or(true) {
+            Some(Wake::Closer)
+        } else if tokio::time::Instant::now() >= self.activity.next_check && self.idle_now() {
+            Some(Wake::Idle)
+        } else {
+            None
+        }
+    }
+
+    async fn resume(self, why: Wake) {
+        let mut flow = Box::new(self);
+        match why {
+            Wake::Event => match flow.unpark() {
+                Ok(()) => flow.drive().await,
+                Err(end) => flow.end(end),
+            },
+            Wake::Closer => flow.end(End::Disconnected),
+            Wake::Idle => flow.end(End::Idle),
+        }
     }
 }
 
