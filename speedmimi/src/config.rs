@@ -105,6 +105,11 @@ pub struct ServerSection {
     /// Event-loop threads serving the HTTP listener, each with its own upstream connection
     /// pools; 0 = one per CPU the process may run on. (new)
     pub workers: u32,
+    /// The proxy listeners (HTTP, HTTPS, gRPC) are bound with SO_REUSEPORT: several SpeedMimi
+    /// processes on one host then share the ports, the kernel spreading new connections among
+    /// them, each process with its own admin port and its own kernel maps. A process started
+    /// by mistake on a port in use joins it too instead of failing; off by default. (new)
+    pub reuse_port: bool,
     /// Largest request head accepted; larger ones get 431. (new)
     pub max_header_bytes: u32,
     /// Largest request body accepted (a size such as `10MiB`); a larger one gets 413 and, when
@@ -138,6 +143,7 @@ impl Default for ServerSection {
             max_conn: 10_000,
             max_conn_per_client: 0,
             workers: 0,
+            reuse_port: false,
             max_header_bytes: 32 * 1024,
             max_body_bytes: None,
             real_ip_header: "X-Real-IP".into(),

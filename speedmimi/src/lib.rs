@@ -53,13 +53,15 @@ impl Listeners {
     /// Binds the addresses the config names.
     pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
         let f = &config.file;
-        let http = bind(&f.server.host, f.server.port).await?;
-        let grpc = if f.grpc.enabled { Some(bind(&f.grpc.host, f.grpc.port).await?) } else { None };
+        let shared = f.server.reuse_port;
+        let http = bind(&f.server.host, f.server.port, shared).await?;
+        let grpc = if f.grpc.enabled { Some(bind(&f.grpc.host, f.grpc.port, shared).await?) } else { None };
         let https = match (f.ssl.enabled, f.ssl.port) {
-            (true, Some(port)) => Some(bind(&f.server.host, port).await?),
+            (true, Some(port)) => Some(bind(&f.server.host, port, shared).await?),
             _ => None,
         };
-        let admin = Some(bind(&f.admin.host, f.admin.port).await?);
+        // Each process has its own admin API: never shared.
+        let admin = Some(bind(&f.admin.host, f.admin.port, false).await?);
         Ok(Listeners { http, grpc, https, admin })
     }
 }
@@ -69,13 +71,18 @@ impl Listeners {
 /// once, costing each dropped SYN a retransmission second.
 const LISTEN_BACKLOG: u32 = 4096;
 
-async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
+/// Binds a listener; `shared`: with SO_REUSEPORT (`server.reuse_port`), so other processes may
+/// bind the same address.
+async fn bind(host: &str, port: u16, shared: bool) -> std::io::Result<TcpListener> {
     let fail = |e: std::io::Error| std::io::Error::new(e.kind(), format!("cannot listen on {host}:{port}: {e}"));
     let mut last = None;
     for addr in tokio::net::lookup_host((host, port)).await.map_err(fail)? {
         let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
         let bound = socket.and_then(|s| {
             s.set_reuseaddr(true)?;
+            if shared {
+                s.set_reuseport(true)?;
+            }
             s.bind(addr)?;
             s.listen(LISTEN_BACKLOG)
         });

@@ -487,6 +487,7 @@ fn restart_only_changes(old: &FileConfig, new: &FileConfig) -> Vec<String> {
     check("server.max_conn", o.max_conn == n.max_conn);
     check("server.max_conn_per_client", o.max_conn_per_client == n.max_conn_per_client);
     check("server.workers", o.workers == n.workers);
+    check("server.reuse_port", o.reuse_port == n.reuse_port);
     check("server.max_header_bytes", o.max_header_bytes == n.max_header_bytes);
     check("server.read_timeout", o.read_timeout == n.read_timeout);
     check("server.access_log", o.access_log == n.access_log);
