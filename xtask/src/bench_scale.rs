@@ -1,7 +1,9 @@
 //! `cargo xtask bench scale` (`make test-million`): idle upgraded (WebSocket) flows ramped through
 //! SpeedMimi (spliced and copied), HAProxy and nginx in steps, until a step's first failed
-//! handshake or the last step. Each proxy runs one worker pinned to core 0; two `bench-peer`
-//! backends and the idle clients (at most `FLOWS_PER_CLIENT` flows per process, so no load
+//! handshake or the last step; then through two spliced SpeedMimi processes sharing the port
+//! (`server.reuse_port`), with every step doubled, to show what passes one process's file limit.
+//! Each proxy process runs one worker pinned to core 0; four `bench-peer` backends and the idle
+//! clients (at most `FLOWS_PER_CLIENT` flows per process, so no load
 //! process meets the per-process file limit first) run on core 1. Per step: flows upgraded and
 //! failed, time to open the step, flows still open, the proxy's RSS and file descriptors per
 //! flow, the kernel's TCP buffer memory (/proc/net/sockstat) and slab (/proc/meminfo) per flow
@@ -20,13 +22,14 @@ use anyhow::{Context, bail};
 
 use crate::{
     bench::{self, Guard},
-    bench_peer, bench_splice,
+    bench_peer, bench_probe, bench_splice,
     bench_splice::{Peer, Proxy, Setup},
     workspace,
 };
 
-/// The backends' flow and control ports.
-const BACKENDS: [(u16, u16); 2] = [(18181, 18182), (18184, 18185)];
+/// The backends' flow and control ports: four, so no backend meets the file limit before two
+/// proxy processes do.
+const BACKENDS: [(u16, u16); 4] = [(18181, 18182), (18184, 18185), (18186, 18187), (18188, 18189)];
 /// Idle flows one client process holds (one file each): far below the 20,000-file limit.
 const FLOWS_PER_CLIENT: usize = 4_000;
 /// Flows opened and closed before the baseline.
@@ -41,11 +44,13 @@ pub struct Options {
     pub steps: Vec<usize>,
 }
 
-const TARGETS: [(&str, Proxy); 4] = [
-    ("speedmimi-splice", Proxy::SpeedMimi { splice: true }),
-    ("speedmimi-copy", Proxy::SpeedMimi { splice: false }),
-    ("haproxy", Proxy::Haproxy { splice: false }),
-    ("nginx", Proxy::Nginx),
+/// The proxies ramped, and how many processes share the port (each step times that many).
+const TARGETS: [(&str, Proxy, u16); 5] = [
+    ("speedmimi-splice", Proxy::SpeedMimi { splice: true }, 1),
+    ("speedmimi-copy", Proxy::SpeedMimi { splice: false }, 1),
+    ("haproxy", Proxy::Haproxy { splice: false }, 1),
+    ("nginx", Proxy::Nginx, 1),
+    ("speedmimi-splice x2", Proxy::SpeedMimi { splice: true }, 2),
 ];
 
 /// One step of one ramp.
@@ -82,16 +87,29 @@ pub fn scale(opts: &Options) -> anyhow::Result<()> {
     }
     let ports: Vec<u16> = BACKENDS.iter().map(|(p, _)| *p).collect();
     let max = *opts.steps.last().expect("checked non-empty");
-    let setup = Setup { name: "scale", backends: &ports, max_flows: max as u32, budget: "4MiB" };
 
     let mut ramps = Vec::new();
-    for (name, proxy) in TARGETS {
-        let child = bench_splice::start(proxy, &bin, &dir, &setup)?.context("a proxy target")?;
-        let mut child = Guard(child);
-        workspace::wait_port(bench_splice::PROXY_PORT, &mut child.0)?;
-        let speedmimi = matches!(proxy, Proxy::SpeedMimi { .. });
-        let steps = ramp(name, &exe, child.0.id(), speedmimi, &opts.steps).with_context(|| format!("target {name}"))?;
-        bench::stop(&mut child.0);
+    for (name, proxy, processes) in TARGETS {
+        let mut children = Vec::new();
+        for i in 0..processes {
+            let shared = (processes > 1).then_some(i);
+            let setup = Setup { name: "scale", backends: &ports, max_flows: max as u32, budget: "4MiB", shared };
+            let child = bench_splice::start(proxy, &bin, &dir, &setup)?.context("a proxy target")?;
+            let mut child = Guard(child);
+            let port = if i == 0 { bench_splice::PROXY_PORT } else { bench_splice::admin_port(i) };
+            workspace::wait_port(port, &mut child.0)?;
+            children.push(child);
+        }
+        let roots: Vec<u32> = children.iter().map(|c| c.0.id()).collect();
+        let admins: Vec<u16> = match proxy {
+            Proxy::SpeedMimi { .. } => (0..processes).map(bench_splice::admin_port).collect(),
+            _ => Vec::new(),
+        };
+        let steps: Vec<usize> = opts.steps.iter().map(|s| s * usize::from(processes)).collect();
+        let steps = ramp(name, &exe, &roots, &admins, &steps).with_context(|| format!("target {name}"))?;
+        for c in &mut children {
+            bench::stop(&mut c.0);
+        }
         ramps.push((name, steps));
         // Let the closed flows' sockets go before the next ramp's baseline.
         settle();
@@ -107,8 +125,10 @@ pub fn scale(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ramps one proxy through the steps; stops after the first step with a failed handshake.
-fn ramp(name: &str, exe: &Path, root: u32, speedmimi: bool, steps: &[usize]) -> anyhow::Result<Vec<Step>> {
+/// Ramps one proxy (its processes `roots`; SpeedMimi's admin ports `admins`) through the steps;
+/// stops after the first step with a failed handshake.
+fn ramp(name: &str, exe: &Path, roots: &[u32], admins: &[u16], steps: &[usize]) -> anyhow::Result<Vec<Step>> {
+    let rss_kib = || roots.iter().map(|r| bench_splice::rss_kib(*r)).sum::<u64>();
     let port = bench_splice::PROXY_PORT.to_string();
     // Warm-up: a burst of flows opened and closed, then the settle time, before the baseline. The
     // proxy's allocator has then seen a burst of handshakes and given back what it gives back
@@ -121,7 +141,7 @@ fn ramp(name: &str, exe: &Path, root: u32, speedmimi: bool, steps: &[usize]) -> 
     }
     warm.finish();
     thread::sleep(SETTLE);
-    let (rss0, tcp0, slab0) = (bench_splice::rss_kib(root), tcp_mem_kib()?, slab_kib()?);
+    let (rss0, tcp0, slab0) = (rss_kib(), tcp_mem_kib()?, slab_kib()?);
     let mut clients: Vec<Peer> = Vec::new();
     let mut out = Vec::new();
     let (mut upgraded, mut failed) = (0, 0);
@@ -148,13 +168,18 @@ fn ramp(name: &str, exe: &Path, root: u32, speedmimi: bool, steps: &[usize]) -> 
             alive += line.strip_prefix("alive ").and_then(|n| n.parse::<usize>().ok()).context("alive count")?;
         }
         let flows = upgraded.max(1) as f64;
-        let rss = bench_splice::rss_kib(root).saturating_sub(rss0) as f64 / flows;
+        let rss = rss_kib().saturating_sub(rss0) as f64 / flows;
         let tcp = (tcp_mem_kib()?.saturating_sub(tcp0)) as f64 / flows;
         let slab = (slab_kib()?.saturating_sub(slab0)) as f64 / flows;
-        let fds = bench::process_tree(root).iter().map(|p| open_files(*p)).sum();
+        let fds = roots.iter().flat_map(|r| bench::process_tree(*r)).map(open_files).sum();
         let ping = bench_splice::ping(exe, bench_splice::PROXY_PORT, PINGS).ok();
-        let spliced =
-            if speedmimi { bench_splice::metric("speedmimi_spliced_flows_open").ok().flatten() } else { None };
+        let spliced = match admins {
+            [] => None,
+            _ => admins
+                .iter()
+                .map(|port| bench_probe::admin_metric(*port, "speedmimi_spliced_flows_open").ok().flatten())
+                .sum::<Option<u64>>(),
+        };
         let step = Step {
             flows: want,
             upgraded,
@@ -228,8 +253,10 @@ fn report(ramps: &[(&str, Vec<Step>)]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "Idle upgraded (WebSocket) flows ramped in steps through each proxy (one worker pinned to core 0; two backends and \
-         clients of at most {FLOWS_PER_CLIENT} flows each on core 1), `cargo xtask bench scale`. {}, {}.\n",
+        "Idle upgraded (WebSocket) flows ramped in steps through each proxy (one worker pinned to core 0; four backends and \
+         clients of at most {FLOWS_PER_CLIENT} flows each on core 1; `x2`: two SpeedMimi processes sharing the port with \
+         `server.reuse_port`, both on core 0, every step doubled, figures summed over both), `cargo xtask bench scale`. \
+         {}, {}.\n",
         bench::utc_date(),
         bench::machine_line()
     );

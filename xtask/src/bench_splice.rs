@@ -106,8 +106,13 @@ pub fn splice(opts: &Options) -> anyhow::Result<()> {
     let mut samples: Vec<Vec<Sample>> = TARGETS.iter().map(|_| Vec::new()).collect();
     for round in 0..opts.rounds {
         for (t, out) in TARGETS.iter().zip(samples.iter_mut()) {
-            let setup =
-                Setup { name: "splice", backends: &[BACKEND_PORT], max_flows: 5_000, budget: &opts.splice_budget };
+            let setup = Setup {
+                name: "splice",
+                backends: &[BACKEND_PORT],
+                max_flows: 5_000,
+                budget: &opts.splice_budget,
+                shared: None,
+            };
             let mut proxy = match start(t.proxy, &bin, &dir, &setup)? {
                 Some(child) => {
                     let mut child = Guard(child);
@@ -433,6 +438,14 @@ pub(crate) struct Setup<'a> {
     pub(crate) backends: &'a [u16],
     pub(crate) max_flows: u32,
     pub(crate) budget: &'a str,
+    /// SpeedMimi only: this process is one of several sharing the proxy port
+    /// (`server.reuse_port`), the given one (its admin port is `admin_port` of it).
+    pub(crate) shared: Option<u16>,
+}
+
+/// The admin port of SpeedMimi process `instance` of several sharing the proxy port.
+pub(crate) fn admin_port(instance: u16) -> u16 {
+    ADMIN_PORT + 10 * instance
 }
 
 pub(crate) fn start(
@@ -464,12 +477,14 @@ fn start_speedmimi(bin: &Path, dir: &Path, splice: bool, setup: &Setup) -> anyho
             format!("    - id: b{}\n      host: 127.0.0.1\n      port: {port}\n      max_conn: 100000\n", i + 1)
         })
         .collect();
-    let Setup { name, max_flows, budget, .. } = setup;
+    let Setup { name, max_flows, budget, shared, .. } = setup;
+    let (admin, instance) = (admin_port(shared.unwrap_or(0)), shared.map_or(String::new(), |i| format!("-{i}")));
     let config = write_config(
-        dir.join(format!("{name}-speedmimi-{}.yaml", if splice { "splice" } else { "copy" })),
+        dir.join(format!("{name}-speedmimi-{}{instance}.yaml", if splice { "splice" } else { "copy" })),
         format!(
-            "server:\n  host: 127.0.0.1\n  port: {PROXY_PORT}\n  workers: 1\n  max_conn: {}\nadmin:\n  host: 127.0.0.1\n  port: {ADMIN_PORT}\nbackends:\n  b:\n{backends}routing:\n  all:\n    path: /\n    upstream: b\n    load_balancer: least_connections\nebpf:\n  enabled: true\n  splice: {splice}\n  splice_budget: {budget}\n",
-            max_flows.max(&10_000)
+            "server:\n  host: 127.0.0.1\n  port: {PROXY_PORT}\n  workers: 1\n  max_conn: {}\n  reuse_port: {}\nadmin:\n  host: 127.0.0.1\n  port: {admin}\nbackends:\n  b:\n{backends}routing:\n  all:\n    path: /\n    upstream: b\n    load_balancer: least_connections\nebpf:\n  enabled: true\n  splice: {splice}\n  splice_budget: {budget}\n",
+            max_flows.max(&10_000),
+            shared.is_some()
         ),
     )?;
     crate::bench::spawn_speedmimi(bin, &config, Some(PROXY_CORE))
