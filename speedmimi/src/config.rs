@@ -1,6 +1,7 @@
 //! The YAML config: serde types that mirror the file (`FileConfig`), `validate()` that reports
 //! every bad field with its path, and the validated `Config` the daemon runs on.
 
+mod announce;
 pub mod limits;
 mod upstream;
 mod values;
@@ -13,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+pub use announce::AnnounceSection;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 pub use upstream::{OutlierSection, RetrySection, UpstreamSection};
@@ -72,6 +74,8 @@ pub struct FileConfig {
     pub ebpf: EbpfSection,
     #[serde(default)]
     pub l4: Vec<L4Section>,
+    #[serde(default)]
+    pub announce: AnnounceSection,
 }
 
 /// The HTTP listener and limits on client connections.
@@ -481,6 +485,7 @@ impl FileConfig {
             ("", self.upstream_problems()),
             ("", self.routing_problems()),
             ("", self.l4_problems()),
+            ("announce.", self.announce.problems(self.l4.len())),
         ];
         let errs: Vec<FieldError> = sections
             .into_iter()

@@ -5,6 +5,7 @@ pub mod access_log;
 pub mod admin;
 #[cfg(feature = "count-allocs")]
 pub mod alloc_count;
+pub mod announce;
 pub mod backend;
 pub mod balance;
 pub mod command;
@@ -102,6 +103,8 @@ pub enum RunError {
     State(#[from] StateError),
     #[error("listener: {0}")]
     Listener(std::io::Error),
+    #[error("announce: {0}")]
+    Announce(std::io::Error),
 }
 
 /// Serves until `shutdown` fires, then lets open connections finish (bounded) and returns.
@@ -150,8 +153,23 @@ pub async fn run_with(
     spawn_sampler(state.clone(), history.clone(), steering.clone(), shutdown.clone());
     spawn_pool_reaper(state.clone(), shutdown.clone());
     heap::spawn_trimmer(shutdown.clone());
+    let announcer = match (&steering, config_announce(&state)) {
+        (Some(_), Some(interface)) => {
+            let a = announce::Announcer::open(&interface).map_err(RunError::Announce)?;
+            tracing::info!(interface, "announce: servable l4 VIPs go on this interface for the BGP daemon");
+            Some(a)
+        }
+        (None, Some(interface)) => {
+            tracing::warn!(
+                interface,
+                "announce: no XDP steering runs (the eBPF datapath is not loaded): nothing is announced"
+            );
+            None
+        }
+        _ => None,
+    };
     if let Some(steering) = steering {
-        spawn_steering_checker(steering, shutdown.clone());
+        spawn_steering_checker(steering, announcer, shutdown.clone());
     }
     if let Some(path) = config_path {
         spawn_reloader(state.clone(), path, shutdown.clone());
@@ -270,17 +288,35 @@ fn spawn_pool_reaper(state: Arc<State>, shutdown: Shutdown) {
 }
 
 /// Health changes make no snapshot: every 100 ms the XDP rings catch up with them.
-fn spawn_steering_checker(steering: Arc<steering::Steering>, shutdown: Shutdown) {
+/// Follows health into the XDP rings every 100 ms, and the rings into the announced VIPs; at
+/// shutdown, withdraws every VIP first, so the router sends no new flows while connections drain.
+fn spawn_steering_checker(
+    steering: Arc<steering::Steering>,
+    announcer: Option<announce::Announcer>,
+    shutdown: Shutdown,
+) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.wait() => return,
+                _ = shutdown.wait() => break,
             }
             steering.recheck();
+            if let Some(a) = &announcer {
+                a.sync(&steering.servable());
+            }
+        }
+        if let Some(a) = &announcer {
+            a.sync(&Default::default());
         }
     });
+}
+
+/// `announce.interface` when announcing is on.
+fn config_announce(state: &State) -> Option<String> {
+    let a = &state.config().file.announce;
+    a.enabled.then(|| a.interface.clone())
 }
 
 /// SIGHUP: re-read the config file and apply it through the same path as the admin API.

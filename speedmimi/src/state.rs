@@ -497,6 +497,7 @@ fn restart_only_changes(old: &FileConfig, new: &FileConfig) -> Vec<String> {
     check("admin", old.admin == new.admin);
     check("ebpf", old.ebpf == new.ebpf);
     check("l4", old.l4 == new.l4);
+    check("announce", old.announce == new.announce);
     out
 }
 

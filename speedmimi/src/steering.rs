@@ -6,7 +6,8 @@
 //! and knows nothing of upstreams or balancers.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     sync::{Arc, Mutex},
 };
 
@@ -29,6 +30,7 @@ pub struct Steering {
 /// One service and what its ring was last made from.
 struct Ring {
     name: String,
+    vip: IpAddr,
     upstream: String,
     index: u32,
     source: Option<Source>,
@@ -65,6 +67,7 @@ impl Steering {
             .enumerate()
             .map(|(i, s)| Ring {
                 name: s.name.clone(),
+                vip: s.vip,
                 upstream: s.upstream.clone(),
                 index: i as u32,
                 source: None,
@@ -94,6 +97,20 @@ impl Steering {
                 self.update(ring, &upstream);
             }
         }
+    }
+
+    /// The VIPs (IPv4) of the services whose ring, as last written to the kernel, has a backend:
+    /// those this node can serve now (`announce`).
+    pub fn servable(&self) -> BTreeSet<Ipv4Addr> {
+        let rings = self.rings.lock().expect("rings lock");
+        rings
+            .iter()
+            .filter(|r| r.owners.iter().any(|(_, n)| *n > 0))
+            .filter_map(|r| match r.vip {
+                IpAddr::V4(v) => Some(v),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
     }
 
     /// Each service's ring as last written: which backend owns what fraction of it.

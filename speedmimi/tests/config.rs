@@ -418,6 +418,18 @@ fn l4_vip_must_be_ipv4_and_unique() {
 }
 
 #[test]
+fn announce_needs_l4_services_and_an_interface_name() {
+    assert_one_field_error(&format!("announce: {{enabled: true}}\n{MINIMAL}"), "announce.enabled", &["no l4 services"]);
+    for bad in ["\"\"", "a-name-far-too-long", "\"sm vip\"", "sm/vip"] {
+        let text = format!("announce: {{enabled: true, interface: {bad}}}\n{}", l4(""));
+        assert_one_field_error(&text, "announce.interface", &["not a network interface name"]);
+    }
+    let c = Config::parse(&format!("announce: {{enabled: true}}\n{}", l4(""))).unwrap();
+    assert_eq!(c.file.announce.interface, "speedmimi-vip");
+    assert!(!Config::parse(MINIMAL).unwrap().file.announce.enabled);
+}
+
+#[test]
 fn l4_flow_table_size_is_bounded() {
     let text = format!("ebpf:\n  l4_flows: 10\n{MINIMAL}");
     assert_one_field_error(&text, "ebpf.l4_flows", &["out of range"]);
