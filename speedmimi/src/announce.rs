@@ -12,7 +12,7 @@
 //! the daemon withdraws the routes as soon as it hears of the link's removal (netlink), with no
 //! timer of ours in between.
 //!
-//! The interface is made and edited with ioctl and rtnetlink directly (CAP_NET_ADMIN).
+//! The interface is made with ioctl and edited with rtnetlink (`crate::netlink`; CAP_NET_ADMIN).
 
 use std::{
     collections::BTreeSet,
@@ -21,8 +21,9 @@ use std::{
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::Mutex,
-    time::Duration,
 };
+
+use crate::netlink::{Rtnetlink, attr};
 
 /// The interface and the VIPs on it now.
 pub struct Announcer {
@@ -30,8 +31,9 @@ pub struct Announcer {
     index: u32,
     /// Holds the interface: the kernel deletes it when this closes.
     _tun: OwnedFd,
-    /// rtnetlink, with the VIPs on the interface now (edits are serialised by the lock).
-    netlink: Mutex<(OwnedFd, BTreeSet<Ipv4Addr>)>,
+    netlink: Rtnetlink,
+    /// The VIPs on the interface now (edits are serialised by this lock).
+    announced: Mutex<BTreeSet<Ipv4Addr>>,
 }
 
 impl Announcer {
@@ -46,23 +48,22 @@ impl Announcer {
         if index == 0 {
             return Err(context("cannot find the interface just created", io::Error::last_os_error()));
         }
-        let netlink = Mutex::new((rtnetlink()?, BTreeSet::new()));
-        let a = Announcer { interface: interface.to_owned(), index, _tun: tun, netlink };
-        a.request(libc::RTM_NEWLINK, 0, &link_up(index)).map_err(|e| context("cannot bring up", e))?;
-        Ok(a)
+        let netlink = Rtnetlink::open()?;
+        netlink.request(libc::RTM_NEWLINK, 0, &link_up(index)).map_err(|e| context("cannot bring up", e))?;
+        Ok(Announcer { interface: interface.to_owned(), index, _tun: tun, netlink, announced: Mutex::default() })
     }
 
     /// Makes the interface hold exactly `want`; a VIP that cannot be added or removed is logged
     /// and tried again on the next call.
     pub fn sync(&self, want: &BTreeSet<Ipv4Addr>) {
-        let mut guard = self.netlink.lock().unwrap_or_else(|p| p.into_inner());
-        let have = guard.1.clone();
+        let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
+        let have = announced.clone();
         for vip in want.difference(&have) {
             let create = (libc::NLM_F_CREATE | libc::NLM_F_REPLACE) as u16;
-            match self.request_locked(&guard.0, libc::RTM_NEWADDR, create, &address(self.index, *vip)) {
+            match self.netlink.request(libc::RTM_NEWADDR, create, &address(self.index, *vip)) {
                 Ok(()) => {
                     tracing::info!(%vip, interface = %self.interface, "announce: VIP announced");
-                    guard.1.insert(*vip);
+                    announced.insert(*vip);
                 }
                 Err(e) => {
                     tracing::error!(%vip, interface = %self.interface, error = %e, "announce: cannot add the VIP")
@@ -70,82 +71,19 @@ impl Announcer {
             }
         }
         for vip in have.difference(want) {
-            match self.request_locked(&guard.0, libc::RTM_DELADDR, 0, &address(self.index, *vip)) {
+            match self.netlink.request(libc::RTM_DELADDR, 0, &address(self.index, *vip)) {
                 Ok(()) => {
                     tracing::info!(%vip, interface = %self.interface, "announce: VIP withdrawn");
-                    guard.1.remove(vip);
+                    announced.remove(vip);
                 }
                 // Already gone.
                 Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
-                    guard.1.remove(vip);
+                    announced.remove(vip);
                 }
                 Err(e) => {
                     tracing::error!(%vip, interface = %self.interface, error = %e, "announce: cannot remove the VIP");
                 }
             }
-        }
-    }
-
-    /// The VIPs on the interface now.
-    pub fn announced(&self) -> Vec<Ipv4Addr> {
-        self.netlink.lock().unwrap_or_else(|p| p.into_inner()).1.iter().copied().collect()
-    }
-
-    pub fn interface(&self) -> &str {
-        &self.interface
-    }
-
-    fn request(&self, kind: u16, flags: u16, body: &[u8]) -> io::Result<()> {
-        let guard = self.netlink.lock().unwrap_or_else(|p| p.into_inner());
-        self.request_locked(&guard.0, kind, flags, body)
-    }
-
-    /// One rtnetlink request and its acknowledgement.
-    fn request_locked(&self, socket: &OwnedFd, kind: u16, flags: u16, body: &[u8]) -> io::Result<()> {
-        const HEADER: usize = 16;
-        let len = HEADER + body.len();
-        let mut msg = Vec::with_capacity(len);
-        msg.extend_from_slice(&(len as u32).to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&(flags | (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
-        msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence: one request in flight at a time
-        msg.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel
-        msg.extend_from_slice(body);
-        // SAFETY: a zeroed sockaddr_nl is valid; the family makes it the kernel's address.
-        let mut to: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        to.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: msg and to are valid for their lengths.
-        let sent = unsafe {
-            libc::sendto(
-                socket.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&raw const to).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut answer = [0u8; 1024];
-        loop {
-            // SAFETY: answer is valid for writes of its length.
-            let n = unsafe { libc::recv(socket.as_raw_fd(), answer.as_mut_ptr().cast(), answer.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let answer = &answer[..n as usize];
-            if answer.len() < HEADER + 4 {
-                return Err(io::Error::other("short rtnetlink answer"));
-            }
-            if u16::from_ne_bytes([answer[4], answer[5]]) != libc::NLMSG_ERROR as u16 {
-                continue;
-            }
-            return match i32::from_ne_bytes([answer[16], answer[17], answer[18], answer[19]]) {
-                0 => Ok(()),
-                e => Err(io::Error::from_raw_os_error(-e)),
-            };
         }
     }
 }
@@ -172,19 +110,6 @@ fn create_tun(name: &str) -> io::Result<OwnedFd> {
     Ok(tun)
 }
 
-/// An rtnetlink socket whose answers come within a second.
-fn rtnetlink() -> io::Result<OwnedFd> {
-    // SAFETY: socket takes no pointers; a non-negative result is a new fd we own.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just created and is owned by nobody else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    socket2::SockRef::from(&socket).set_read_timeout(Some(Duration::from_secs(1)))?;
-    Ok(socket)
-}
-
 /// `ifinfomsg` setting IFF_UP on interface `index`.
 fn link_up(index: u32) -> Vec<u8> {
     let up = libc::IFF_UP as u32;
@@ -200,9 +125,7 @@ fn address(index: u32, vip: Ipv4Addr) -> Vec<u8> {
     let mut b = vec![libc::AF_INET as u8, 32, 0, libc::RT_SCOPE_UNIVERSE];
     b.extend_from_slice(&index.to_ne_bytes());
     for kind in [libc::IFA_LOCAL, libc::IFA_ADDRESS] {
-        b.extend_from_slice(&8u16.to_ne_bytes());
-        b.extend_from_slice(&kind.to_ne_bytes());
-        b.extend_from_slice(&vip.octets());
+        attr(&mut b, kind, &vip.octets());
     }
     b
 }

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod fuzzing;
 pub mod health;
 pub mod heap;
+pub mod netlink;
 pub mod preflight;
 pub mod proxy;
 pub mod shutdown;
