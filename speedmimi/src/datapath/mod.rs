@@ -2,6 +2,7 @@
 //! kernel; `kernel::Kernel` implements it with aya, `Userspace` when eBPF is off or unavailable.
 
 pub mod kernel;
+mod neigh;
 mod steer;
 
 use std::{os::fd::BorrowedFd, sync::Arc};

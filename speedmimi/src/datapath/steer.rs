@@ -19,7 +19,10 @@ use speedmimi_common::{
     maglev::{EMPTY, TABLE_SIZE},
 };
 
-use super::{DatapathError, L4Plan, err};
+use super::{
+    DatapathError, L4Plan, err,
+    neigh::{Neighbours, Via},
+};
 use crate::config::{L4Mode, L4Section};
 
 pub struct L4Maps {
@@ -28,6 +31,8 @@ pub struct L4Maps {
     ring_map: Mutex<Array<MapData, u32>>,
     backends: Mutex<Array<MapData, BackendEntry>>,
     counters: PerCpuArray<MapData, Counters>,
+    /// Managed neighbour entries for the backends (None where rtnetlink is unavailable).
+    neighbours: Option<Neighbours>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -51,7 +56,7 @@ impl L4Maps {
                 L4Mode::Nat => (MODE_NAT, 0),
                 L4Mode::Dsr => {
                     let via = s.backend_interface.as_deref().unwrap_or(&s.interface);
-                    let src = interface_v4(via).ok_or_else(|| {
+                    let src = interface_nets(via).first().map(|(a, _)| *a).ok_or_else(|| {
                         err(&s.name, format!("dsr needs an IPv4 address on {via} for the outer IPIP header"))
                     })?;
                     (MODE_DSR, u32::from_ne_bytes(src.octets()))
@@ -78,11 +83,22 @@ impl L4Maps {
             let how = super::kernel::attach_xdp(prog, name)?;
             tracing::info!(interface = name, mode = how, "XDP l4_steer attached");
         }
+        let vias = services
+            .iter()
+            .map(|s| {
+                let name = s.backend_interface.as_deref().unwrap_or(&s.interface);
+                Via { name: name.to_owned(), nets: interface_nets(name) }
+            })
+            .collect();
+        let neighbours = Neighbours::new(vias)
+            .map_err(|e| tracing::warn!(error = %e, "XDP: no rtnetlink for backend neighbour entries"))
+            .ok();
         Ok(L4Maps {
             written: Mutex::new(vec![vec![EMPTY; TABLE_SIZE]; services.len()]),
             ring_map: Mutex::new(ring_map),
             backends: Mutex::new(backends),
             counters,
+            neighbours,
         })
     }
 
@@ -101,6 +117,9 @@ impl L4Maps {
                     map.set(*slot, entry, 0).map_err(|e| err(l4::BACKENDS, e))?;
                 }
             }
+        }
+        if let Some(n) = &self.neighbours {
+            n.keep(plan.service, plan.backends.iter().map(|(_, a)| *a.ip()));
         }
         let mut written = self.written.lock().expect("rings lock");
         let have = written
@@ -133,27 +152,32 @@ impl L4Maps {
     }
 }
 
-/// The first IPv4 address of an interface.
-fn interface_v4(name: &str) -> Option<Ipv4Addr> {
+/// An interface's IPv4 addresses, each with its prefix length, in the kernel's order.
+fn interface_nets(name: &str) -> Vec<(Ipv4Addr, u8)> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a linked list we free below.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        return None;
+        return Vec::new();
     }
-    let mut found = None;
+    let mut found = Vec::new();
     let mut cur = list;
     while !cur.is_null() {
         // SAFETY: cur is a node of the list getifaddrs returned, not yet freed.
         let ifa = unsafe { &*cur };
         // SAFETY: ifa_name is a NUL-terminated string owned by the list.
         let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        if found.is_none() && ifname.to_bytes() == name.as_bytes() && !ifa.ifa_addr.is_null() {
+        if ifname.to_bytes() == name.as_bytes() && !ifa.ifa_addr.is_null() {
             // SAFETY: ifa_addr points to a sockaddr whose family says how to read it.
             let family = unsafe { (*ifa.ifa_addr).sa_family } as libc::c_int;
             if family == libc::AF_INET {
-                // SAFETY: an AF_INET address is a sockaddr_in.
-                let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
-                found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                // SAFETY: an AF_INET address is a sockaddr_in, and so is its netmask when present.
+                let (sin, mask) = unsafe {
+                    let mask = (!ifa.ifa_netmask.is_null())
+                        .then(|| (*ifa.ifa_netmask.cast::<libc::sockaddr_in>()).sin_addr.s_addr);
+                    (&*ifa.ifa_addr.cast::<libc::sockaddr_in>(), mask)
+                };
+                let len = mask.map_or(32, |m| u32::from_be(m).count_ones()) as u8;
+                found.push((Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)), len));
             }
         }
         cur = ifa.ifa_next;
