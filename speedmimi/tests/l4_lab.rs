@@ -9,7 +9,7 @@ mod support;
 use std::{
     collections::BTreeMap,
     fs,
-    io::{self, Read, Write},
+    io::{self, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     ops::Range,
     path::PathBuf,
@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use socket2::{Domain, Socket, Type};
 use support::{
-    lab::{self, Lab, LabSpec},
+    lab::{self, Lab, LabSpec, ask, read_response},
     root_or_skip,
 };
 
@@ -372,56 +372,6 @@ fn wait_for_xdp(ns: &str, dev: &str) {
         thread::sleep(Duration::from_millis(50));
     }
     panic!("no XDP program on {dev} in {ns} after {WAIT:?}");
-}
-
-/// Sends `GET /` and returns the backend id the answer names.
-fn ask(s: &mut TcpStream, keep_alive: bool) -> Result<String, String> {
-    let connection = if keep_alive { "keep-alive" } else { "close" };
-    let req = format!("GET / HTTP/1.1\r\nHost: x\r\nConnection: {connection}\r\n\r\n");
-    s.write_all(req.as_bytes()).map_err(|e| format!("write: {e}"))?;
-    match read_response(s).map_err(|e| format!("read: {e}"))? {
-        (200, body) => Ok(body.trim().to_owned()),
-        (status, body) => Err(format!("status {status}: {body}")),
-    }
-}
-
-/// Reads one HTTP/1.1 response: its status and its body (Content-Length long, else up to the close).
-fn read_response(s: &mut TcpStream) -> io::Result<(u16, String)> {
-    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        match s.read(&mut chunk)? {
-            0 => return Err(bad(format!("closed after {} bytes, before the end of the head", buf.len()))),
-            n => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let status =
-        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad(format!("head: {head}")))?;
-    let length = head.lines().find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse::<usize>().ok())?
-    });
-    let mut body = buf.split_off(head_end);
-    match length {
-        Some(n) => {
-            while body.len() < n {
-                match s.read(&mut chunk)? {
-                    0 => return Err(bad(format!("closed after {} of {n} body bytes", body.len()))),
-                    k => body.extend_from_slice(&chunk[..k]),
-                }
-            }
-            body.truncate(n);
-        }
-        None => {
-            s.read_to_end(&mut body)?;
-        }
-    }
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// How many clients each backend has.

@@ -13,6 +13,9 @@
 // Crates that include this file by path use only part of it.
 #![allow(dead_code)]
 
+#[path = "lab_cluster.rs"]
+pub mod cluster;
+
 use std::{
     env,
     fs::{self, File},
@@ -263,68 +266,87 @@ impl Lab {
 
     /// Starts `bin demo-backend` in every backend namespace, then waits until each accepts connections from the LB.
     fn start_demo_backends(&mut self, bin: &Path) -> Result<(), String> {
-        if !bin.is_file() {
-            return Err(format!("speedmimi binary {} not found (cargo build -p speedmimi)", bin.display()));
-        }
-        let bin = bin.to_string_lossy();
-        for i in 0..self.backends {
-            let ns = self.ns_backend(i);
-            let log = env::temp_dir().join(format!("{ns}.log"));
-            let stderr = File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-            self.logs.push(log);
-            let id = format!("b{i}");
-            let port = DEMO_PORT.to_string();
-            let argv = [&*bin, "demo-backend", "--host", "0.0.0.0", "--port", &port, "--id", &id];
-            let child = command_in(&ns, &argv)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .spawn()
-                .map_err(|e| format!("cannot start the demo backend in {ns}: {e}"))?;
-            self.children.push(child);
-        }
-        let lb = self.ns_lb();
-        let children = &mut self.children;
-        let logs = &self.logs;
-        in_netns(&lb, move || {
-            let deadline = Instant::now() + BACKEND_READY;
-            for (i, (child, log)) in children.iter_mut().zip(logs).enumerate() {
-                let addr = SocketAddr::from((backend_addr(i), DEMO_PORT));
-                loop {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        return Err(format!("demo backend b{i} exited ({status}): {}", tail(log)));
-                    }
-                    if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                        break;
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(format!(
-                            "demo backend b{i} does not accept connections on {addr} from the LB namespace after \
-                             {} s: {}",
-                            BACKEND_READY.as_secs(),
-                            tail(log)
-                        ));
-                    }
-                    thread::sleep(Duration::from_millis(50));
-                }
-            }
-            Ok(())
-        })?
+        let backends: Vec<String> = (0..self.backends).map(|i| self.ns_backend(i)).collect();
+        start_demo_backends(bin, &backends, &self.ns_lb(), &mut self.children, &mut self.logs)
     }
 
     fn teardown(&mut self) {
-        let mut pids: Vec<i32> = Vec::new();
-        for ns in &self.created {
-            pids.extend(netns_pids(ns));
-        }
-        stop(&mut self.children, pids);
-        for ns in self.created.drain(..).rev() {
-            let _ = ip(&["netns", "del", &ns]);
-        }
-        for log in self.logs.drain(..) {
-            let _ = fs::remove_file(log);
-        }
+        teardown(&mut self.created, &mut self.children, &mut self.logs);
     }
+}
+
+/// Stops the processes in the namespaces `created` and `children`, deletes the namespaces (last made first) and
+/// removes `logs`.
+fn teardown(created: &mut Vec<String>, children: &mut Vec<Child>, logs: &mut Vec<PathBuf>) {
+    let mut pids: Vec<i32> = Vec::new();
+    for ns in created.iter() {
+        pids.extend(netns_pids(ns));
+    }
+    stop(children, pids);
+    for ns in created.drain(..).rev() {
+        let _ = ip(&["netns", "del", &ns]);
+    }
+    for log in logs.drain(..) {
+        let _ = fs::remove_file(log);
+    }
+}
+
+/// Starts `bin demo-backend` (id `b{i}`, on [`DEMO_PORT`]) in backend namespace `backends[i]`, at
+/// [`backend_addr`]`(i)`, then waits until each accepts connections from namespace `probe_from`. The processes and
+/// their logs go into `children` and `logs` as they start, so the caller's teardown stops them on error too.
+fn start_demo_backends(
+    bin: &Path,
+    backends: &[String],
+    probe_from: &str,
+    children: &mut Vec<Child>,
+    logs: &mut Vec<PathBuf>,
+) -> Result<(), String> {
+    if !bin.is_file() {
+        return Err(format!("speedmimi binary {} not found (cargo build -p speedmimi)", bin.display()));
+    }
+    let bin = bin.to_string_lossy();
+    let first = children.len();
+    for (i, ns) in backends.iter().enumerate() {
+        let log = env::temp_dir().join(format!("{ns}.log"));
+        let stderr = File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        logs.push(log);
+        let id = format!("b{i}");
+        let port = DEMO_PORT.to_string();
+        let argv = [&*bin, "demo-backend", "--host", "0.0.0.0", "--port", &port, "--id", &id];
+        let child = command_in(ns, &argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot start the demo backend in {ns}: {e}"))?;
+        children.push(child);
+    }
+    let started = &mut children[first..];
+    let logs = &logs[logs.len() - backends.len()..];
+    in_netns(probe_from, move || {
+        let deadline = Instant::now() + BACKEND_READY;
+        for (i, (child, log)) in started.iter_mut().zip(logs).enumerate() {
+            let addr = SocketAddr::from((backend_addr(i), DEMO_PORT));
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("demo backend b{i} exited ({status}): {}", tail(log)));
+                }
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "demo backend b{i} does not accept connections on {addr} from namespace {probe_from} after \
+                         {} s: {}",
+                        BACKEND_READY.as_secs(),
+                        tail(log)
+                    ));
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    })?
 }
 
 impl Drop for Lab {

@@ -9,6 +9,7 @@ mod bench_probe;
 mod bench_scale;
 mod bench_splice;
 mod build_ebpf;
+mod cluster_lab;
 mod fuzz;
 mod lab;
 mod open_loop;
@@ -92,7 +93,20 @@ enum LabAction {
         #[arg(long, default_value_t = 3)]
         backends: usize,
     },
-    /// Stop the lab's processes and delete every `smlab*` namespace.
+    /// Build a cluster lab (`smlabk*`): a client, a router running BIRD, SpeedMimi nodes each announcing a DSR VIP
+    /// through its own BIRD session, and demo backends; leave it all running.
+    Cluster {
+        /// SpeedMimi nodes behind the router's ECMP route.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Backend namespaces, each running `speedmimi demo-backend` on port 8080.
+        #[arg(long, default_value_t = 3)]
+        backends: usize,
+        /// Extra client source addresses (10.200.X.Y/32) on the client namespace's `lo`.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+    },
+    /// Stop the lab's processes and delete every `smlab*` namespace (the cluster lab's too).
     Down,
 }
 
@@ -247,8 +261,13 @@ fn main() -> anyhow::Result<ExitCode> {
             lab_up(clients, backends)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Lab { action: LabAction::Cluster { nodes, backends, clients } } => {
+            cluster_lab::up(nodes, backends, clients)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Lab { action: LabAction::Down } => {
             let deleted = lab::cleanup_stale(LAB_PREFIX).map_err(anyhow::Error::msg)?;
+            let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("{}-cluster", cluster_lab::PREFIX)));
             if deleted.is_empty() {
                 println!("xtask: no {LAB_PREFIX}* namespaces");
             } else {

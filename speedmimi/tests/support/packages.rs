@@ -44,6 +44,21 @@ pub fn required(test: &str, program: &str, package: &str) -> Option<PathBuf> {
     }
 }
 
+/// BIRD, found or installed (the package may start its own daemon, on the host's config: stopped, ours run on
+/// their own); None (with a printed reason) when it cannot be had outside CI.
+pub fn bird(test: &str) -> Option<PathBuf> {
+    match find_or_install("bird", "bird2", || {
+        let _ = std::process::Command::new("pkill").args(["-x", "bird"]).status();
+    }) {
+        Ok(path) => Some(path),
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("{test}: no BIRD, and CI must run it: {e}"),
+        Err(e) => {
+            eprintln!("skipping {test}: {e}");
+            None
+        }
+    }
+}
+
 fn find(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
