@@ -12,7 +12,7 @@
 //! the daemon withdraws the routes as soon as it hears of the link's removal (netlink), with no
 //! timer of ours in between.
 //!
-//! The interface is made with ioctl and edited with rtnetlink (`crate::netlink`; CAP_NET_ADMIN).
+//! The interface is made with ioctl and edited with rtnetlink (`datapath::netlink`; CAP_NET_ADMIN).
 
 use std::{
     collections::BTreeSet,
@@ -20,10 +20,13 @@ use std::{
     io,
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
 };
 
-use crate::netlink::{Rtnetlink, attr};
+use crate::datapath::netlink::{Rtnetlink, attr};
 
 /// The interface and the VIPs on it now.
 pub struct Announcer {
@@ -32,13 +35,24 @@ pub struct Announcer {
     /// Holds the interface: the kernel deletes it when this closes.
     _tun: OwnedFd,
     netlink: Rtnetlink,
-    /// The VIPs on the interface now (edits are serialised by this lock).
-    announced: Mutex<BTreeSet<Ipv4Addr>>,
+    /// The VIPs on the interface now, and those whose last edit failed (logged once until it
+    /// works); edits are serialised by this lock.
+    state: Mutex<(BTreeSet<Ipv4Addr>, BTreeSet<Ipv4Addr>)>,
+    /// Drained by the operator (`POST /api/v1/announce/drain`): nothing is announced, whatever
+    /// could be served, until undrained.
+    drained: AtomicBool,
+}
+
+/// What the admin API shows.
+pub struct Status {
+    pub interface: String,
+    pub drained: bool,
+    pub announced: Vec<Ipv4Addr>,
 }
 
 impl Announcer {
-    /// Creates the interface (it must not exist: a TUN device of that name held by another
-    /// process, or any other device of that name, is an error) and brings it up, with no VIP.
+    /// Creates the interface and brings it up, with no VIP. A TUN device of that name held by
+    /// another process (another instance), or a device of another kind, is an error.
     pub fn open(interface: &str) -> io::Result<Announcer> {
         let context = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what} {interface:?}: {e}"));
         let tun = create_tun(interface).map_err(|e| context("cannot create the TUN interface", e))?;
@@ -50,13 +64,45 @@ impl Announcer {
         }
         let netlink = Rtnetlink::open()?;
         netlink.request(libc::RTM_NEWLINK, 0, &link_up(index)).map_err(|e| context("cannot bring up", e))?;
-        Ok(Announcer { interface: interface.to_owned(), index, _tun: tun, netlink, announced: Mutex::default() })
+        let state = Mutex::default();
+        Ok(Announcer {
+            interface: interface.to_owned(),
+            index,
+            _tun: tun,
+            netlink,
+            state,
+            drained: AtomicBool::new(false),
+        })
     }
 
-    /// Makes the interface hold exactly `want`; a VIP that cannot be added or removed is logged
-    /// and tried again on the next call.
+    /// Drains (withdraws every VIP now, and keeps them withdrawn) or undrains (the next `sync`
+    /// announces what can be served).
+    pub fn drain(&self, drained: bool) {
+        if self.drained.swap(drained, Relaxed) != drained {
+            tracing::info!(interface = %self.interface, drained, "announce: node drained by the operator");
+        }
+        if drained {
+            self.sync(&BTreeSet::new());
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Status {
+            interface: self.interface.clone(),
+            drained: self.drained.load(Relaxed),
+            announced: state.0.iter().copied().collect(),
+        }
+    }
+
+    /// Makes the interface hold exactly `want` (nothing while drained); a VIP that cannot be
+    /// added or removed is tried again on the next call (and logged once, until an edit of it
+    /// works).
     pub fn sync(&self, want: &BTreeSet<Ipv4Addr>) {
-        let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
+        let none = BTreeSet::new();
+        let want = if self.drained.load(Relaxed) { &none } else { want };
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (announced, failing) = &mut *state;
         let have = announced.clone();
         for vip in want.difference(&have) {
             let create = (libc::NLM_F_CREATE | libc::NLM_F_REPLACE) as u16;
@@ -64,25 +110,29 @@ impl Announcer {
                 Ok(()) => {
                     tracing::info!(%vip, interface = %self.interface, "announce: VIP announced");
                     announced.insert(*vip);
+                    failing.remove(vip);
                 }
-                Err(e) => {
+                Err(e) if failing.insert(*vip) => {
                     tracing::error!(%vip, interface = %self.interface, error = %e, "announce: cannot add the VIP")
                 }
+                Err(_) => {}
             }
         }
         for vip in have.difference(want) {
-            match self.netlink.request(libc::RTM_DELADDR, 0, &address(self.index, *vip)) {
-                Ok(()) => {
-                    tracing::info!(%vip, interface = %self.interface, "announce: VIP withdrawn");
-                    announced.remove(vip);
-                }
-                // Already gone.
-                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
-                    announced.remove(vip);
-                }
+            let gone = match self.netlink.request(libc::RTM_DELADDR, 0, &address(self.index, *vip)) {
+                Ok(()) => true,
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => true,
                 Err(e) => {
-                    tracing::error!(%vip, interface = %self.interface, error = %e, "announce: cannot remove the VIP");
+                    if failing.insert(*vip) {
+                        tracing::error!(%vip, interface = %self.interface, error = %e, "announce: cannot remove the VIP");
+                    }
+                    false
                 }
+            };
+            if gone {
+                tracing::info!(%vip, interface = %self.interface, "announce: VIP withdrawn");
+                announced.remove(vip);
+                failing.remove(vip);
             }
         }
     }

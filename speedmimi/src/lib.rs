@@ -16,7 +16,6 @@ pub mod demo;
 pub mod fuzzing;
 pub mod health;
 pub mod heap;
-pub mod netlink;
 pub mod preflight;
 pub mod proxy;
 pub mod shutdown;
@@ -156,8 +155,9 @@ pub async fn run_with(
     heap::spawn_trimmer(shutdown.clone());
     let announcer = match (&steering, config_announce(&state)) {
         (Some(_), Some(interface)) => {
-            let a = announce::Announcer::open(&interface).map_err(RunError::Announce)?;
+            let a = Arc::new(announce::Announcer::open(&interface).map_err(RunError::Announce)?);
             tracing::info!(interface, "announce: servable l4 VIPs go on this interface for the BGP daemon");
+            let _ = state.announcer.set(a.clone());
             Some(a)
         }
         (None, Some(interface)) => {
@@ -293,7 +293,7 @@ fn spawn_pool_reaper(state: Arc<State>, shutdown: Shutdown) {
 /// shutdown, withdraws every VIP first, so the router sends no new flows while connections drain.
 fn spawn_steering_checker(
     steering: Arc<steering::Steering>,
-    announcer: Option<announce::Announcer>,
+    announcer: Option<Arc<announce::Announcer>>,
     shutdown: Shutdown,
 ) {
     tokio::spawn(async move {

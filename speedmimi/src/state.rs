@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+    sync::{Arc, Mutex, OnceLock, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -225,6 +225,8 @@ pub struct State {
     /// TLS termination (`ssl.enabled`): the certificates, reloadable in place.
     pub tls: Option<Arc<TlsState>>,
     follower: Option<Arc<dyn SnapshotFollower>>,
+    /// The VIP announcer (`announce`), once the daemon has made it.
+    pub announcer: OnceLock<Arc<crate::announce::Announcer>>,
 }
 
 /// What survives snapshot rebuilds besides backends: per route-backend counters.
@@ -295,6 +297,7 @@ impl State {
             access_log,
             writer: Mutex::new(registry),
             follower,
+            announcer: OnceLock::new(),
         })
     }
 

@@ -438,3 +438,16 @@ async fn json_bodies_are_accepted_whatever_the_content_type() {
         rejected(&p, Method::POST, "/api/v1/backends/add", Some("upstream=default"), StatusCode::BAD_REQUEST).await;
     assert!(msg.contains("JSON"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announce_calls_where_nothing_is_announced_are_refused_and_change_nothing() {
+    let (_a, _b, p) = two_backends("round_robin").await;
+    for (method, path) in [
+        (Method::GET, "/api/v1/announce"),
+        (Method::POST, "/api/v1/announce/drain"),
+        (Method::POST, "/api/v1/announce/undrain"),
+    ] {
+        let msg = rejected(&p, method, path, None, StatusCode::CONFLICT).await;
+        assert!(msg.contains("announce is not running"), "{path}: {msg}");
+    }
+}

@@ -31,8 +31,8 @@ const FIRST: Duration = Duration::from_secs(30);
 const CHANGE: Duration = Duration::from_secs(10);
 
 #[test]
-fn vips_follow_servability_through_bird_and_leave_when_the_process_stops_or_is_killed() {
-    const TEST: &str = "vips_follow_servability_through_bird_and_leave_when_the_process_stops_or_is_killed";
+fn vips_follow_servability_and_drain_through_bird_and_leave_when_the_process_stops_or_is_killed() {
+    const TEST: &str = "vips_follow_servability_and_drain_through_bird_and_leave_when_the_process_stops_or_is_killed";
     let Some((c, tmp, config)) = lab::dsr_cluster(TEST, 1, 2, 0, VIP, ADMIN.port()) else { return };
     let log = tmp.0.join("speedmimi.log");
     let show_log = |c: &Cluster| fs::read_to_string(&log).unwrap_or_default() + &c.bird_logs();
@@ -56,6 +56,27 @@ fn vips_follow_servability_through_bird_and_leave_when_the_process_stops_or_is_k
     set_active(&c, "b1", true);
     wait_route(&c, true, CHANGE).unwrap_or_else(|e| panic!("a backend back: {e}\n{}", show_log(&c)));
     eprintln!("announced again {:?} after a backend was enabled", t.elapsed());
+
+    // Drained by the operator: withdrawn while the daemon keeps serving; undrained: announced again.
+    let (status, v) = admin(&c, "GET", "/api/v1/announce", "");
+    assert_eq!(
+        (status, &v["drained"], &v["announced"]),
+        (200, &false.into(), &serde_json::json!([VIP.ip().to_string()]))
+    );
+    let t = Instant::now();
+    let (status, v) = admin(&c, "POST", "/api/v1/announce/drain", "");
+    assert_eq!((status, &v["drained"], &v["announced"]), (200, &true.into(), &serde_json::json!([])), "{v}");
+    wait_route(&c, false, CHANGE).unwrap_or_else(|e| panic!("drained: {e}\n{}", show_log(&c)));
+    eprintln!("withdrawn {:?} after the drain call", t.elapsed());
+    // Still drained when the backends change meanwhile.
+    set_active(&c, "b0", true);
+    thread::sleep(Duration::from_millis(300));
+    assert!(c.next_hops(*VIP.ip()).unwrap().is_empty(), "a drained node announced again");
+    let t = Instant::now();
+    let (status, v) = admin(&c, "POST", "/api/v1/announce/undrain", "");
+    assert_eq!((status, &v["drained"]), (200, &false.into()), "{v}");
+    wait_route(&c, true, CHANGE).unwrap_or_else(|e| panic!("undrained: {e}\n{}", show_log(&c)));
+    eprintln!("announced again {:?} after the undrain call", t.elapsed());
 
     // SIGTERM: withdrawn at the start of the stop.
     let t = Instant::now();
@@ -97,12 +118,18 @@ fn wait_route(c: &Cluster, present: bool, bound: Duration) -> Result<Vec<Ipv4Add
 
 fn set_active(c: &Cluster, id: &str, active: bool) {
     let body = format!("{{\"upstream\": \"web\", \"backend\": {{\"id\": \"{id}\", \"active\": {active}}}}}");
+    let (status, answer) = admin(c, "PUT", "/api/v1/backends/update", &body);
+    assert_eq!(status, 200, "admin update of {id}: {answer}");
+}
+
+/// `method path` with a JSON `body` on the node's admin API: the status and the JSON answer.
+fn admin(c: &Cluster, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
     let answer = lab::in_netns(&c.ns_node(0), || {
         let mut s = TcpStream::connect_timeout(&ADMIN.into(), Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         write!(
             s,
-            "PUT /api/v1/backends/update HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )?;
@@ -111,8 +138,10 @@ fn set_active(c: &Cluster, id: &str, active: bool) {
         Ok::<_, std::io::Error>(out)
     })
     .unwrap()
-    .unwrap_or_else(|e| panic!("admin update of {id}: {e}"));
-    assert!(answer.starts_with("HTTP/1.1 200"), "admin update of {id}: {answer}");
+    .unwrap_or_else(|e| panic!("admin {method} {path}: {e}"));
+    let status = answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let json = answer.split("\r\n\r\n").nth(1).and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
+    (status, json)
 }
 
 fn get(to: SocketAddrV4) -> std::io::Result<String> {

@@ -1,8 +1,8 @@
 //! Several SpeedMimi nodes behind ECMP, in the cluster lab (`lab::cluster`): three nodes announce one DSR VIP over
 //! BGP (each its own BIRD session to the router's BIRD), the router spreads client flows over them, every node
 //! picks the same backend for a client (the same Maglev ring from the same config), and established flows
-//! survive when a node is drained (SIGTERM) and when another is killed with -9, because whichever node a flow's
-//! packets reach sends them to the same backend. As root (BIRD installed with apt when missing); without root it
+//! survive when a node is drained (admin API, then SIGTERM) and when another is killed with -9, because whichever
+//! node a flow's packets reach sends them to the same backend. As root (BIRD installed with apt when missing); without root it
 //! skips, except under CI=true.
 
 mod support;
@@ -95,17 +95,23 @@ fn three_nodes_share_flows_pick_the_same_backend_and_keep_dsr_flows_through_a_dr
         assert!(differ.is_empty(), "clients reached another backend through node {i}:\n{}", differ.join("\n"));
     }
 
-    // Node 0 drained (SIGTERM): withdrawn, and every established flow answers again, from its backend.
+    // Node 0 drained through its admin API: withdrawn while it keeps running, and every established flow answers
+    // again, from its backend; then stopped (SIGTERM), as an operator takes a node out, and they still do.
     let t = Instant::now();
-    // SAFETY: kill has no memory preconditions; the pid is node 0's daemon, started by this test.
-    assert_eq!(unsafe { libc::kill(nodes[0].0.id() as i32, libc::SIGTERM) }, 0);
+    let answer = lab::in_netns(&c.ns_node(0), || admin_post("/api/v1/announce/drain")).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("\"drained\":true"), "drain: {answer}");
     wait_hops(&c, 2, CHANGE).unwrap_or_else(|e| panic!("after draining node 0: {e}\n{}", logs(&c)));
-    eprintln!("node 0 withdrawn {:?} after SIGTERM", t.elapsed());
-    let status = wait_exit(&mut nodes[0].0, CHANGE);
-    assert!(status.success(), "node 0's exit: {status}");
+    eprintln!("node 0 withdrawn {:?} after the drain call", t.elapsed());
     let broken = ask_all(&c, &mut flows);
     eprintln!("after the drain of node 0: {} of {FLOWS} established flows broken", broken.len());
     assert!(broken.is_empty(), "{} flows broke after the drain of node 0:\n{}", broken.len(), first(&broken));
+    // SAFETY: kill has no memory preconditions; the pid is node 0's daemon, started by this test.
+    assert_eq!(unsafe { libc::kill(nodes[0].0.id() as i32, libc::SIGTERM) }, 0);
+    let status = wait_exit(&mut nodes[0].0, CHANGE);
+    assert!(status.success(), "node 0's exit: {status}");
+    let broken = ask_all(&c, &mut flows);
+    eprintln!("after node 0 stopped: {} of {FLOWS} established flows broken", broken.len());
+    assert!(broken.is_empty(), "{} flows broke after node 0 stopped:\n{}", broken.len(), first(&broken));
 
     // Node 1 killed with -9: withdrawn (the kernel deletes its interface), flows answer through node 2.
     let t = Instant::now();
@@ -151,18 +157,28 @@ fn new_flows(c: &Cluster) -> Vec<u64> {
 }
 
 fn metric(name: &str) -> Option<u64> {
-    let mut s = TcpStream::connect_timeout(&ADMIN.into(), IO_TIMEOUT).ok()?;
-    s.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
-    use std::io::{Read, Write};
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
+    let text = admin("GET", "/metrics").ok()?;
     let sum = text
         .lines()
         .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     Some(sum)
+}
+
+/// `method path` on the admin API of the node whose namespace the calling thread is in: the whole answer.
+fn admin(method: &str, path: &str) -> io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&ADMIN.into(), IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+fn admin_post(path: &str) -> String {
+    admin("POST", path).unwrap_or_else(|e| panic!("POST {path}: {e}"))
 }
 
 /// Until the router's route to the VIP has `n` next hops (at most `bound`).

@@ -86,6 +86,13 @@ pub fn text(state: &State) -> String {
         "Spliced flows parked now: quiet, watched by one epoll instead of a tokio task each.",
     );
     let _ = writeln!(out, "speedmimi_spliced_flows_parked {}", s.spliced_parked.load(Relaxed));
+    if let Some(a) = state.announcer.get() {
+        let st = a.status();
+        family(&mut out, "speedmimi_announced_vips", "gauge", "l4 VIPs on the announce interface now.");
+        let _ = writeln!(out, "speedmimi_announced_vips {}", st.announced.len());
+        family(&mut out, "speedmimi_announce_drained", "gauge", "1 while the operator has drained this node.");
+        let _ = writeln!(out, "speedmimi_announce_drained {}", u8::from(st.drained));
+    }
 
     family(
         &mut out,

@@ -2,6 +2,7 @@
 //! drive it with `oneshot` or over a socket. Every change goes through `State::apply`; errors
 //! answer JSON `{"error": ...}` with 400/401/404/409 and never internals.
 
+mod announce;
 mod backends;
 mod config;
 mod dashboard;
@@ -51,6 +52,9 @@ pub fn router(state: Arc<State>, token: Option<String>, history: Arc<History>) -
         .route("/api/v1/backends/remove", delete(backends::remove))
         .route("/api/v1/backends/update", put(backends::update))
         .route("/api/v1/backends/disconnect", post(backends::disconnect))
+        .route("/api/v1/announce", get(announce::status))
+        .route("/api/v1/announce/drain", post(announce::drain))
+        .route("/api/v1/announce/undrain", post(announce::undrain))
         .route("/api/v1/stats/server", get(stats::server))
         .route("/api/v1/stats/backend", get(stats::backend))
         .route("/api/v1/report", post(backends::report))

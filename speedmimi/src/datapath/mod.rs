@@ -3,6 +3,7 @@
 
 pub mod kernel;
 mod neigh;
+pub mod netlink;
 mod steer;
 
 use std::{os::fd::BorrowedFd, sync::Arc};

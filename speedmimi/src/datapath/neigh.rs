@@ -19,7 +19,7 @@ use std::{
     },
 };
 
-use crate::netlink::{Rtnetlink, attr};
+use super::netlink::{Rtnetlink, attr};
 
 /// `NDA_FLAGS_EXT` and its `NTF_EXT_MANAGED` bit (linux/neighbour.h).
 const NDA_FLAGS_EXT: u16 = 15;
