@@ -288,9 +288,9 @@ fn spawn_pool_reaper(state: Arc<State>, shutdown: Shutdown) {
     });
 }
 
-/// Health changes make no snapshot: every 100 ms the XDP rings catch up with them.
-/// Follows health into the XDP rings every 100 ms, and the rings into the announced VIPs; at
-/// shutdown, withdraws every VIP first, so the router sends no new flows while connections drain.
+/// Health changes make no snapshot: every 100 ms the XDP rings catch up with them, and the
+/// announced VIPs with the rings. At shutdown every VIP is withdrawn first, so the router sends
+/// no new flows while connections drain.
 fn spawn_steering_checker(
     steering: Arc<steering::Steering>,
     announcer: Option<Arc<announce::Announcer>>,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_balance;
+mod bench_cluster;
 mod bench_h2c;
 mod bench_l4;
 mod bench_peer;
@@ -191,6 +192,22 @@ enum BenchKind {
         #[arg(long, value_delimiter = ',', default_value = "1000,2500,5000,7500,9500,10500")]
         steps: Vec<usize>,
     },
+    /// The cluster lab under load: new connections per second through a DSR VIP announced by one node and by
+    /// several behind the router's ECMP route (root; installs BIRD).
+    Cluster {
+        /// Interleaved rounds (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Connections in flight at once.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Nodes of the many-node case.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
     /// The XDP flow table at scale: l4_steer's LRU tables filled with each count of flows through
     /// BPF_PROG_TEST_RUN, ns per packet on hits and misses, and the tables' memory.
     Flows {
@@ -243,6 +260,10 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Bench { which: BenchKind::Balance { rounds, seconds, rate, delay_ms, connections } } => {
             bench_balance::balance(&bench_balance::Options { rounds, seconds, rate, delay_ms, connections })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { which: BenchKind::Cluster { rounds, seconds, connections, nodes } } => {
+            bench_cluster::cluster(&bench_cluster::Options { rounds, seconds, connections, nodes })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { which: BenchKind::Scale { steps } } => {
