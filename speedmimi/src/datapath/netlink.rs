@@ -9,8 +9,8 @@ use std::{
     time::Duration,
 };
 
-/// An rtnetlink socket; requests through it are serialised.
-pub struct Rtnetlink(Mutex<OwnedFd>);
+/// An rtnetlink socket and the last sequence number used; requests through it are serialised.
+pub struct Rtnetlink(Mutex<(OwnedFd, u32)>);
 
 impl Rtnetlink {
     pub fn open() -> io::Result<Rtnetlink> {
@@ -22,20 +22,25 @@ impl Rtnetlink {
         // SAFETY: fd was just created and is owned by nobody else.
         let socket = unsafe { OwnedFd::from_raw_fd(fd) };
         socket2::SockRef::from(&socket).set_read_timeout(Some(Duration::from_secs(1)))?;
-        Ok(Rtnetlink(Mutex::new(socket)))
+        Ok(Rtnetlink(Mutex::new((socket, 0))))
     }
 
     /// One request (`kind`, `flags` besides REQUEST and ACK, `body` after the header) and its
     /// acknowledgement: Ok, or the error the kernel answered.
     pub fn request(&self, kind: u16, flags: u16, body: &[u8]) -> io::Result<()> {
         const HEADER: usize = 16;
-        let socket = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (socket, last) = &mut *guard;
+        // Each request its own number: the answer to one that timed out, arriving late, is not
+        // taken for the next one's.
+        *last = last.wrapping_add(1);
+        let seq = *last;
         let len = HEADER + body.len();
         let mut msg = Vec::with_capacity(len);
         msg.extend_from_slice(&(len as u32).to_ne_bytes());
         msg.extend_from_slice(&kind.to_ne_bytes());
         msg.extend_from_slice(&(flags | (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
-        msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence: one request in flight at a time
+        msg.extend_from_slice(&seq.to_ne_bytes());
         msg.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel
         msg.extend_from_slice(body);
         // SAFETY: a zeroed sockaddr_nl is valid; the family makes it the kernel's address.
@@ -66,7 +71,10 @@ impl Rtnetlink {
             if answer.len() < HEADER + 4 {
                 return Err(io::Error::other("short rtnetlink answer"));
             }
-            if u16::from_ne_bytes([answer[4], answer[5]]) != libc::NLMSG_ERROR as u16 {
+            let kind = u16::from_ne_bytes([answer[4], answer[5]]);
+            if kind != libc::NLMSG_ERROR as u16
+                || u32::from_ne_bytes([answer[8], answer[9], answer[10], answer[11]]) != seq
+            {
                 continue;
             }
             return match i32::from_ne_bytes([answer[16], answer[17], answer[18], answer[19]]) {
