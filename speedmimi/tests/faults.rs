@@ -154,14 +154,7 @@ async fn resetting_backend() -> (SocketAddr, Arc<AtomicUsize>) {
         while let Ok((mut s, _)) = l.accept().await {
             let resets = counted.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = support::read_request_head(&mut s).await else { return };
                 if head.starts_with(b"GET /rst ") {
                     let mut out = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n".to_vec();
                     out.extend_from_slice(&[b'x'; 1000]);

@@ -326,3 +326,17 @@ pub async fn spread(proxy: &Proxy, concurrency: usize, total: usize) -> HashMap<
     }
     counts
 }
+
+/// Reads from `s` until a whole request head has arrived (what followed it, too); None when the
+/// peer closed or failed first.
+pub async fn read_request_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
