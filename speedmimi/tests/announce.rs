@@ -99,21 +99,11 @@ fn vips_follow_servability_and_drain_through_bird_and_leave_when_the_process_sto
     assert!(!links.contains(cluster::VIP_INTERFACE), "the interface outlived the killed process:\n{links}");
 }
 
-/// Polls the router's table (every 20 ms, at most `bound`) until BIRD's route to the VIP is there
-/// (`present`; its next hops returned) or gone.
+/// Until BIRD's route to the VIP is in the router's table (`present`; its next hops returned) or gone,
+/// at most `bound`.
 fn wait_route(c: &Cluster, present: bool, bound: Duration) -> Result<Vec<Ipv4Addr>, String> {
-    let deadline = Instant::now() + bound;
-    loop {
-        let hops = c.next_hops(*VIP.ip())?;
-        if hops.is_empty() != present {
-            return Ok(hops);
-        }
-        if Instant::now() >= deadline {
-            let want = if present { "a route to the VIP" } else { "no route to the VIP" };
-            return Err(format!("the router has not got {want} after {bound:?}; next hops now: {hops:?}"));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    let what = if present { "a route" } else { "no route" };
+    c.wait_next_hops(*VIP.ip(), bound, what, |h| h.is_empty() != present)
 }
 
 fn set_active(c: &Cluster, id: &str, active: bool) {

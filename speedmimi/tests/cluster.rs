@@ -12,7 +12,6 @@ use std::{
     fs, io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::Path,
-    thread,
     time::{Duration, Instant},
 };
 
@@ -183,20 +182,7 @@ fn admin_post(path: &str) -> String {
 
 /// Until the router's route to the VIP has `n` next hops (at most `bound`).
 fn wait_hops(c: &Cluster, n: usize, bound: Duration) -> Result<Vec<Ipv4Addr>, String> {
-    let deadline = Instant::now() + bound;
-    loop {
-        let hops = c.next_hops(*VIP.ip())?;
-        if hops.len() == n {
-            return Ok(hops);
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "the router has {} next hops for the VIP after {bound:?}, not {n}: {hops:?}",
-                hops.len()
-            ));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    c.wait_next_hops(*VIP.ip(), bound, &format!("{n} next hops"), |h| h.len() == n)
 }
 
 fn node_logs(dir: &Path, nodes: usize) -> String {

@@ -14,7 +14,6 @@ use std::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
-    thread,
     time::{Duration, Instant},
 };
 
@@ -217,17 +216,9 @@ fn new_flows(c: &Cluster, nodes: usize) -> Vec<u64> {
 
 /// Until the router's route to the VIP has `n` next hops (none: no route), at most 30 s.
 fn wait_hops(c: &Cluster, n: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let hops = c.next_hops(*VIP.ip()).map_err(anyhow::Error::msg)?;
-        if hops.len() == n {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("the router has {} next hops for the VIP after 30 s, not {n}\n{}", hops.len(), c.bird_logs());
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_next_hops(*VIP.ip(), Duration::from_secs(30), &format!("{n} next hops"), |h| h.len() == n)
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.bird_logs()))
 }
 
 fn report(samples: &[Sample], opts: &Options) -> String {

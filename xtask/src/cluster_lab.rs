@@ -1,7 +1,7 @@
 //! `cargo xtask lab cluster`: the cluster lab (`lab::cluster`) with SpeedMimi running on every node, announcing a
 //! DSR VIP, left running for work by hand; `cargo xtask lab down` removes it.
 
-use std::{fs, path::Path, process::Stdio, thread, time::Duration, time::Instant};
+use std::{fs, path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, bail};
 
@@ -38,17 +38,8 @@ pub fn up(nodes: usize, backends: usize, clients: usize) -> anyhow::Result<()> {
         let child = start_node(&c, i, &bin, &config)?;
         c.adopt(child);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let hops = c.next_hops(VIP).map_err(anyhow::Error::msg)?;
-        if hops.len() == nodes {
-            break;
-        }
-        if Instant::now() >= deadline {
-            bail!("the router has {} of {nodes} next hops for {VIP} after 30 s\n{}", hops.len(), c.bird_logs());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_next_hops(VIP, Duration::from_secs(30), &format!("{nodes} next hops"), |h| h.len() == nodes)
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.bird_logs()))?;
     println!("xtask: cluster up: {nodes} nodes announce {VIP}:{} (DSR) to the router", lab::DEMO_PORT);
     println!(
         "  client   {:<9} {} dev eth0, {clients} source address(es) 10.200.X.Y/32 on lo",

@@ -194,6 +194,28 @@ impl Cluster {
         Ok(())
     }
 
+    /// Polls the router's next hops for `vip` (every 20 ms, at most `bound`) until `done` holds for them, and
+    /// returns them; the error says what was awaited (`what`) and what the router had last.
+    pub fn wait_next_hops(
+        &self,
+        vip: Ipv4Addr,
+        bound: Duration,
+        what: &str,
+        done: impl Fn(&[Ipv4Addr]) -> bool,
+    ) -> Result<Vec<Ipv4Addr>, String> {
+        let deadline = Instant::now() + bound;
+        loop {
+            let hops = self.next_hops(vip)?;
+            if done(&hops) {
+                return Ok(hops);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("the router has not {what} for {vip} after {bound:?}; its next hops: {hops:?}"));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The BIRD logs, router first.
     pub fn bird_logs(&self) -> String {
         let mut names = vec!["router".to_string()];

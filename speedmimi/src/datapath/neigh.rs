@@ -19,6 +19,8 @@ use std::{
     },
 };
 
+use ipnet::Ipv4Net;
+
 use super::netlink::{Rtnetlink, attr};
 
 /// `NDA_FLAGS_EXT` and its `NTF_EXT_MANAGED` bit (linux/neighbour.h).
@@ -28,8 +30,8 @@ const NTF_EXT_MANAGED: u32 = 1;
 /// The interface a service's backends are reached on.
 pub struct Via {
     pub name: String,
-    /// Its IPv4 networks: address and prefix length.
-    pub nets: Vec<(Ipv4Addr, u8)>,
+    /// Its IPv4 networks (address and prefix length).
+    pub nets: Vec<Ipv4Net>,
 }
 
 pub struct Neighbours {
@@ -70,7 +72,9 @@ impl Neighbours {
             .flat_map(|(index, via, addrs)| addrs.iter().filter(|a| on_link(via, **a)).map(move |a| (index, *a)))
             .collect();
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        for (index, addr) in want.difference(&kept.clone()) {
+        let add: Vec<(u32, Ipv4Addr)> = want.difference(&kept).copied().collect();
+        let gone: Vec<(u32, Ipv4Addr)> = kept.difference(&want).copied().collect();
+        for (index, addr) in &add {
             let flags = (libc::NLM_F_CREATE | libc::NLM_F_REPLACE) as u16;
             match self.netlink.request(libc::RTM_NEWNEIGH, flags, &neighbour(*index, *addr, true)) {
                 Ok(()) => {
@@ -83,9 +87,9 @@ impl Neighbours {
                 Err(_) => {}
             }
         }
-        for (index, addr) in kept.clone().difference(&want) {
-            let _ = self.netlink.request(libc::RTM_DELNEIGH, 0, &neighbour(*index, *addr, false));
-            kept.remove(&(*index, *addr));
+        for (index, addr) in gone {
+            let _ = self.netlink.request(libc::RTM_DELNEIGH, 0, &neighbour(index, addr, false));
+            kept.remove(&(index, addr));
         }
     }
 }
@@ -115,10 +119,7 @@ fn index_of(name: &str) -> Option<u32> {
 }
 
 fn on_link(via: &Via, addr: Ipv4Addr) -> bool {
-    via.nets.iter().any(|(net, len)| {
-        let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
-        u32::from(*net) & mask == u32::from(addr) & mask
-    })
+    via.nets.iter().any(|n| n.contains(&addr))
 }
 
 /// `ndmsg` for `addr` on interface `index`, with NDA_DST and, when `managed`, the managed flag.
@@ -138,12 +139,16 @@ fn neighbour(index: u32, addr: Ipv4Addr, managed: bool) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    fn net(addr: [u8; 4], len: u8) -> Ipv4Net {
+        Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap()
+    }
+
     #[test]
     fn on_link_follows_the_interface_networks() {
-        let via = Via { name: "eth1".into(), nets: vec![(Ipv4Addr::new(10, 101, 0, 2), 24)] };
+        let via = Via { name: "eth1".into(), nets: vec![net([10, 101, 0, 2], 24)] };
         assert!(on_link(&via, Ipv4Addr::new(10, 101, 0, 10)));
         assert!(!on_link(&via, Ipv4Addr::new(10, 102, 0, 10)));
-        let all = Via { name: "eth1".into(), nets: vec![(Ipv4Addr::new(10, 0, 0, 1), 0)] };
+        let all = Via { name: "eth1".into(), nets: vec![net([10, 0, 0, 1], 0)] };
         assert!(on_link(&all, Ipv4Addr::new(192, 0, 2, 1)));
         assert!(!on_link(&Via { name: "eth1".into(), nets: vec![] }, Ipv4Addr::new(10, 0, 0, 1)));
     }

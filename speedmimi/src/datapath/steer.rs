@@ -9,6 +9,8 @@ use std::{
     sync::Mutex,
 };
 
+use ipnet::Ipv4Net;
+
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray},
@@ -50,14 +52,22 @@ impl L4Maps {
         let ring_map: Array<MapData, u32> = take(ebpf, l4::RING)?;
         let backends: Array<MapData, BackendEntry> = take(ebpf, l4::BACKENDS)?;
         let counters: PerCpuArray<MapData, Counters> = take(ebpf, l4::COUNTERS)?;
-        for (i, s) in services.iter().enumerate() {
+        // The interface each service reaches its backends on, with its networks: read once, for DSR's outer
+        // source and for the backends' neighbour entries.
+        let vias: Vec<Via> = services
+            .iter()
+            .map(|s| {
+                let name = s.backend_interface.as_deref().unwrap_or(&s.interface);
+                Via { name: name.to_owned(), nets: interface_nets(name) }
+            })
+            .collect();
+        for (i, (s, via)) in services.iter().zip(&vias).enumerate() {
             let IpAddr::V4(vip) = s.vip else { return Err(err(&s.name, "IPv6 VIPs are not steered")) };
             let (mode, encap_src) = match s.mode {
                 L4Mode::Nat => (MODE_NAT, 0),
                 L4Mode::Dsr => {
-                    let via = s.backend_interface.as_deref().unwrap_or(&s.interface);
-                    let src = interface_nets(via).first().map(|(a, _)| *a).ok_or_else(|| {
-                        err(&s.name, format!("dsr needs an IPv4 address on {via} for the outer IPIP header"))
+                    let src = via.nets.first().map(|n| n.addr()).ok_or_else(|| {
+                        err(&s.name, format!("dsr needs an IPv4 address on {} for the outer IPIP header", via.name))
                     })?;
                     (MODE_DSR, u32::from_ne_bytes(src.octets()))
                 }
@@ -83,13 +93,6 @@ impl L4Maps {
             let how = super::kernel::attach_xdp(prog, name)?;
             tracing::info!(interface = name, mode = how, "XDP l4_steer attached");
         }
-        let vias = services
-            .iter()
-            .map(|s| {
-                let name = s.backend_interface.as_deref().unwrap_or(&s.interface);
-                Via { name: name.to_owned(), nets: interface_nets(name) }
-            })
-            .collect();
         let neighbours = Neighbours::new(vias)
             .map_err(|e| tracing::warn!(error = %e, "XDP: no rtnetlink for backend neighbour entries"))
             .ok();
@@ -153,7 +156,7 @@ impl L4Maps {
 }
 
 /// An interface's IPv4 addresses, each with its prefix length, in the kernel's order.
-fn interface_nets(name: &str) -> Vec<(Ipv4Addr, u8)> {
+fn interface_nets(name: &str) -> Vec<Ipv4Net> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a linked list we free below.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
@@ -177,7 +180,9 @@ fn interface_nets(name: &str) -> Vec<(Ipv4Addr, u8)> {
                     (&*ifa.ifa_addr.cast::<libc::sockaddr_in>(), mask)
                 };
                 let len = mask.map_or(32, |m| u32::from_be(m).count_ones()) as u8;
-                found.push((Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)), len));
+                if let Ok(net) = Ipv4Net::new(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)), len) {
+                    found.push(net);
+                }
             }
         }
         cur = ifa.ifa_next;
